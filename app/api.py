@@ -1,0 +1,24 @@
+"""Request-scoped dependencies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sqlalchemy.orm import Session
+
+from app.db import get_sessionmaker
+from app.settings import Settings, get_settings
+
+
+def get_settings_dep() -> Settings:
+    return get_settings()
+
+
+def get_session() -> Iterator[Session]:
+    """One session per request; endpoints commit, anything left uncommitted is rolled back."""
+    session = get_sessionmaker(get_settings().db_url)()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()

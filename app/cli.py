@@ -1,0 +1,159 @@
+"""The `sgjobs` command: serve, api, worker, migrate, demo-dataset."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from app.process import die_with_parent
+from app.settings import get_settings
+
+logger = logging.getLogger("sgjobs")
+
+
+def _worker_argv() -> list[str]:
+    settings = get_settings()
+    # The solo pool runs the task in the worker's main thread: the task only supervises a training
+    # child process, and one training at a time per worker (one worker per GPU) is the design.
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "--queues",
+        settings.task_queue,
+        "--hostname",
+        f"sgjobs@{socket.gethostname()}-{os.getpid()}",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade(settings.db_url)
+    print(f"database at head: {_redact(settings.db_url)}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _run_api(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=get_settings().log_level)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _run_api(args.host or settings.host, args.port or settings.port)
+    return 0
+
+
+def cmd_worker(_: argparse.Namespace) -> int:
+    get_settings().ensure_dirs()
+    argv = _worker_argv()
+    os.execv(argv[0], argv)
+    return 0  # pragma: no cover  (execv does not return)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Migrate, start one worker as a child process and the API in this one; stop both together."""
+    settings = get_settings()
+    cmd_migrate(args)
+    worker = subprocess.Popen(_worker_argv(), start_new_session=True, preexec_fn=die_with_parent())
+    print(f"worker started (pid {worker.pid}); datasets directory: {settings.datasets_root}", flush=True)
+    try:
+        _run_api(args.host or settings.host, args.port or settings.port)
+    finally:
+        if worker.poll() is None:
+            # Cold shutdown: a warm one would wait for a training to finish. The job is failed as
+            # "worker lost" by the next worker's sweeper (or the redelivered message is skipped).
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+    return 0
+
+
+def cmd_demo_dataset(args: argparse.Namespace) -> int:
+    from app.datasets.demo import ShapesSpec, write_shapes_dataset
+
+    settings = get_settings()
+    target = settings.datasets_root / args.name
+    if target.exists():
+        print(f"{target} already exists", file=sys.stderr)
+        return 1
+    write_shapes_dataset(
+        target, ShapesSpec(splits=(("train", args.train), ("valid", args.valid)), seed=args.seed)
+    )
+    print(
+        f'wrote a COCO shapes dataset to {target}; use "dataset": {{"format": "coco", "path": "{args.name}"}}'
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgjobs", description="Fine-tune YOLO-NAS detectors over HTTP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "migrate, then run the API and one worker"),
+        ("api", "run the API only"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--host", default=None, help="default: SGJOBS_HOST or 127.0.0.1")
+        p.add_argument("--port", type=int, default=None, help="default: SGJOBS_PORT or 8000")
+    sub.add_parser("worker", help="run a training worker (one per GPU)")
+    sub.add_parser("migrate", help="apply database migrations")
+    demo = sub.add_parser(
+        "demo-dataset", help="write a small generated COCO dataset into the datasets directory"
+    )
+    demo.add_argument("--name", default="shapes")
+    demo.add_argument("--train", type=int, default=64)
+    demo.add_argument("--valid", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "api": cmd_api,
+    "worker": cmd_worker,
+    "migrate": cmd_migrate,
+    "demo-dataset": cmd_demo_dataset,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""HTTP endpoints for jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, status
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.api import get_session, get_settings_dep
+from app.errors import InvalidInput
+from app.jobs import service
+from app.jobs.models import JobStatus
+from app.jobs.schemas import EventOut, EventPage, JobOut, JobPage, JobSpec, MetricOut, MetricPage
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def _cursor(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise InvalidInput("cursor must be a value returned as next_cursor")
+    return int(value)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> JobOut:
+    """Validate a job spec and queue the job."""
+    job = service.create_job(session, spec=spec, settings=settings)
+    session.commit()
+    # Sent only after the commit, so the worker always finds the job. If the broker is down the job
+    # stays queued and the worker's sweeper sends it later: a 201 is never lost.
+    try:
+        queue.send_train_job(settings, job.id)
+        service.mark_enqueued(session, job_id=job.id)
+    except Exception as exc:
+        logger.warning("could not enqueue job %s: %s", job.id, exc)
+        service.add_event(
+            session, job_id=job.id, level="warning", message=f"broker unreachable, will retry: {exc}"
+        )
+    session.commit()
+    return service.to_out(job)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
+    """Jobs, newest first."""
+    jobs, total = service.list_jobs(session, status=status_, limit=limit, offset=offset)
+    return JobPage(items=[service.to_out(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep) -> JobOut:
+    return service.to_out(service.get_job(session, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+    """Cancel a queued job, or ask a running one to stop (within one batch). Idempotent."""
+    job = service.request_cancel(session, job_id=job_id)
+    session.commit()
+    return service.to_out(job)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricPage)
+def get_metrics(
+    job_id: str,
+    session: SessionDep,
+    name: Annotated[list[str] | None, Query(description="Only these series (repeatable).")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> MetricPage:
+    """Metric points in the order they were recorded; poll with ?cursor=<next_cursor> for new ones."""
+    after = _cursor(cursor)
+    rows = service.list_metrics(session, job_id=job_id, names=name or [], cursor=after, limit=limit)
+    next_cursor = str(rows[-1].id) if rows else cursor
+    return MetricPage(
+        items=[MetricOut(name=r.name, epoch=r.epoch, step=r.step, value=r.value, time=r.time) for r in rows],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+def get_events(
+    job_id: str,
+    session: SessionDep,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> EventPage:
+    """State changes, warnings and log lines of a job."""
+    rows = service.list_events(session, job_id=job_id, cursor=_cursor(cursor), limit=limit)
+    return EventPage(
+        items=[
+            EventOut(id=r.id, time=r.time, kind=r.kind, level=r.level, message=r.message, data=r.data)
+            for r in rows
+        ],
+        next_cursor=str(rows[-1].id) if rows else cursor,
+    )

@@ -1,0 +1,67 @@
+"""The API's only link to the worker: a task name and a job id, sent through the broker."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from app.settings import Settings
+
+TRAIN_TASK = "sgjobs.train_job"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Shared by the API's producer and the worker's app, so both agree on queue and transport."""
+    config: dict[str, Any] = {
+        "broker_url": settings.broker,
+        "task_default_queue": settings.task_queue,
+        "task_routes": {TRAIN_TASK: {"queue": settings.task_queue}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        # A training message is acknowledged only after the task ends, one at a time per worker: a
+        # worker that dies mid-training leaves the message to be redelivered (and the job's
+        # conditional claim makes the redelivery a no-op).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "broker_transport_options": {},
+    }
+    if settings.broker.startswith("sqla+"):
+        config["broker_transport_options"] = {"polling_interval": 0.5}
+    elif settings.broker.startswith(("redis://", "rediss://")):
+        # Longer than any training, so Redis does not hand a running job's message to another worker.
+        config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
+    return config
+
+
+@lru_cache(maxsize=4)
+def _producer(broker: str, queue: str) -> Celery:
+    settings = Settings(broker_url=broker, task_queue=queue)
+    app = Celery("sgjobs-api")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def send_train_job(settings: Settings, job_id: str) -> None:
+    """Enqueue a training job by task name. Raises if the broker cannot be reached."""
+    app = _producer(settings.broker, settings.task_queue)
+    app.send_task(
+        TRAIN_TASK, args=[job_id], queue=settings.task_queue, retry=True, retry_policy={"max_retries": 2}
+    )
+
+
+def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+    """Open and close one broker connection."""
+    app = _producer(settings.broker, settings.task_queue)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:
+        return False

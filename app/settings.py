@@ -1,0 +1,86 @@
+"""One settings object, read from `SGJOBS_*` environment variables, with safe embedded defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Defaults run everything on one machine: a SQLite file and a SQLite-backed Celery broker."""
+
+    model_config = SettingsConfigDict(env_prefix="SGJOBS_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path("var"), description="SQLite file, job directories and logs.")
+    datasets_dir: Path | None = Field(default=None, description="Dataset paths in specs resolve here only.")
+    jobs_dir: Path | None = None
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in home.")
+    broker_url: str | None = Field(default=None, description="Celery broker; default: SQLite in home.")
+    task_queue: str = "sgjobs"
+
+    # Worker behaviour.
+    device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
+    dataloader_workers: int = Field(default=0, ge=0, le=64)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # A running job whose heartbeat is older than this is failed as "worker lost".
+    stale_after_seconds: float = Field(default=120.0, gt=0)
+    # Queued jobs whose message may have been lost are sent again after this long.
+    requeue_after_seconds: float = Field(default=600.0, gt=0)
+    # How long a training process may take to stop after a cancel before it is killed.
+    cancel_grace_seconds: float = Field(default=30.0, gt=0)
+    # The training callback reads the cancel flag and writes buffered metrics at most this often.
+    report_interval_seconds: float = Field(default=0.5, gt=0)
+
+    # API.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if self.datasets_dir is None:
+            self.datasets_dir = self.home / "datasets"
+        self.datasets_dir = self.datasets_dir.expanduser().resolve()
+        if self.jobs_dir is None:
+            self.jobs_dir = self.home / "jobs"
+        self.jobs_dir = self.jobs_dir.expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.home / 'sgjobs.db'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        return self
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def broker(self) -> str:
+        assert self.broker_url is not None
+        return self.broker_url
+
+    @property
+    def datasets_root(self) -> Path:
+        assert self.datasets_dir is not None
+        return self.datasets_dir
+
+    @property
+    def jobs_root(self) -> Path:
+        assert self.jobs_dir is not None
+        return self.jobs_dir
+
+    def ensure_dirs(self) -> None:
+        """Create the home, datasets and jobs directories."""
+        for path in (self.home, self.datasets_root, self.jobs_root):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests clear the cache after changing the environment)."""
+    return Settings()

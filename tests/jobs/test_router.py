@@ -1,0 +1,152 @@
+"""The jobs API's contract and its 4xx answers, through real HTTP against `sgjobs serve`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from tests.support import Service, make_shapes, tiny_spec
+
+
+@pytest.fixture(scope="module")
+def shapes(service: Service) -> str:
+    make_shapes(service.datasets_dir, "api-shapes", splits=(("train", 4), ("valid", 2)))
+    return "api-shapes"
+
+
+def _locs(response_json: dict[str, Any]) -> list[list[Any]]:
+    errors = response_json.get("detail") if isinstance(response_json.get("detail"), list) else response_json["errors"]
+    return [e["loc"] for e in errors]
+
+
+def test_health_and_readiness(service: Service) -> None:
+    assert service.client.get("/healthz").json() == {"status": "ok"}
+    ready = service.client.get("/readyz").json()
+    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_openapi_docs_are_served(service: Service) -> None:
+    assert service.client.get("/docs").status_code == 200
+    paths = service.client.get("/openapi.json").json()["paths"]
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/metrics"} <= set(paths)
+
+
+def test_minimal_spec_gets_the_seed_defaults(service: Service, shapes: str) -> None:
+    response = service.post_job({"model": "yolo_nas_s", "dataset": {"format": "coco", "path": shapes}})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    # Never let it train (it would occupy the worker): cancel it while it is still queued or starting.
+    service.client.post(f"/jobs/{job['id']}/cancel")
+    assert job["status"] == "queued"
+    assert job["progress"]["max_epochs"] == 10
+    assert job["best_metric"] == {"name": "mAP@0.50", "value": None}
+    training = job["spec"]["training"]
+    assert training["initial_lr"] == 5e-4 and training["warmup_initial_lr"] == 1e-5
+    assert training["optimizer"] == "AdamW" and training["lr_mode"] == "cosine"
+    assert training["cosine_final_lr_ratio"] == 0.5 and training["batch_size"] == 16
+    assert training["average_best_models"] is True and training["ema"] is False
+    assert job["spec"]["input_size"] == [640, 640]
+    assert job["created_at"].endswith(("Z", "+00:00"))
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"unknown_field": 1}, ["body", "unknown_field"]),
+        ({"model": "yolo_v8"}, ["body", "model"]),
+        ({"input_size": [100, 100]}, ["body", "input_size"]),
+        ({"training": {"max_epochs": 0}}, ["body", "training", "max_epochs"]),
+        ({"training": {"initial_lr": -1}}, ["body", "training", "initial_lr"]),
+        ({"training": {"optimizer": "os.system"}}, ["body", "training", "optimizer"]),
+        ({"training": {"metric_to_watch": "mAP@0.95"}}, ["body", "training", "metric_to_watch"]),
+        ({"training": {"batch_size": 8, "typo": True}}, ["body", "training", "typo"]),
+        ({"dataset": {"format": "coco", "path": "../etc"}}, ["body", "dataset", "path"]),
+        ({"dataset": {"format": "coco", "path": "/etc"}}, ["body", "dataset", "path"]),
+        ({"dataset": {"format": "voc", "path": "x"}}, ["body", "dataset", "format"]),
+    ],
+)
+def test_invalid_specs_get_field_level_422(
+    service: Service, shapes: str, change: dict[str, Any], loc: list[Any]
+) -> None:
+    spec = tiny_spec(shapes)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key == "training":
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    response = service.post_job(spec)
+    assert response.status_code == 422, response.text
+    assert any(found[: len(loc)] == loc for found in _locs(response.json())), response.json()
+
+
+def test_metric_to_watch_error_lists_the_valid_names(service: Service, shapes: str) -> None:
+    response = service.post_job(tiny_spec(shapes, training={"metric_to_watch": "accuracy"}))
+    assert response.status_code == 422
+    assert "PPYoloELoss/loss_cls" in response.text and "mAP@0.50" in response.text
+
+
+def test_dataset_that_does_not_exist_is_422(service: Service) -> None:
+    response = service.post_job(tiny_spec("no-such-dataset"))
+    assert response.status_code == 422
+    assert "does not exist" in response.json()["detail"]
+    assert _locs(response.json()) == [["body", "dataset", "path"]]
+
+
+def test_symlink_out_of_the_datasets_dir_is_422(service: Service, tmp_path: Any) -> None:
+    outside = tmp_path / "outside"
+    make_shapes(outside.parent, outside.name, splits=(("train", 2), ("valid", 1)))
+    link = service.datasets_dir / "escape-link"
+    if not link.exists():
+        os.symlink(outside, link)
+    response = service.post_job(tiny_spec("escape-link"))
+    assert response.status_code == 422
+    assert "outside the datasets directory" in response.json()["detail"]
+
+
+def test_dataset_without_a_training_split_is_422(service: Service) -> None:
+    (service.datasets_dir / "empty-dir").mkdir(exist_ok=True)
+    response = service.post_job(tiny_spec("empty-dir"))
+    assert response.status_code == 422
+    assert _locs(response.json()) == [["body", "dataset"]]
+
+
+def test_init_from_unknown_or_unfinished_job_is_422(service: Service, shapes: str) -> None:
+    response = service.post_job(tiny_spec(shapes, init_from={"job_id": "nope"}))
+    assert response.status_code == 422
+    assert _locs(response.json()) == [["body", "init_from", "job_id"]]
+
+
+def test_unknown_job_is_404_everywhere(service: Service) -> None:
+    for method, path in (
+        ("GET", "/jobs/nope"),
+        ("POST", "/jobs/nope/cancel"),
+        ("GET", "/jobs/nope/metrics"),
+        ("GET", "/jobs/nope/events"),
+    ):
+        response = service.client.request(method, path)
+        assert response.status_code == 404, (method, path)
+        assert "nope" in response.json()["detail"]
+
+
+def test_list_jobs_filters_and_paginates_newest_first(service: Service, shapes: str) -> None:
+    ids = []
+    for i in range(3):
+        job = service.submit(tiny_spec(shapes, name=f"list-{i}"))
+        service.client.post(f"/jobs/{job['id']}/cancel")
+        ids.append(job["id"])
+    page = service.client.get("/jobs", params={"status": "cancelled", "limit": 2}).json()
+    assert [j["id"] for j in page["items"]] == ids[::-1][:2]
+    assert all(j["status"] == "cancelled" for j in page["items"])
+    assert page["total"] >= 3
+    second = service.client.get("/jobs", params={"status": "cancelled", "limit": 2, "offset": 1}).json()
+    assert second["items"][0]["id"] == ids[1]
+    assert service.client.get("/jobs", params={"status": "bogus"}).status_code == 422
+
+
+def test_bad_cursor_is_422(service: Service, shapes: str) -> None:
+    job = service.submit(tiny_spec(shapes))
+    service.client.post(f"/jobs/{job['id']}/cancel")
+    response = service.client.get(f"/jobs/{job['id']}/metrics", params={"cursor": "abc"})
+    assert response.status_code == 422

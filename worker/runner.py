@@ -1,0 +1,174 @@
+"""Runs one training in a child process and turns how it ended into the job's final state.
+
+A child process per job keeps super-gradients' import side effects (stdout, logging, excepthook,
+the process-global device) and its memory out of the worker, and lets a stuck job be killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from app.db import session_scope
+from app.jobs import service
+from app.jobs.models import FailureReason, JobStatus
+from app.process import die_with_parent
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+CONSOLE_LOG = "console.log"
+
+
+def collect_artifacts(job_dir: Path) -> dict[str, str]:
+    """The job's files worth showing: checkpoints, the averaged model, TensorBoard logs, console log."""
+    artifacts: dict[str, str] = {}
+    console = job_dir / CONSOLE_LOG
+    if console.is_file():
+        artifacts["console_log"] = str(console)
+    for name in ("ckpt_best.pth", "ckpt_latest.pth", "average_model.pth"):
+        found = sorted(job_dir.rglob(name), key=lambda p: p.stat().st_mtime)
+        if found:
+            artifacts[name.removesuffix(".pth")] = str(found[-1])
+    events = sorted(job_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    if events:
+        artifacts["tensorboard_dir"] = str(events[-1].parent)
+    return artifacts
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> str:
+    """Train a claimed job in a child process, supervise it, and record the outcome. Returns the status."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    result_path = job_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env.update(
+        {
+            "CRASH_HANDLER": "FALSE",
+            "CONSOLE_LOG_LEVEL": env.get("CONSOLE_LOG_LEVEL", "WARNING"),
+            "SUPER_GRADIENTS_LOG_DIR": str(job_dir / "logs"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    killed_for_cancel = False
+    try:
+        with open(job_dir / CONSOLE_LOG, "ab") as console:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.train_process", job_id],
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=job_dir,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+            cancel_seen: float | None = None
+            while True:
+                try:
+                    returncode = proc.wait(timeout=settings.heartbeat_seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                with session_scope(settings.db_url) as session:
+                    cancel = service.heartbeat(session, job_id=job_id)
+                if cancel and cancel_seen is None:
+                    cancel_seen = time.monotonic()
+                if cancel_seen is not None and time.monotonic() - cancel_seen > settings.cancel_grace_seconds:
+                    # The child checks for cancels itself; this is for a child stuck outside training.
+                    logger.warning(
+                        "job %s did not stop %ss after cancel; killing it",
+                        job_id,
+                        settings.cancel_grace_seconds,
+                    )
+                    killed_for_cancel = True
+                    _stop(proc)
+                    returncode = proc.returncode
+                    break
+    except BaseException as exc:
+        with session_scope(settings.db_url) as session:
+            service.finish(
+                session,
+                job_id=job_id,
+                status=JobStatus.failed,
+                reason=FailureReason.internal,
+                message=f"the worker could not supervise the training: {exc}",
+                artifacts=collect_artifacts(job_dir),
+            )
+        raise
+    return _record_outcome(
+        settings, job_id=job_id, job_dir=job_dir, returncode=returncode, killed_for_cancel=killed_for_cancel
+    )
+
+
+def _record_outcome(
+    settings: Settings, *, job_id: str, job_dir: Path, returncode: int, killed_for_cancel: bool
+) -> str:
+    result = _read_result(job_dir / RESULT_FILE)
+    artifacts = collect_artifacts(job_dir)
+    status: JobStatus
+    reason: FailureReason | None = None
+    message: str | None = None
+    best: float | None = None
+    if result is not None:
+        status = JobStatus(result["status"])
+        reason = FailureReason(result["reason"]) if result.get("reason") else None
+        message = result.get("message")
+        best = result.get("best_value")
+    elif killed_for_cancel:
+        status = JobStatus.cancelled
+        message = f"the training did not stop within {settings.cancel_grace_seconds:g} s and was killed"
+    elif returncode == -signal.SIGKILL:
+        status, reason = JobStatus.failed, FailureReason.out_of_memory
+        message = (
+            "the training process was killed (SIGKILL), most likely by the out-of-memory killer; "
+            "lower training.batch_size or input_size"
+        )
+    else:
+        status, reason = JobStatus.failed, FailureReason.internal
+        last = _tail(job_dir / CONSOLE_LOG)
+        message = f"the training process exited with code {returncode}; last output:\n{last}"
+    with session_scope(settings.db_url) as session:
+        service.finish(
+            session,
+            job_id=job_id,
+            status=status,
+            reason=reason,
+            message=message,
+            artifacts=artifacts,
+            best_value=best,
+        )
+    return status.value
