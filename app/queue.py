@@ -33,7 +33,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {},
     }
     if settings.broker.startswith("sqla+"):
-        config["broker_transport_options"] = {"polling_interval": 0.5}
+        # Options here go to create_engine: wait on SQLite's lock rather than fail when the API and
+        # the worker touch the broker file at the same moment.
+        config["broker_transport_options"] = {"connect_args": {"timeout": 30}}
     elif settings.broker.startswith(("redis://", "rediss://")):
         # Longer than any training, so Redis does not hand a running job's message to another worker.
         config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}

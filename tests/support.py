@@ -77,9 +77,9 @@ class Service:
             cursor = page["next_cursor"]
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = self.client.get(f"/jobs/{job_id}/events", params={"limit": 5000}).json()[
-            "items"
-        ]
+        events: list[dict[str, Any]] = self.client.get(
+            f"/jobs/{job_id}/events", params={"limit": 5000}
+        ).json()["items"]
         return events
 
 

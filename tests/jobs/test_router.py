@@ -17,7 +17,11 @@ def shapes(service: Service) -> str:
 
 
 def _locs(response_json: dict[str, Any]) -> list[list[Any]]:
-    errors = response_json.get("detail") if isinstance(response_json.get("detail"), list) else response_json["errors"]
+    errors = (
+        response_json.get("detail")
+        if isinstance(response_json.get("detail"), list)
+        else response_json["errors"]
+    )
     return [e["loc"] for e in errors]
 
 
