@@ -23,6 +23,7 @@ import psycopg
 import pytest
 import redis
 
+from app.settings import Settings
 from tests.support import Service
 
 PG_ADMIN_URL = os.environ.get("SGJOBS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -95,6 +96,17 @@ def service_env(backend: Backend, home: Path) -> dict[str, str]:
     if backend.broker_url:
         env["SGJOBS_BROKER_URL"] = backend.broker_url
     return env
+
+
+@pytest.fixture(scope="session")
+def service_settings(backend: Backend, service: Service) -> Settings:
+    """Settings pointing at the running service's database and broker, for direct access."""
+    return Settings(
+        home=service.home,
+        database_url=backend.database_url,
+        broker_url=backend.broker_url,
+        task_queue=backend.queue,
+    )
 
 
 @pytest.fixture(scope="session")

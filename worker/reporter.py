@@ -43,7 +43,6 @@ class DbReporter:
         self._points: list[MetricPoint] = []
         self._events: list[dict[str, Any]] = []
         self._progress: dict[str, int] | None = None
-        self._device: str | None = None
         self._cancel = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -61,10 +60,6 @@ class DbReporter:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.flush()
-
-    def set_device(self, device: str) -> None:
-        with self._lock:
-            self._device = device
 
     @property
     def best(self) -> float | None:
@@ -102,14 +97,13 @@ class DbReporter:
             events, self._events = self._events, []
             progress, self._progress = self._progress, None
             best_dirty, self._best_dirty = self._best_dirty, False
-            device = self._device
         try:
             with session_scope(self._db_url) as session:
                 service.add_metrics(session, job_id=self._job_id, points=points)
                 for e in events:
                     service.add_event(session, job_id=self._job_id, **e)
                 if progress is not None:
-                    service.record_progress(session, job_id=self._job_id, device=device, **progress)
+                    service.record_progress(session, job_id=self._job_id, **progress)
                 if best_dirty:
                     service.record_best(session, job_id=self._job_id, value=self._best)
                 if service.cancel_requested(session, job_id=self._job_id):

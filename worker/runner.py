@@ -143,11 +143,13 @@ def _record_outcome(
     reason: FailureReason | None = None
     message: str | None = None
     best: float | None = None
+    device: str | None = None
     if result is not None:
         status = JobStatus(result["status"])
         reason = FailureReason(result["reason"]) if result.get("reason") else None
         message = result.get("message")
         best = result.get("best_value")
+        device = result.get("device")
     elif killed_for_cancel:
         status = JobStatus.cancelled
         message = f"the training did not stop within {settings.cancel_grace_seconds:g} s and was killed"
@@ -170,5 +172,6 @@ def _record_outcome(
             message=message,
             artifacts=artifacts,
             best_value=best,
+            device=device,
         )
     return status.value

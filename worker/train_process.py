@@ -125,9 +125,9 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         from app.ml.training import run_training
 
         result = run_training(config, reporter)
-        reporter.set_device(result.device)
         return {
             "status": JobStatus.succeeded,
+            "device": result.device,
             "best_value": result.best_metric_value if result.best_metric_value is not None else reporter.best,
             "epochs": result.epochs_completed,
         }

@@ -183,7 +183,6 @@ def record_progress(
     epoch: int,
     batch: int,
     batches_per_epoch: int,
-    device: str | None = None,
 ) -> None:
     values: dict[str, Any] = {
         "epoch": epoch,
@@ -191,8 +190,6 @@ def record_progress(
         "batches_per_epoch": batches_per_epoch,
         "heartbeat_at": utcnow(),
     }
-    if device is not None:
-        values["device"] = device
     session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values))
     # The ETA counts from the first reported batch, not from the claim (dataset and model set-up).
     session.execute(
@@ -248,6 +245,7 @@ def finish(
     message: str | None = None,
     artifacts: dict[str, str] | None = None,
     best_value: float | None = None,
+    device: str | None = None,
 ) -> bool:
     """running -> succeeded | failed | cancelled, once."""
     assert status in FINISHED_STATUSES
@@ -261,6 +259,8 @@ def finish(
         values["artifacts"] = artifacts
     if best_value is not None:
         values["best_metric_value"] = best_value
+    if device is not None:
+        values["device"] = device
     done = _changed(
         session,
         update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values),
