@@ -1,0 +1,53 @@
+"""The API starts fast and clean: no torch or super-gradients in the API or the worker's main process."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "module", ["app.main", "app.cli", "worker.celery_app", "worker.tasks", "worker.train_process"]
+)
+def test_module_does_not_import_torch_or_super_gradients(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'super_gradients', 'torchvision'))\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()[:200]}"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_app_never_imports_worker() -> None:
+    offenders = [
+        str(p) for p in (ROOT / "app").rglob("*.py") if any(n.split(".")[0] == "worker" for n in _imports(p))
+    ]
+    assert offenders == []
+
+
+def test_torch_and_super_gradients_are_imported_only_in_app_ml() -> None:
+    offenders = []
+    for path in [*(ROOT / "app").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]:
+        if (ROOT / "app" / "ml") in path.parents:
+            continue
+        if any(n.split(".")[0] in ("torch", "super_gradients", "torchvision") for n in _imports(path)):
+            offenders.append(str(path))
+    assert offenders == []
