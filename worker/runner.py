@@ -44,6 +44,16 @@ def collect_artifacts(job_dir: Path) -> dict[str, str]:
     return artifacts
 
 
+def remove_training_scratch(job_dir: Path) -> None:
+    """Delete SG's model-averaging snapshots once training is over.
+
+    `averaging_snapshots.pkl` holds ten full model copies (about 765 MB for YOLO-NAS-S) that SG
+    needs only while training; the averaged model itself is kept as `average_model.pth`.
+    """
+    for path in job_dir.rglob("averaging_snapshots.pkl"):
+        path.unlink(missing_ok=True)
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -138,6 +148,7 @@ def _record_outcome(
     settings: Settings, *, job_id: str, job_dir: Path, returncode: int, killed_for_cancel: bool
 ) -> str:
     result = _read_result(job_dir / RESULT_FILE)
+    remove_training_scratch(job_dir)
     artifacts = collect_artifacts(job_dir)
     status: JobStatus
     reason: FailureReason | None = None

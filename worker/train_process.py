@@ -68,8 +68,9 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         job = service.get_job(session, job_id=job_id)
         spec = JobSpec.model_validate(job.spec)
         init_checkpoint: Path | None = None
-        if spec.init_from is not None:
-            source = service.get_job(session, job_id=spec.init_from.job_id)
+        init_job = spec.init_from.job_id if spec.init_from is not None else None
+        if init_job is not None:
+            source = service.get_job(session, job_id=init_job)
             init_checkpoint = service.checkpoint_for_init(source)
             if init_checkpoint is None:
                 return {
@@ -109,6 +110,20 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             service.set_classes(session, job_id=job_id, classes=prepared.class_names)
         if reporter.should_stop():
             raise TrainingCancelled("cancelled before training started")
+        if init_checkpoint is not None:
+            from app.ml.checkpoints import checkpoint_num_classes
+
+            try:
+                classes = checkpoint_num_classes(init_checkpoint)
+            except Exception as exc:
+                message = f"cannot start from {init_checkpoint.name} of job {init_job}: {exc}"
+                reporter.event(message, level="error")
+                return {
+                    "status": JobStatus.failed,
+                    "reason": FailureReason.invalid_checkpoint,
+                    "message": message,
+                }
+            reporter.event(f"starting from {init_checkpoint.name} ({classes} classes) of job {init_job}")
         config = TrainingConfig(
             job_id=job_id,
             model=spec.model,
@@ -136,6 +151,12 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         return {"status": JobStatus.cancelled, "best_value": reporter.best}
     except Exception as exc:
         traceback.print_exc()
+        # The traceback also goes on the job, so a failure can be understood from the API alone.
+        reporter.event(
+            f"training failed: {type(exc).__name__}: {exc}",
+            level="error",
+            data={"traceback": traceback.format_exc(limit=20)[-8000:]},
+        )
         if _is_oom(exc):
             return {
                 "status": JobStatus.failed,

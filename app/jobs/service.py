@@ -72,6 +72,11 @@ def create_job(session: Session, *, spec: JobSpec, settings: Settings) -> Job:
         source = session.get(Job, spec.init_from.job_id)
         if source is None:
             raise _field_error(["init_from", "job_id"], f"job {spec.init_from.job_id!r} does not exist")
+        if source.model != spec.model:
+            raise _field_error(
+                ["init_from", "job_id"],
+                f"job {source.id!r} trained {source.model}; a {spec.model} cannot start from its checkpoint",
+            )
         if checkpoint_for_init(source) is None:
             raise _field_error(
                 ["init_from", "job_id"],

@@ -114,6 +114,8 @@ def test_checkpoints_and_logs_are_in_the_job_directory(trained: dict[str, Any]) 
     checkpoint = torch.load(artifacts["ckpt_best"], map_location="cpu", weights_only=True)
     assert checkpoint["processing_params"]["class_names"] == ["circle", "square", "triangle"]
     assert any(Path(artifacts["tensorboard_dir"]).glob("events.out.tfevents.*"))
+    # SG's averaging scratch file (ten model copies) is gone once the job is over.
+    assert not list(job_dir.rglob("averaging_snapshots.pkl"))
 
 
 def test_events_tell_the_story_including_box_warnings(service: Service, trained: dict[str, Any]) -> None:
