@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     # The training callback reads the cancel flag and writes buffered metrics at most this often.
     report_interval_seconds: float = Field(default=0.5, gt=0)
 
+    # Prediction (`/predict`).
+    predict_cache_size: int = Field(default=4, ge=1, le=64, description="Models held ready for /predict.")
+    predict_max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
+    predict_max_images: int = Field(default=32, ge=1, le=1024)
+    predict_max_image_pixels: int = Field(default=50_000_000, ge=1, description="Decompression-bomb guard.")
+
+    # Dataset uploads (`POST /datasets`).
+    upload_max_bytes: int = Field(default=8 * 2**30, ge=1024, description="Compressed archive size.")
+    upload_max_uncompressed_bytes: int = Field(default=32 * 2**30, ge=1024)
+    upload_max_members: int = Field(default=500_000, ge=1)
+    upload_max_ratio: float = Field(default=200.0, gt=1, description="Uncompressed / compressed size.")
+
     # API.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
