@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -44,6 +45,7 @@ class DbReporter:
         self._events: list[dict[str, Any]] = []
         self._progress: dict[str, int] | None = None
         self._cancel = threading.Event()
+        self._checked_at = 0.0  # monotonic time of the last read of the cancel flag
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -89,6 +91,16 @@ class DbReporter:
             self._events.append({"message": message, "level": level, "data": data})
 
     def should_stop(self) -> bool:
+        # Normally the writer thread keeps the flag fresh. When it lags (a slow database, a starved
+        # thread on a loaded machine), read the flag here, so a cancel still stops the next batch.
+        if not self._cancel.is_set() and time.monotonic() - self._checked_at > 2 * self._interval:
+            try:
+                with session_scope(self._db_url) as session:
+                    if service.cancel_requested(session, job_id=self._job_id):
+                        self._cancel.set()
+                self._checked_at = time.monotonic()
+            except Exception:
+                logger.exception("could not read the cancel flag; will retry")
         return self._cancel.is_set()
 
     def flush(self) -> None:
@@ -108,6 +120,7 @@ class DbReporter:
                     service.record_best(session, job_id=self._job_id, value=self._best)
                 if service.cancel_requested(session, job_id=self._job_id):
                     self._cancel.set()
+            self._checked_at = time.monotonic()
         except Exception:
             # Keep the data for the next attempt rather than lose it to a transient DB error.
             logger.exception("could not write training progress; will retry")

@@ -150,13 +150,15 @@ def test_fine_tune_from_another_job_with_different_classes(service: Service, tra
 
 
 def test_cancel_stops_a_running_job_within_one_batch(service: Service) -> None:
-    # 40 batches an epoch: SG's own stop flag would run them all before stopping.
+    # 10 batches an epoch, each (~1-2 s on 2 CPU cores) much longer than the cancel polling (0.2 s
+    # here), so "within one batch" is exact. SG's own stop flag would run all 10 before stopping; with
+    # batches shorter than the polling interval the stop comes within one batch plus that interval.
     make_shapes(service.datasets_dir, "e2e-long", splits=(("train", 80), ("valid", 4)), seed=5)
     job = service.submit(
-        tiny_spec("e2e-long", input_size=[96, 96], training={"max_epochs": 3, "batch_size": 2})
+        tiny_spec("e2e-long", input_size=[320, 320], training={"max_epochs": 3, "batch_size": 8})
     )
     running = service.wait_until(job["id"], lambda j: (j["progress"]["batch"] or 0) >= 2, timeout=300)
-    assert running["status"] == "running" and running["progress"]["batches_per_epoch"] == 40
+    assert running["status"] == "running" and running["progress"]["batches_per_epoch"] == 10
     response = service.client.post(f"/jobs/{job['id']}/cancel")
     assert response.status_code == 202
     assert response.json()["cancel_requested"] is True
@@ -164,11 +166,13 @@ def test_cancel_stops_a_running_job_within_one_batch(service: Service) -> None:
     assert again.status_code == 202  # idempotent
     done = service.wait(job["id"], timeout=120)
     assert done["status"] == "cancelled", service.events(job["id"])
-    requested_at = next(e["time"] for e in service.events(job["id"]) if e["message"] == "cancel requested")
-    after = [p for p in service.metrics(job["id"], name="Batch_PPYoloELoss/loss") if p["time"] > requested_at]
+    events = service.events(job["id"])
+    requested_at = next(_time(e["time"]) for e in events if e["message"] == "cancel requested")
+    batches = service.metrics(job["id"], name="Batch_PPYoloELoss/loss")
+    after = [p for p in batches if _time(p["time"]) > requested_at]
     # The batch in flight when the request arrived may finish; nothing after it.
     assert len(after) <= 1, after
-    assert done["progress"]["epoch"] == 0 and done["progress"]["batch"] < 40
+    assert done["progress"]["epoch"] == 0 and done["progress"]["batch"] < 10
     assert not any(p["name"] == "Valid_mAP@0.50" for p in service.metrics(job["id"]))
 
 
