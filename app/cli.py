@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from app.process import die_with_parent
+from app.queue import prepare_broker
 from app.settings import get_settings
 
 logger = logging.getLogger("sgjobs")
@@ -74,7 +75,9 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(_: argparse.Namespace) -> int:
-    get_settings().ensure_dirs()
+    settings = get_settings()
+    settings.ensure_dirs()
+    prepare_broker(settings)
     argv = _worker_argv()
     os.execv(argv[0], argv)
     return 0  # pragma: no cover  (execv does not return)
@@ -84,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, start one worker as a child process and the API in this one; stop both together."""
     settings = get_settings()
     cmd_migrate(args)
+    prepare_broker(settings)
     worker = subprocess.Popen(_worker_argv(), start_new_session=True, preexec_fn=die_with_parent())
     print(f"worker started (pid {worker.pid}); datasets directory: {settings.datasets_root}", flush=True)
     try:

@@ -8,9 +8,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from app.artifacts.router import router as artifacts_router
+from app.datasets.router import router as datasets_router
 from app.errors import AppError
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
+from app.prediction.router import router as prediction_router
 from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -47,4 +50,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(health_router)
     app.include_router(jobs_router)
+    app.include_router(datasets_router)
+    app.include_router(artifacts_router)
+    app.include_router(prediction_router)
     return app

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from functools import lru_cache
 from typing import Any
 
 from celery import Celery
 
 from app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "sgjobs.train_job"
 
@@ -56,6 +60,28 @@ def send_train_job(settings: Settings, job_id: str) -> None:
     app.send_task(
         TRAIN_TASK, args=[job_id], queue=settings.task_queue, retry=True, retry_policy={"max_retries": 2}
     )
+
+
+def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
+    """Declare the task queue once, before the API and the worker start using it.
+
+    kombu's SQL transport creates its tables and queue rows with a check-then-insert that races
+    when two processes start at the same moment (a UNIQUE error that kills the worker at start-up);
+    declaring first, with a retry, leaves both of them nothing to create.
+    """
+    from kombu import Queue
+
+    app = _producer(settings.broker, settings.task_queue)
+    for attempt in range(attempts):
+        try:
+            with app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+                Queue(settings.task_queue).bind(conn.default_channel).declare()
+            return True
+        except Exception as exc:
+            logger.warning("broker not ready (attempt %d/%d): %s", attempt + 1, attempts, exc)
+            time.sleep(0.5 * (attempt + 1))
+    return False
 
 
 def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:

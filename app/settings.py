@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(default=120.0, gt=0)
     # Queued jobs whose message may have been lost are sent again after this long.
     requeue_after_seconds: float = Field(default=600.0, gt=0)
+    # A training process that reports nothing (no batch, metric or event) this long is killed.
+    stall_timeout_seconds: float = Field(default=3600.0, gt=0)
     # How long a training process may take to stop after a cancel before it is killed.
     cancel_grace_seconds: float = Field(default=30.0, gt=0)
     # The training callback reads the cancel flag and writes buffered metrics at most this often.

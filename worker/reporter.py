@@ -88,7 +88,7 @@ class DbReporter:
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         with self._lock:
-            self._events.append({"message": message, "level": level, "data": data})
+            self._events.append({"message": message, "level": level, "data": data, "time": utcnow()})
 
     def should_stop(self) -> bool:
         # Normally the writer thread keeps the flag fresh. When it lags (a slow database, a starved

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 CONSOLE_LOG = "console.log"
+# The per-job training process; the job id is appended.
+TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
 
 
 def collect_artifacts(job_dir: Path) -> dict[str, str]:
@@ -94,10 +96,11 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
         }
     )
     killed_for_cancel = False
+    stalled_for: float | None = None
     try:
         with open(job_dir / CONSOLE_LOG, "ab") as console:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.train_process", job_id],
+                [*TRAIN_COMMAND, job_id],
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -107,6 +110,8 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
                 preexec_fn=die_with_parent(),
             )
             cancel_seen: float | None = None
+            marker: tuple[object, ...] | None = None
+            marker_since = time.monotonic()
             while True:
                 try:
                     returncode = proc.wait(timeout=settings.heartbeat_seconds)
@@ -115,6 +120,16 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
                     pass
                 with session_scope(settings.db_url) as session:
                     cancel = service.heartbeat(session, job_id=job_id)
+                    current = service.activity_marker(session, job_id=job_id)
+                if current != marker:
+                    marker, marker_since = current, time.monotonic()
+                elif time.monotonic() - marker_since > settings.stall_timeout_seconds:
+                    # Alive but silent (a deadlocked data loader, a hung device): never leave it running.
+                    stalled_for = time.monotonic() - marker_since
+                    logger.warning("job %s made no progress for %.0f s; killing it", job_id, stalled_for)
+                    _stop(proc)
+                    returncode = proc.returncode
+                    break
                 if cancel and cancel_seen is None:
                     cancel_seen = time.monotonic()
                 if cancel_seen is not None and time.monotonic() - cancel_seen > settings.cancel_grace_seconds:
@@ -139,13 +154,24 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
                 artifacts=collect_artifacts(job_dir),
             )
         raise
-    return _record_outcome(
-        settings, job_id=job_id, job_dir=job_dir, returncode=returncode, killed_for_cancel=killed_for_cancel
+    return record_outcome(
+        settings,
+        stalled_for=stalled_for,
+        job_id=job_id,
+        job_dir=job_dir,
+        returncode=returncode,
+        killed_for_cancel=killed_for_cancel,
     )
 
 
-def _record_outcome(
-    settings: Settings, *, job_id: str, job_dir: Path, returncode: int, killed_for_cancel: bool
+def record_outcome(
+    settings: Settings,
+    *,
+    job_id: str,
+    job_dir: Path,
+    returncode: int,
+    killed_for_cancel: bool,
+    stalled_for: float | None = None,
 ) -> str:
     result = _read_result(job_dir / RESULT_FILE)
     remove_training_scratch(job_dir)
@@ -161,6 +187,12 @@ def _record_outcome(
         message = result.get("message")
         best = result.get("best_value")
         device = result.get("device")
+    elif stalled_for is not None:
+        status, reason = JobStatus.failed, FailureReason.internal
+        last = _tail(job_dir / CONSOLE_LOG)
+        message = (
+            f"the training made no progress for {stalled_for:.0f} s and was stopped; last output:\n{last}"
+        )
     elif killed_for_cancel:
         status = JobStatus.cancelled
         message = f"the training did not stop within {settings.cancel_grace_seconds:g} s and was killed"

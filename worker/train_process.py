@@ -14,7 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from app.datasets.coco import SplitRef, prepare_coco_dataset, resolve_coco_splits
+from app.datasets import service as datasets
+from app.datasets.formats import prepare_dataset
 from app.db import session_scope
 from app.errors import DatasetError, InvalidInput
 from app.jobs import service
@@ -23,7 +24,7 @@ from app.jobs.schemas import JobSpec
 from app.ml.types import TrainingCancelled, TrainingConfig, TrainingParams
 from app.settings import Settings, get_settings
 from worker.reporter import DbReporter
-from worker.runner import RESULT_FILE
+from worker.runner import RESULT_FILE, record_outcome
 
 logger = logging.getLogger("sgjobs.train")
 
@@ -67,6 +68,12 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
     with session_scope(settings.db_url) as session:
         job = service.get_job(session, job_id=job_id)
         spec = JobSpec.model_validate(job.spec)
+        try:
+            resolved: datasets.ResolvedDataset | InvalidInput = datasets.resolve_spec(
+                session, settings=settings, spec=spec.dataset, resolve_path=service.resolve_dataset_root
+            )
+        except InvalidInput as exc:  # the dataset was deleted or moved since the job was queued
+            resolved = exc
         init_checkpoint: Path | None = None
         init_job = spec.init_from.job_id if spec.init_from is not None else None
         if init_job is not None:
@@ -87,15 +94,14 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
     ).start()
     try:
         try:
-            root = service.resolve_dataset_root(settings, spec.dataset.path)
-            train_ref, val_ref = resolve_coco_splits(
-                root,
-                SplitRef(spec.dataset.train.images, spec.dataset.train.annotations)
-                if spec.dataset.train
-                else None,
-                SplitRef(spec.dataset.val.images, spec.dataset.val.annotations) if spec.dataset.val else None,
+            if isinstance(resolved, InvalidInput):
+                raise resolved
+            prepared = prepare_dataset(
+                resolved.root,
+                resolved.options,
+                job_dir / "dataset",
+                datasets.cache_root(settings, resolved.root),
             )
-            prepared = prepare_coco_dataset(root, train_ref, val_ref, job_dir / "dataset")
         except (DatasetError, InvalidInput) as exc:
             details = exc.details if isinstance(exc.details, list) else None
             reporter.event(exc.message, level="error", data={"problems": details} if details else None)
@@ -193,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
             "message": f"{type(exc).__name__}: {exc}",
         }
     _write_result(job_dir, {k: (v.value if hasattr(v, "value") else v) for k, v in result.items()})
+    # Record the outcome now rather than after this process exits: tearing down torch and
+    # super-gradients takes seconds, and a cancelled job should show as cancelled at once. The
+    # supervising worker records it again after the exit, which the conditional update makes a no-op.
+    try:
+        record_outcome(settings, job_id=job_id, job_dir=job_dir, returncode=0, killed_for_cancel=False)
+    except Exception:
+        traceback.print_exc()
     return 0
 
 

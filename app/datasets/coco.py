@@ -265,6 +265,10 @@ _WARNING_TEXTS: dict[str, tuple[str, str]] = {
         "1 class has no boxes in the training split",
         "{n} classes have no boxes in the training split",
     ),
+    "orphan_label": (
+        "1 label file has no image and was ignored",
+        "{n} label files have no image and were ignored",
+    ),
     "shared_images": (
         "1 validation image is also in the training split",
         "{n} validation images are also in the training split",
@@ -276,6 +280,22 @@ _WARNING_TEXTS: dict[str, tuple[str, str]] = {
 class _Warning:
     count: int = 0
     examples: list[str] = field(default_factory=list)
+
+
+class InvalidDataset(DatasetError):
+    """A `DatasetError` from validation, with what was counted before the errors were raised."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Any = None,
+        class_names: tuple[str, ...] = (),
+        stats: dict[str, SplitStats] | None = None,
+    ) -> None:
+        super().__init__(message, details=details)
+        self.class_names = class_names
+        self.stats = stats or {}
 
 
 class _Problems:
@@ -308,7 +328,9 @@ class _Problems:
             messages.append(text)
         return messages
 
-    def raise_if_errors(self) -> None:
+    def raise_if_errors(
+        self, class_names: tuple[str, ...] = (), stats: dict[str, SplitStats] | None = None
+    ) -> None:
         if not self.error_count:
             return
         shown = "; ".join(f"{e['file']}: {e['problem']}" for e in self.errors[:3])
@@ -326,7 +348,7 @@ class _Problems:
                 }
             )
         details += [{"file": ".", "problem": w, "severity": "warning"} for w in self.warning_messages()]
-        raise DatasetError(message, details=details)
+        raise InvalidDataset(message, details=details, class_names=class_names, stats=stats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -757,7 +779,7 @@ def prepare_coco_dataset(root: Path, train: SplitRef, val: SplitRef, out_dir: Pa
             for shared in sorted(val_result.image_paths & train_result.image_paths):
                 problems.warn("shared_images", shared.relative_to(root).as_posix())
 
-    problems.raise_if_errors()
+    problems.raise_if_errors(class_names, {name: r.stats for name, r in results.items()})
     assert loaded_train is not None and loaded_val is not None
     train_result, val_result = results["train"], results["val"]
 

@@ -1,4 +1,4 @@
-"""A generated COCO dataset of drawn shapes, in Roboflow's export layout.
+"""A generated COCO dataset of drawn shapes, in Roboflow's export layout (and the same data as YOLO or HF).
 
 Used by the test-suite, the benchmarks and `sgjobs demo-dataset`, so that the whole service can be
 tried without downloading anything. Only PIL and numpy: no torch.
@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from PIL import Image, ImageDraw
 
 DEFAULT_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -110,3 +114,115 @@ def write_shapes_dataset(root: Path, spec: ShapesSpec | None = None) -> Path:
     for split, count in spec.splits:
         write_shapes_split(root, split, count, spec, rng)
     return root
+
+
+def _coco_splits(coco_root: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (folder.name, json.loads((folder / "_annotations.coco.json").read_text()))
+        for folder in sorted(coco_root.iterdir())
+        if (folder / "_annotations.coco.json").is_file()
+    ]
+
+
+def _class_index(data: dict[str, Any], classes: tuple[str, ...]) -> dict[int, int]:
+    return {c["id"]: classes.index(c["name"]) for c in data["categories"] if c["name"] in classes}
+
+
+def coco_to_yolo(coco_root: Path, root: Path, classes: tuple[str, ...]) -> Path:
+    """Convert a generated Roboflow-layout COCO dataset to the Ultralytics layout under `root`.
+
+    `images/<split>/`, `labels/<split>/` (normalised `class cx cy w h`) and `data.yaml`; Roboflow's
+    `valid` split becomes `val`. Returns `root`.
+    """
+    names = {"valid": "val"}
+    for split, data in _coco_splits(coco_root):
+        target = names.get(split, split)
+        (root / "images" / target).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / target).mkdir(parents=True, exist_ok=True)
+        index = _class_index(data, classes)
+        for image in data["images"]:
+            shutil.copyfile(
+                coco_root / split / image["file_name"], root / "images" / target / image["file_name"]
+            )
+            w, h = image["width"], image["height"]
+            lines = [
+                f"{index[a['category_id']]} {(a['bbox'][0] + a['bbox'][2] / 2) / w:.6f} "
+                f"{(a['bbox'][1] + a['bbox'][3] / 2) / h:.6f} {a['bbox'][2] / w:.6f} {a['bbox'][3] / h:.6f}"
+                for a in data["annotations"]
+                if a["image_id"] == image["id"] and a["category_id"] in index
+            ]
+            label = (root / "labels" / target / image["file_name"]).with_suffix(".txt")
+            label.write_text("".join(line + "\n" for line in lines))
+    splits = [names.get(s, s) for s, _ in _coco_splits(coco_root)]
+    data_yaml = {"path": ".", "names": list(classes), "nc": len(classes)}
+    data_yaml.update({s: f"images/{s}" for s in splits})
+    (root / "data.yaml").write_text(yaml.safe_dump(data_yaml, sort_keys=False))
+    return root
+
+
+def coco_to_hf(coco_root: Path, root: Path, classes: tuple[str, ...], bbox_format: str = "xywh") -> Path:
+    """Convert a generated COCO dataset to a Hugging Face dataset folder under `root`.
+
+    Parquet files `data/<split>-00000-of-00001.parquet` (Roboflow's `valid` becomes `validation`),
+    readable with `datasets.load_dataset(root, split=...)`; samples as the seed's dataset class reads
+    them, with boxes in `bbox_format` pixels. Needs the `datasets` package (imported here only).
+    """
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+    from datasets import Image as ImageFeature
+
+    features = Features(
+        {
+            "image_id": Value("int64"),
+            "image": ImageFeature(),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": Sequence(
+                {"bbox": Sequence(Value("float32"), length=4), "category": ClassLabel(names=list(classes))}
+            ),
+        }
+    )
+    names = {"valid": "validation"}
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for split, data in _coco_splits(coco_root):
+        index = _class_index(data, classes)
+        rows: dict[str, list[Any]] = {"image_id": [], "image": [], "width": [], "height": [], "objects": []}
+        for image in data["images"]:
+            boxes, labels = [], []
+            for a in data["annotations"]:
+                if a["image_id"] != image["id"] or a["category_id"] not in index:
+                    continue
+                x, y, w, h = a["bbox"]
+                boxes.append(
+                    {
+                        "xywh": [x, y, w, h],
+                        "xyxy": [x, y, x + w, y + h],
+                        "cxcywh": [x + w / 2, y + h / 2, w, h],
+                    }[bbox_format]
+                )
+                labels.append(index[a["category_id"]])
+            rows["image_id"].append(image["id"])
+            rows["image"].append(
+                {"bytes": (coco_root / split / image["file_name"]).read_bytes(), "path": None}
+            )
+            rows["width"].append(image["width"])
+            rows["height"].append(image["height"])
+            rows["objects"].append({"bbox": boxes, "category": labels})
+        dataset = Dataset.from_dict(rows, features=features)
+        dataset.to_parquet(str(root / "data" / f"{names.get(split, split)}-00000-of-00001.parquet"))
+    return root
+
+
+def write_shapes_yolo(root: Path, spec: ShapesSpec | None = None) -> Path:
+    """The same shapes as `write_shapes_dataset(spec)`, in the Ultralytics YOLO layout under `root`."""
+    spec = spec or ShapesSpec()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shapes_dataset(Path(tmp), spec)
+        return coco_to_yolo(Path(tmp), root, spec.classes)
+
+
+def write_shapes_hf(root: Path, spec: ShapesSpec | None = None, bbox_format: str = "xywh") -> Path:
+    """The same shapes as `write_shapes_dataset(spec)`, as a Hugging Face parquet dataset under `root`."""
+    spec = spec or ShapesSpec()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shapes_dataset(Path(tmp), spec)
+        return coco_to_hf(Path(tmp), root, spec.classes, bbox_format)

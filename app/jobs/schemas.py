@@ -32,13 +32,71 @@ class SplitSpec(StrictModel):
     _check_images = field_validator("images", "annotations")(_relative_path)
 
 
-class DatasetSpec(StrictModel):
-    format: Literal["coco"]
-    path: str = Field(description="Dataset root, relative to the server's datasets directory.")
-    train: SplitSpec | None = Field(default=None, description="Default: Roboflow layout, train/.")
-    val: SplitSpec | None = Field(default=None, description="Default: valid/, else val/, else test/.")
+class HfSplits(StrictModel):
+    train: str | None = Field(default=None, min_length=1, max_length=200, description="Default: train.")
+    val: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Default: validation, else valid, val, test."
+    )
 
-    _check_path = field_validator("path")(_relative_path)
+
+# Which options belong to which format: using one with another format is a 422, not silently ignored.
+_FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "coco": ("train", "val"),
+    "hf": ("bbox_format", "splits"),
+    "yolo": ("data_yaml",),
+}
+
+
+class DatasetSpec(StrictModel):
+    format: Literal["coco", "hf", "yolo"] | None = Field(
+        default=None, description="coco, hf or yolo; may be left out with `id` (the registered format)."
+    )
+    path: str | None = Field(
+        default=None, description="Dataset root, relative to the server's datasets directory."
+    )
+    id: str | None = Field(
+        default=None, min_length=1, max_length=64, description="A registered dataset (POST /datasets)."
+    )
+    # coco
+    train: SplitSpec | None = Field(default=None, description="coco: default Roboflow layout, train/.")
+    val: SplitSpec | None = Field(default=None, description="coco: default valid/, else val/, else test/.")
+    # hf
+    bbox_format: Literal["xyxy", "xywh", "cxcywh"] | None = Field(
+        default=None, description="hf: box format in pixels; default xywh (COCO's x, y, width, height)."
+    )
+    splits: HfSplits | None = Field(default=None, description="hf: the dataset's split names.")
+    # yolo
+    data_yaml: str | None = Field(
+        default=None, description="yolo: default data.yaml (or the only *.yaml) in the dataset root."
+    )
+
+    @field_validator("path", "data_yaml")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        return None if value is None else _relative_path(value)
+
+    def misplaced_options(self, fmt: str | None) -> list[str]:
+        """Options set that do not belong to `fmt` (none when the format is not known yet)."""
+        if fmt is None:
+            return []
+        return [
+            name
+            for other, names in _FORMAT_FIELDS.items()
+            if other != fmt
+            for name in names
+            if getattr(self, name) is not None
+        ]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if (self.path is None) == (self.id is None):
+            raise ValueError("give exactly one of path (a folder in the datasets directory) or id")
+        if self.format is None and self.id is None:
+            raise ValueError("format is required with path (coco, hf or yolo)")
+        for name in self.misplaced_options(self.format):
+            owner = next(f for f, names in _FORMAT_FIELDS.items() if name in names)
+            raise ValueError(f"{name} applies to format {owner!r} only, not {self.format!r}")
+        return self
 
 
 class TrainingSpec(StrictModel):

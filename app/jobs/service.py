@@ -15,7 +15,8 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Executable, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from app.datasets.coco import SplitRef, resolve_coco_splits
+from app.datasets.formats import check_layout
+from app.datasets.service import resolve_spec
 from app.db import utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.jobs.models import FINISHED_STATUSES, FailureReason, Job, JobEvent, JobStatus, Metric
@@ -57,17 +58,16 @@ def checkpoint_for_init(job: Job) -> Path | None:
 
 def create_job(session: Session, *, spec: JobSpec, settings: Settings) -> Job:
     """Validate what the spec points at (dataset layout, init job) and insert a queued job."""
-    root = resolve_dataset_root(settings, spec.dataset.path)
+    resolved = resolve_spec(session, settings=settings, spec=spec.dataset, resolve_path=resolve_dataset_root)
     try:
-        resolve_coco_splits(
-            root,
-            SplitRef(spec.dataset.train.images, spec.dataset.train.annotations)
-            if spec.dataset.train
-            else None,
-            SplitRef(spec.dataset.val.images, spec.dataset.val.annotations) if spec.dataset.val else None,
-        )
+        check_layout(resolved.root, resolved.options)
     except DatasetError as exc:
         raise _field_error(["dataset"], exc.message) from exc
+    if spec.dataset.id is not None and spec.dataset.format is None:
+        # The stored spec names the format, so the job says what it trained on.
+        spec = spec.model_copy(
+            update={"dataset": spec.dataset.model_copy(update={"format": resolved.options.format})}
+        )
     if spec.init_from is not None:
         source = session.get(Job, spec.init_from.job_id)
         if source is None:
@@ -172,6 +172,14 @@ def heartbeat(session: Session, *, job_id: str) -> bool:
     return cancel_requested(session, job_id=job_id)
 
 
+def activity_marker(session: Session, *, job_id: str) -> tuple[object, ...]:
+    """Changes whenever a job makes progress (a batch, a metric point, an event)."""
+    row = session.execute(select(Job.epoch, Job.batch).where(Job.id == job_id)).one_or_none()
+    last_metric = session.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id))
+    last_event = session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job_id))
+    return (*(row or (None, None)), last_metric, last_event)
+
+
 def cancel_requested(session: Session, *, job_id: str) -> bool:
     value = session.execute(select(Job.cancel_requested_at).where(Job.id == job_id)).scalar_one_or_none()
     return value is not None
@@ -237,8 +245,12 @@ def add_event(
     kind: str = "log",
     level: str = "info",
     data: dict[str, Any] | None = None,
+    time: datetime | None = None,
 ) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, level=level, message=message, data=data, time=utcnow()))
+    """Append an event; `time` is when it happened if that was earlier than now (buffered writers)."""
+    session.add(
+        JobEvent(job_id=job_id, kind=kind, level=level, message=message, data=data, time=time or utcnow())
+    )
 
 
 def finish(

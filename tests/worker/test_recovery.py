@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from app.jobs.models import Job, JobStatus
 from app.jobs.schemas import JobSpec
 from app.settings import Settings
 from tests.support import Service, make_shapes, tiny_spec
-from worker.runner import RESULT_FILE, _record_outcome
+from worker import runner
+from worker.runner import RESULT_FILE, record_outcome
 from worker.sweeper import sweep_once
 
 
@@ -92,7 +94,7 @@ def test_training_process_killed_by_the_kernel_fails_as_out_of_memory(
     job_id = _insert_job(
         service_settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow()
     )
-    assert _record_outcome(
+    assert record_outcome(
         service_settings, job_id=job_id, job_dir=tmp_path, returncode=-9, killed_for_cancel=False
     ) == ("failed")
     job = service.job(job_id)
@@ -106,9 +108,7 @@ def test_training_process_that_crashes_fails_as_internal_with_its_last_output(
         service_settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow()
     )
     (tmp_path / "console.log").write_text("Traceback (most recent call last):\nSegmentation fault\n")
-    _record_outcome(
-        service_settings, job_id=job_id, job_dir=tmp_path, returncode=139, killed_for_cancel=False
-    )
+    record_outcome(service_settings, job_id=job_id, job_dir=tmp_path, returncode=139, killed_for_cancel=False)
     job = service.job(job_id)
     assert job["error"]["reason"] == "internal"
     assert "code 139" in job["error"]["message"] and "Segmentation fault" in job["error"]["message"]
@@ -124,6 +124,45 @@ def test_result_file_decides_the_outcome(
     (tmp_path / RESULT_FILE).write_text(
         json.dumps({"status": "succeeded", "best_value": 0.75, "device": "cuda"})
     )
-    _record_outcome(service_settings, job_id=job_id, job_dir=tmp_path, returncode=0, killed_for_cancel=False)
+    record_outcome(service_settings, job_id=job_id, job_dir=tmp_path, returncode=0, killed_for_cancel=False)
     job = service.job(job_id)
     assert job["status"] == "succeeded" and job["best_metric"]["value"] == 0.75 and job["device"] == "cuda"
+
+
+SILENT_CHILD = [
+    sys.executable,
+    "-c",
+    "import sys, time; print('stuck', sys.argv[1], flush=True); time.sleep(120)",
+]
+
+
+def test_training_process_that_makes_no_progress_is_killed_and_failed(
+    service: Service,
+    service_settings: Settings,
+    dataset: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
+    settings = service_settings.model_copy(update={"heartbeat_seconds": 0.2, "stall_timeout_seconds": 1.5})
+    job_id = _insert_job(settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow())
+    assert runner.run_training_process(settings, job_id=job_id, job_dir=tmp_path) == "failed"
+    job = service.job(job_id)
+    assert job["error"]["reason"] == "internal"
+    assert "no progress" in job["error"]["message"] and "stuck" in job["error"]["message"]
+
+
+def test_training_process_that_ignores_a_cancel_is_killed_after_the_grace_period(
+    service: Service,
+    service_settings: Settings,
+    dataset: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
+    settings = service_settings.model_copy(update={"heartbeat_seconds": 0.2, "cancel_grace_seconds": 0.5})
+    job_id = _insert_job(settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow())
+    assert service.client.post(f"/jobs/{job_id}/cancel").status_code == 202
+    assert runner.run_training_process(settings, job_id=job_id, job_dir=tmp_path) == "cancelled"
+    job = service.job(job_id)
+    assert job["status"] == "cancelled" and job["error"] is None

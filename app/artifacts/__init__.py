@@ -1,0 +1,1 @@
+"""A job's files: listing, download and ONNX export."""

@@ -1,0 +1,42 @@
+"""GET /jobs/{id}/artifacts, downloads, and POST /jobs/{id}/export."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from app.api import get_session, get_settings_dep
+from app.artifacts import service
+from app.artifacts.schemas import ArtifactList, ExportOut
+from app.settings import Settings
+
+router = APIRouter(prefix="/jobs", tags=["artifacts"])
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: str, session: SessionDep) -> ArtifactList:
+    """The job's files (checkpoints, averaged model, TensorBoard event files, console log, ONNX export)
+    with their sizes and download URLs."""
+    return service.list_artifacts(session, job_id=job_id)
+
+
+@router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse)
+def download_artifact(job_id: str, name: str, session: SessionDep) -> FileResponse:
+    """Download one listed file; `name` as in the listing."""
+    path = service.artifact_path(session, job_id=job_id, name=name)
+    return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+
+
+@router.post("/{job_id}/export", response_model=ExportOut)
+async def export_onnx(job_id: str, session: SessionDep, settings: SettingsDep) -> ExportOut:
+    """Export the job's best model to ONNX (with its preprocessing and NMS); download it from
+    `artifact.url`. A second call returns the existing file. 409 while the job has no checkpoint."""
+    # Export takes seconds: off the event loop, so other requests keep being answered.
+    return await run_in_threadpool(service.export_onnx, session, settings=settings, job_id=job_id)

@@ -1,0 +1,162 @@
+"""One entry point for every dataset format: detect it, check its layout, prepare it, report on it.
+
+Every format ends as the same `PreparedDataset` (sanitized COCO files and an images folder), so the
+training code, metrics and prediction never know which format a dataset came in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from app.datasets import hf, yolo
+from app.datasets.coco import (
+    ROBOFLOW_ANNOTATION_FILE,
+    InvalidDataset,
+    PreparedDataset,
+    SplitRef,
+    _single_subfolder,
+    prepare_coco_dataset,
+    resolve_coco_splits,
+)
+from app.errors import DatasetError
+
+DatasetFormat = Literal["coco", "hf", "yolo"]
+FORMATS: tuple[str, ...] = ("coco", "hf", "yolo")
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """The format and its options, as a job spec (or a registered dataset) gives them."""
+
+    format: str
+    coco_train: SplitRef | None = None
+    coco_val: SplitRef | None = None
+    bbox_format: str | None = None
+    hf_train: str | None = None
+    hf_val: str | None = None
+    data_yaml: str | None = None
+
+
+def detect_format(root: Path) -> tuple[str, Path]:
+    """'coco', 'yolo' or 'hf' from the files, and the folder that holds the dataset (`root`, or the
+    single folder an archive wrapped it in). Raises `DatasetError` when no format is recognised or
+    the layout fits several.
+    """
+    found: list[str] = []
+    for base in (root, _single_subfolder(root)):
+        if base is None:
+            continue
+        try:
+            resolve_coco_splits(base, None, None)
+            found.append("coco")
+        except DatasetError:
+            if any(base.glob(f"*/{ROBOFLOW_ANNOTATION_FILE}")) or any(base.glob("annotations/*.json")):
+                found.append("coco")  # the layout is COCO even if a split is missing: say so later
+        try:
+            yolo.find_data_yaml(base, None)
+            found.append("yolo")
+        except DatasetError:
+            pass
+        if hf.looks_like_hf(base):
+            found.append("hf")
+        if found:
+            break
+    unique = sorted(set(found))
+    if len(unique) == 1:
+        assert base is not None
+        return unique[0], base
+    if not unique:
+        raise DatasetError(
+            "The dataset format was not recognised: expected COCO (train/_annotations.coco.json or "
+            "annotations/instances_*.json), YOLO (data.yaml with images/ and labels/) or a Hugging Face "
+            "dataset (parquet or arrow files, dataset_dict.json, or an image folder with metadata.jsonl)",
+            details=[{"file": ".", "problem": "format not recognised", "severity": "error"}],
+        )
+    raise DatasetError(
+        f"The dataset looks like several formats ({', '.join(unique)}); upload one",
+        details=[{"file": ".", "problem": f"ambiguous format: {', '.join(unique)}", "severity": "error"}],
+    )
+
+
+def hf_root(root: Path) -> Path:
+    """HF datasets wrapped in one folder (as zips often are) are read from inside it."""
+    inner = _single_subfolder(root)
+    if inner is not None and inner.name != "data" and hf.looks_like_hf(inner):
+        return inner
+    return root
+
+
+def check_layout(root: Path, options: DatasetOptions) -> None:
+    """Cheap checks for POST /jobs (file names and small YAML only; no image, no `datasets` import).
+
+    Raises `DatasetError` saying what is missing.
+    """
+    if options.format == "coco":
+        resolve_coco_splits(root, options.coco_train, options.coco_val)
+    elif options.format == "yolo":
+        yolo.load_layout(root, options.data_yaml)
+    elif options.format == "hf":
+        if not hf.looks_like_hf(root):
+            raise DatasetError(
+                "no Hugging Face dataset files found (parquet or arrow files, dataset_dict.json, or an "
+                "image folder with metadata.jsonl)",
+                details=[{"file": ".", "problem": "no Hugging Face dataset files", "severity": "error"}],
+            )
+    else:  # pragma: no cover  (the schema allows only the three)
+        raise DatasetError(f"unknown dataset format {options.format!r}")
+
+
+def prepare_dataset(root: Path, options: DatasetOptions, out_dir: Path, cache_root: Path) -> PreparedDataset:
+    """Validate the dataset and write the sanitized COCO files training reads into `out_dir`.
+
+    `cache_root` is where HF images are decoded once per dataset version. Raises `DatasetError` with
+    every problem found, each naming its file.
+    """
+    if options.format == "coco":
+        train, val = resolve_coco_splits(root, options.coco_train, options.coco_val)
+        return prepare_coco_dataset(root, train, val, out_dir)
+    if options.format == "yolo":
+        return yolo.prepare_yolo_dataset(root, options.data_yaml, out_dir)
+    if options.format == "hf":
+        return hf.prepare_hf_dataset(
+            hf_root(root),
+            bbox_format=options.bbox_format or hf.DEFAULT_BBOX_FORMAT,
+            train_split=options.hf_train,
+            val_split=options.hf_val,
+            out_dir=out_dir,
+            cache_root=cache_root,
+        )
+    raise DatasetError(f"unknown dataset format {options.format!r}")
+
+
+def validate_dataset(root: Path, options: DatasetOptions, cache_root: Path) -> dict[str, Any]:
+    """The validation report (never raises for a bad dataset: its problems are in the report).
+
+    `{"format", "ok", "classes", "splits": {"train": {images, images_without_boxes, boxes,
+    boxes_per_class, classes_without_boxes, ...}, "val": {...}}, "errors", "warnings",
+    "problems": [{"file", "problem", "severity"}]}`
+    """
+    report: dict[str, Any] = {"format": options.format, "ok": False, "classes": [], "splits": {}}
+    problems: list[dict[str, str]]
+    with tempfile.TemporaryDirectory(prefix="sgjobs-validate-") as tmp:
+        try:
+            prepared = prepare_dataset(root, options, Path(tmp), cache_root)
+        except DatasetError as exc:
+            problems = exc.details if isinstance(exc.details, list) else []
+            if not problems:
+                problems = [{"file": ".", "problem": exc.message, "severity": "error"}]
+            if isinstance(exc, InvalidDataset):
+                report["classes"] = list(exc.class_names)
+                report["splits"] = {name: s.to_dict() for name, s in exc.stats.items()}
+        else:
+            report["ok"] = True
+            report["classes"] = list(prepared.class_names)
+            report["splits"] = {name: s.to_dict() for name, s in prepared.stats.items()}
+            problems = [{"file": ".", "problem": w, "severity": "warning"} for w in prepared.warnings]
+    report["problems"] = problems
+    report["errors"] = sum(1 for p in problems if p.get("severity") == "error")
+    report["warnings"] = sum(1 for p in problems if p.get("severity") == "warning")
+    return report

@@ -1,0 +1,272 @@
+"""HTTP endpoints for datasets: upload (zip or tar), list, get, delete, validate."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session
+
+from app.api import get_session, get_settings_dep
+from app.datasets import service
+from app.datasets.archive import ArchiveTooLarge
+from app.datasets.models import Dataset
+from app.db import get_sessionmaker
+from app.errors import InvalidInput, UnsupportedMediaType
+from app.settings import Settings
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+BboxFormat = Literal["xyxy", "xywh", "cxcywh"]
+
+RAW_TYPES = frozenset(
+    {
+        "application/zip",
+        "application/x-zip-compressed",
+        "application/x-tar",
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-bzip2",
+        "application/x-xz",
+        "application/octet-stream",
+    }
+)
+MAX_FORM_FIELD = 1024
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    format: str
+    path: str
+    status: str
+    options: dict[str, Any]
+    classes: list[str] | None
+    archive_bytes: int
+    size_bytes: int
+    file_count: int
+    created_at: datetime
+    validated_at: datetime | None
+    report: dict[str, Any] | None
+
+
+class DatasetPage(BaseModel):
+    items: list[DatasetOut]
+    total: int
+    limit: int
+    offset: int
+
+
+def _out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        format=dataset.format,
+        path=dataset.path,
+        status=dataset.status,
+        options=dataset.options or {},
+        classes=dataset.classes,
+        archive_bytes=dataset.archive_bytes,
+        size_bytes=dataset.size_bytes,
+        file_count=dataset.file_count,
+        created_at=dataset.created_at,
+        validated_at=dataset.validated_at,
+        report=dataset.report,
+    )
+
+
+def _too_large(settings: Settings) -> ArchiveTooLarge:
+    return ArchiveTooLarge(
+        f"the upload is larger than upload_max_bytes ({settings.upload_max_bytes})",
+        details=[{"limit": "upload_max_bytes", "value": settings.upload_max_bytes}],
+    )
+
+
+class _Form:
+    """Streaming multipart parsing: the `file` part goes to disk chunk by chunk, small fields to memory."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self.fields: dict[str, bytearray] = {}
+        self.pending: list[bytes] = []  # file bytes parsed but not yet written
+        self.file_seen = False
+        self._header_field = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._current: str | None = None
+        self.parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._field,
+                "on_header_value": self._value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_done,
+                "on_part_data": self._data,
+            },
+        )
+
+    def _part_begin(self) -> None:
+        self._headers, self._current = {}, None
+
+    def _field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field, self._header_value = b"", b""
+
+    def _headers_done(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            if self.file_seen:
+                raise InvalidInput("send one file per upload")
+            self.file_seen = True
+        self._current = name
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._current == "file":
+            self.pending.append(bytes(data[start:end]))
+        elif self._current:
+            value = self.fields.setdefault(self._current, bytearray())
+            value += data[start:end]
+            if len(value) > MAX_FORM_FIELD:
+                raise InvalidInput(f"form field {self._current!r} is too long")
+
+
+async def _receive(request: Request, target: Path, settings: Settings) -> dict[str, str]:
+    """Stream the request body to `target` (the archive); returns the small form fields, if any."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.upload_max_bytes + 64 * 1024:
+        raise _too_large(settings)  # refused before a byte is read
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    kind = content_type.decode("latin-1").lower()
+    form: _Form | None = None
+    if kind == "multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise InvalidInput("multipart upload without a boundary")
+        form = _Form(boundary)
+    elif kind not in RAW_TYPES:
+        raise UnsupportedMediaType(
+            "send the archive as multipart/form-data (field 'file') or as the raw body with "
+            "content-type application/zip, application/x-tar, application/gzip or application/octet-stream"
+        )
+    written = 0
+    async with await anyio.open_file(target, "wb") as out:
+        async for chunk in request.stream():
+            pieces = [chunk]
+            if form is not None:
+                try:
+                    form.parser.write(chunk)
+                except InvalidInput:
+                    raise
+                except Exception as exc:  # python-multipart's parse errors
+                    raise InvalidInput(f"the multipart body does not parse: {exc}") from exc
+                pieces, form.pending = form.pending, []
+            for piece in pieces:
+                written += len(piece)
+                if written > settings.upload_max_bytes:
+                    raise _too_large(settings)
+                await out.write(piece)
+    if form is not None:
+        form.parser.finalize()
+        if not form.file_seen:
+            raise InvalidInput("the multipart upload has no 'file' field")
+        return {k: v.decode("utf-8", "replace") for k, v in form.fields.items()}
+    if written == 0:
+        raise InvalidInput("the upload is empty")
+    return {}
+
+
+def _register(settings: Settings, archive: Path, name: str | None, bbox_format: str | None) -> Dataset:
+    session = get_sessionmaker(settings.db_url)()
+    try:
+        dataset = service.register_upload(
+            session, settings=settings, archive=archive, name=name, bbox_format=bbox_format
+        )
+        session.commit()
+        return dataset
+    finally:
+        session.close()
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+async def upload_dataset(
+    request: Request,
+    settings: SettingsDep,
+    name: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    bbox_format: Annotated[BboxFormat | None, Query(description="hf only; default xywh.")] = None,
+) -> DatasetOut:
+    """Upload a zip or tar of a COCO, YOLO or Hugging Face dataset: multipart (field `file`, optional
+    fields `name` and `bbox_format`) or the raw archive as the body (`?name=&bbox_format=`).
+
+    The body streams to disk under the limits; the archive is extracted safely, its format detected
+    and validated. 201 with the dataset and its validation report (status `invalid` if it has errors).
+    """
+    archive = service.staging_dir(settings) / f"{uuid.uuid4().hex}.upload"
+    try:
+        fields = await _receive(request, archive, settings)
+        name = name or fields.get("name") or None
+        raw_format = bbox_format or fields.get("bbox_format") or None
+        if raw_format is not None and raw_format not in ("xyxy", "xywh", "cxcywh"):
+            raise InvalidInput("bbox_format must be xyxy, xywh or cxcywh")
+        if name is not None and not 1 <= len(name) <= 200:
+            raise InvalidInput("name must be 1 to 200 characters")
+        # Extraction and validation read every file: off the event loop.
+        dataset = await run_in_threadpool(_register, settings, archive, name, raw_format)
+    finally:
+        await anyio.Path(archive).unlink(missing_ok=True)
+    return _out(dataset)
+
+
+@router.get("", response_model=DatasetPage)
+def list_datasets(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetPage:
+    """Registered datasets, newest first."""
+    rows, total = service.list_datasets(session, limit=limit, offset=offset)
+    return DatasetPage(items=[_out(d) for d in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+    """One dataset with its last validation report."""
+    return _out(service.get_dataset(session, dataset_id=dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> Response:
+    """Unregister a dataset and delete its files; 409 while a queued or running job uses it."""
+    folder = service.delete_dataset(session, settings=settings, dataset_id=dataset_id)
+    session.commit()
+    service.remove_files(folder)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{dataset_id}/validate")
+def validate_dataset(
+    dataset_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    bbox_format: Annotated[BboxFormat | None, Query(description="hf only; stored for later jobs.")] = None,
+) -> dict[str, Any]:
+    """Validate the dataset again and answer the report (also stored on the dataset)."""
+    dataset = service.validate(session, settings=settings, dataset_id=dataset_id, bbox_format=bbox_format)
+    session.commit()
+    assert dataset.report is not None
+    return dataset.report

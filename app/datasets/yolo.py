@@ -1,0 +1,349 @@
+"""YOLO datasets in the Ultralytics layout: `data.yaml`, `images/` and `labels/` per split.
+
+`data.yaml` names the classes (`names`: a list, or a mapping 0..n-1) and the splits (`train`, `val`,
+each a folder, a `.txt` list of images or a list of those), relative to `path` or the YAML's folder.
+Each image `.../images/.../x.jpg` has its labels in `.../labels/.../x.txt`, one `class cx cy w h`
+line per box, normalised to 0..1 (polygon lines `class x1 y1 x2 y2 ...` become their bounding box).
+An image without a label file has no boxes (a background image).
+
+Roboflow's YOLO export writes `train: ../train/images` next to `train/images`: the `../` is dropped
+when the path as written does not exist, as Ultralytics' own loaders do.
+
+Images stay where they are: the sanitized COCO files name them relative to the dataset root.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from app.datasets.coco import PreparedDataset, _single_subfolder, _unsafe_relative
+from app.datasets.common import Box, ImageRecord, Problems, build_split, finish, read_image
+from app.errors import DatasetError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo"})
+DEFAULT_YAML_NAMES: tuple[str, ...] = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
+MAX_LABEL_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class YoloLayout:
+    """What `data.yaml` says: class names and, per split, the image sources (paths under the root)."""
+
+    yaml_rel: str
+    class_names: tuple[str, ...]
+    train: tuple[Path, ...]
+    val: tuple[Path, ...]
+    val_key: str
+
+
+def _error(file: str, problem: str) -> DatasetError:
+    return DatasetError(
+        f"{file}: {problem}", details=[{"file": file, "problem": problem, "severity": "error"}]
+    )
+
+
+def find_data_yaml(root: Path, data_yaml: str | None) -> str:
+    """The data YAML relative to `root`: the one named, else `data.yaml` (or the only `*.yaml`), also
+    one folder down when the dataset is wrapped in a single folder. Raises `DatasetError`."""
+    if data_yaml is not None:
+        if _unsafe_relative(data_yaml):
+            raise _error(data_yaml, "data_yaml must be a path inside the dataset")
+        if not (root / data_yaml).is_file():
+            raise _error(data_yaml, "data_yaml does not exist in the dataset")
+        return str(PurePosixPath(data_yaml))
+    for base in (root, _single_subfolder(root)):
+        if base is None:
+            continue
+        prefix = "" if base == root else f"{base.name}/"
+        for name in DEFAULT_YAML_NAMES:
+            if (base / name).is_file():
+                return prefix + name
+        candidates = sorted(p.name for p in base.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if len(candidates) == 1:
+            return prefix + candidates[0]
+        if len(candidates) > 1:
+            raise _error(
+                prefix or ".",
+                f"several YAML files ({', '.join(candidates)}); name the one to use in dataset.data_yaml",
+            )
+    raise _error(".", "no data.yaml found (looked for " + ", ".join(DEFAULT_YAML_NAMES) + ")")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    return real == root or real.is_relative_to(root)
+
+
+def _resolve_source(root: Path, base: Path, entry: str) -> Path | None:
+    """A split entry of data.yaml as a path under the root (None if it is not there)."""
+    clean = entry.replace("\\", "/").strip()
+    candidates = [clean]
+    stripped = clean
+    while stripped.startswith("../"):  # Roboflow's export: `../train/images` next to train/
+        stripped = stripped[3:]
+        candidates.append(stripped)
+    if clean.startswith("./"):
+        candidates.append(clean[2:])
+    for candidate in candidates:
+        if not candidate or PurePosixPath(candidate).is_absolute():
+            continue
+        path = Path(os.path.normpath(base / candidate))
+        if _inside(path, root) and path.exists():
+            return path
+    return None
+
+
+def load_layout(root: Path, data_yaml: str | None) -> YoloLayout:
+    """Read and check `data.yaml` (cheap: no image is opened). Raises `DatasetError` naming the file."""
+    root = root.resolve()
+    rel = find_data_yaml(root, data_yaml)
+    path = root / rel
+    if not _inside(path, root):
+        raise _error(rel, "links outside the dataset")
+    try:
+        with path.open("rb") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise _error(rel, f"cannot be read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise _error(rel, f"is not valid YAML: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    if not isinstance(data, dict):
+        raise _error(rel, "must be a YAML mapping with names, train and val")
+    names = _class_names(rel, data)
+    base = path.parent
+    declared = data.get("path")
+    if isinstance(declared, str) and declared and not PurePosixPath(declared).is_absolute():
+        candidate = Path(os.path.normpath(base / declared))
+        # An absolute `path` is the author's machine; a relative one is honoured when it stays inside.
+        if _inside(candidate, root) and candidate.is_dir():
+            base = candidate
+    problems: list[dict[str, str]] = []
+    train = _sources(root, base, rel, "train", data.get("train"), problems)
+    val_key = next((k for k in ("val", "valid", "test") if data.get(k)), "val")
+    val = _sources(root, base, rel, val_key, data.get(val_key), problems)
+    if problems:
+        raise DatasetError("; ".join(f"{p['file']}: {p['problem']}" for p in problems), details=problems)
+    return YoloLayout(yaml_rel=rel, class_names=names, train=train, val=val, val_key=val_key)
+
+
+def _class_names(rel: str, data: dict[str, Any]) -> tuple[str, ...]:
+    raw = data.get("names")
+    names: list[str]
+    if isinstance(raw, list):
+        names = [str(n) for n in raw]
+    elif isinstance(raw, dict):
+        try:
+            keys = sorted(int(k) for k in raw)
+        except (TypeError, ValueError) as exc:
+            raise _error(rel, "names must map class ids 0, 1, ... to names") from exc
+        if keys != list(range(len(keys))):
+            raise _error(rel, f"names must map the class ids 0..{len(keys) - 1} without gaps, got {keys}")
+        by_id = {int(k): v for k, v in raw.items()}
+        names = [str(by_id[k]) for k in keys]
+    else:
+        raise _error(rel, "has no names list (the class names)")
+    if not names:
+        raise _error(rel, "names is empty, so there are no classes to train")
+    if any(not n.strip() for n in names):
+        raise _error(rel, "a class name is empty")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _error(rel, f"class names appear twice: {', '.join(duplicates)}")
+    nc = data.get("nc")
+    if nc is not None and nc != len(names):
+        raise _error(rel, f"nc is {nc} but names lists {len(names)} classes")
+    return tuple(names)
+
+
+def _sources(
+    root: Path, base: Path, rel: str, key: str, value: object, problems: list[dict[str, str]]
+) -> tuple[Path, ...]:
+    entries = value if isinstance(value, list) else [value] if value else []
+    if not entries:
+        problems.append({"file": rel, "problem": f"has no {key} split", "severity": "error"})
+        return ()
+    found: list[Path] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            problems.append(
+                {"file": rel, "problem": f"{key} entry {entry!r} is not a path", "severity": "error"}
+            )
+            continue
+        path = _resolve_source(root, base, entry)
+        if path is None:
+            problems.append(
+                {
+                    "file": rel,
+                    "problem": f"{key} split {entry!r} is not a folder or file inside the dataset",
+                    "severity": "error",
+                }
+            )
+            continue
+        found.append(path)
+    return tuple(found)
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last `/images/` becomes `/labels/`, the suffix `.txt`."""
+    text = image.as_posix()
+    if "/images/" in text:
+        head, tail = text.rsplit("/images/", 1)
+        text = f"{head}/labels/{tail}"
+    return Path(text).with_suffix(".txt")
+
+
+def _list_images(root: Path, source: Path, problems: Problems) -> list[Path]:
+    if source.is_dir():
+        found = []
+        for dirpath, dirs, files in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                    found.append(Path(dirpath) / name)
+        return found
+    rel = source.relative_to(root).as_posix()
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.error(rel, f"image list cannot be read: {exc}")
+        return []
+    images = []
+    for number, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry:
+            continue
+        path = _resolve_source(root, source.parent, entry) or _resolve_source(root, root, entry)
+        if path is None:
+            problems.error(rel, f"line {number}: image {entry!r} does not exist inside the dataset")
+            continue
+        images.append(path)
+    return images
+
+
+def _parse_labels(
+    label: Path, shown: str, size: tuple[int, int], num_classes: int, problems: Problems
+) -> list[Box]:
+    try:
+        if label.stat().st_size > MAX_LABEL_BYTES:
+            problems.error(shown, "label file is too large")
+            return []
+        text = label.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.error(shown, f"label file cannot be read: {exc}")
+        return []
+    width, height = size
+    boxes: list[Box] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{shown} line {number}"
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            problems.error(
+                shown, f"line {number} does not parse: {line.strip()[:80]!r} (expected class cx cy w h)"
+            )
+            continue
+        if not all(math.isfinite(v) for v in values):
+            problems.error(shown, f"line {number} has a value that is not a finite number")
+            continue
+        label_value, coords = values[0], values[1:]
+        if len(coords) == 4:
+            cx, cy, w, h = coords
+            x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+        elif len(coords) >= 6 and len(coords) % 2 == 0:
+            xs, ys = coords[0::2], coords[1::2]
+            x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+        else:
+            problems.error(
+                shown, f"line {number} has {len(parts)} values (expected 5: class cx cy w h, or a polygon)"
+            )
+            continue
+        if label_value != int(label_value) or not 0 <= label_value < num_classes:
+            problems.error(
+                shown,
+                f"line {number} has class id {parts[0]}, which is not a class "
+                f"(data.yaml names {num_classes}: 0..{num_classes - 1})",
+            )
+            continue
+        boxes.append(Box(int(label_value), x1 * width, y1 * height, x2 * width, y2 * height, where))
+    return boxes
+
+
+def _read_split(
+    root: Path,
+    name: str,
+    sources: tuple[Path, ...],
+    layout: YoloLayout,
+    problems: Problems,
+) -> tuple[list[ImageRecord], dict[int, tuple[int, int]]]:
+    records: list[ImageRecord] = []
+    sizes: dict[int, tuple[int, int]] = {}
+    by_label: dict[Path, str] = {}
+    used_labels: set[Path] = set()
+    for source in sources:
+        for image in _list_images(root, source, problems):
+            shown = image.relative_to(root).as_posix() if image.is_relative_to(root) else image.name
+            if not _inside(image, root):
+                problems.error(shown, "image links outside the dataset")
+                continue
+            label = label_path(image)
+            if label in by_label:
+                # Two images share one label file (x.jpg and x.png): they would share an id and boxes.
+                problems.error(
+                    shown, f"duplicate image: {by_label[label]} has the same name (and label file)"
+                )
+                continue
+            by_label[label] = shown
+            record = ImageRecord(
+                image_id=len(records), file_name=image.relative_to(root).as_posix(), path=image, shown=shown
+            )
+            records.append(record)
+            size = read_image(record, problems)
+            if size is None:
+                continue
+            sizes[record.image_id] = size
+            if label.is_file() and _inside(label, root):
+                used_labels.add(label)
+                record.boxes = _parse_labels(
+                    label, label.relative_to(root).as_posix(), size, len(layout.class_names), problems
+                )
+    for source in sources:
+        labels_dir = label_path(source / "x").parent if source.is_dir() else None
+        if labels_dir is None or not labels_dir.is_dir():
+            continue
+        for label in sorted(labels_dir.rglob("*.txt")):
+            if label not in used_labels and label.name != "classes.txt":
+                problems.warn("orphan_label", label.relative_to(root).as_posix())
+    return records, sizes
+
+
+def prepare_yolo_dataset(root: Path, data_yaml: str | None, out_dir: Path) -> PreparedDataset:
+    """Validate a YOLO dataset and write sanitized COCO files `out_dir/{train,val}.json`.
+
+    Images are referenced where they are (`images_dir` is the dataset root). Raises `DatasetError`
+    (an `InvalidDataset` with counts) listing every problem with its file.
+    """
+    root = root.resolve()
+    layout = load_layout(root, data_yaml)
+    problems = Problems()
+    results = {}
+    for name, sources in (("train", layout.train), ("val", layout.val)):
+        records, sizes = _read_split(root, name, sources, layout, problems)
+        source = ", ".join(s.relative_to(root).as_posix() for s in sources)
+        results[name] = build_split(name, source, records, root, layout.class_names, problems, sizes)
+    return finish(
+        layout.class_names,
+        results["train"],
+        results["val"],
+        problems,
+        out_dir,
+        layout.yaml_rel,
+    )

@@ -1,0 +1,306 @@
+"""Prediction with trained checkpoints: an LRU of models, each with one ready (fused) SG pipeline.
+
+This module runs inside the inference process (`app.ml.model_server`), never in the API process:
+importing super-gradients replaces stdout/stderr, the root logger's handlers and the excepthook.
+torch and super-gradients are imported inside functions only.
+
+super-gradients' own `model.predict` re-fuses (or deep-copies) the model on every call (its
+`lru_cache` on `_get_pipeline` holds one entry for the whole class, keyed on thresholds, and the
+fused copy lives in the pipeline it throws away), so each model here keeps the pipeline it built
+once and only the thresholds of its post-prediction callback change per request.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# SG's checkpoints carry conf=0.5 hard-coded by its Trainer (not a tuned value): answer with more
+# boxes by default and let the caller raise it.
+DEFAULT_CONF = 0.25
+DEFAULT_IOU = 0.65
+
+
+class ModelLoadError(Exception):
+    """The checkpoint cannot be turned into a model (corrupt, half-written, not YOLO-NAS)."""
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """A checkpoint file as it is now: a rewritten file (a running job's new best) is a new model."""
+
+    model: str
+    checkpoint: str
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, model: str, checkpoint: Path) -> ModelKey:
+        """The key of `checkpoint` as found on disk now."""
+        stat = checkpoint.stat()
+        return cls(model=model, checkpoint=str(checkpoint), mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its held pipeline and what the checkpoint says about its data."""
+
+    key: ModelKey
+    model: Any
+    pipeline: Any
+    class_names: list[str]
+    input_size: tuple[int, int] | None
+    load_seconds: float
+
+
+@dataclass
+class Detection:
+    """One box in the original image's pixels."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    class_id: int
+    class_name: str
+
+
+@dataclass
+class ImageResult:
+    """Detections for one image, and the drawn image when it was asked for."""
+
+    width: int
+    height: int
+    detections: list[Detection]
+    rendered: bytes | None = None
+
+
+@dataclass
+class PredictOutcome:
+    """What one predict call answers."""
+
+    results: list[ImageResult]
+    class_names: list[str]
+    cached: bool
+    model_loads: int
+    seconds: float
+
+
+def _input_size(processing_params: dict[str, Any]) -> tuple[int, int] | None:
+    """The model's input (height, width) from the checkpoint's image processor, if it says."""
+    processor = processing_params.get("image_processor") or {}
+    steps = processor.get("ComposeProcessing", {}).get("processings", [])
+    for step in reversed(steps):
+        if isinstance(step, dict):
+            for params in step.values():
+                if isinstance(params, dict) and "output_shape" in params:
+                    height, width = params["output_shape"]
+                    return int(height), int(width)
+    return None
+
+
+def load_model(
+    model_name: str, checkpoint: Path, device: str = "cpu"
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """Build `model_name` with the weights and processing params (class names, preprocessing) of
+    `checkpoint`, in eval mode on `device`. Raises ModelLoadError when the file cannot be used."""
+    from super_gradients.training import models
+
+    from app.ml.checkpoints import checkpoint_num_classes, load_checkpoint, sg_safe_globals
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        processing = dict(ckpt.get("processing_params") or {})
+        del ckpt  # the optimizer state is as large as the model; do not hold both
+        num_classes = checkpoint_num_classes(checkpoint)
+        with sg_safe_globals():
+            model = models.get(
+                model_name, num_classes=num_classes, checkpoint_path=str(checkpoint), pretrained_weights=None
+            )
+    except Exception as exc:  # torch/SG raise many types for a bad file
+        raise ModelLoadError(f"cannot load checkpoint {checkpoint.name}: {exc}") from exc
+    class_names = [str(name) for name in processing.get("class_names") or []]
+    if not class_names or processing.get("image_processor") is None:
+        raise ModelLoadError(f"checkpoint {checkpoint.name} carries no class names or preprocessing")
+    if len(class_names) != num_classes:
+        raise ModelLoadError(
+            f"checkpoint {checkpoint.name}: {len(class_names)} names for {num_classes} classes"
+        )
+    model.eval()
+    if device != "cpu":
+        model = model.to(device)
+    return model, class_names, processing
+
+
+def build_pipeline(model: Any, *, conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU) -> Any:
+    """A fused detection pipeline to hold and call many times (see the module docstring).
+
+    fp16 is only meaningful on CUDA; on the CPU autocast would be a no-op with a warning.
+    """
+    import torch
+
+    pipeline = model._get_pipeline(conf=conf, iou=iou, fuse_model=True, fp16=torch.cuda.is_available())
+    # `_get_pipeline` is an lru_cache on the class: drop its entry so it does not pin this model
+    # (and its fused copy) after we evict it from our own LRU.
+    type(model)._get_pipeline.cache_clear()
+    return pipeline
+
+
+def set_thresholds(pipeline: Any, *, conf: float, iou: float) -> None:
+    """Change the score and NMS thresholds of a held pipeline (one request at a time per process)."""
+    callback = pipeline.post_prediction_callback
+    callback.score_threshold = float(conf)
+    callback.nms_threshold = float(iou)
+
+
+def run_pipeline(pipeline: Any, images: list[np.ndarray]) -> list[Any]:
+    """All `images` (HWC RGB uint8) through the model as one batch; one SG prediction per image."""
+    result = pipeline(images, batch_size=len(images))
+    if hasattr(result, "_images_prediction_lst"):
+        return list(result._images_prediction_lst)
+    return [result]
+
+
+# Distinct colours for the first classes; more classes cycle.
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+]
+
+
+def render(image: np.ndarray, detections: list[Detection], image_format: str) -> bytes:
+    """`image` (HWC RGB) with boxes and labels drawn, encoded as JPEG or PNG.
+
+    Drawn with PIL rather than SG's `draw()`, which calls `matplotlib.cm.get_cmap` (removed in
+    matplotlib 3.9).
+    """
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(pil)
+    width = max(1, round(min(pil.size) / 200))
+    for det in detections:
+        colour = _PALETTE[det.class_id % len(_PALETTE)]
+        draw.rectangle(det.box, outline=colour, width=width)
+        label = f"{det.class_name} {det.score:.2f}"
+        left, top = det.box[0], max(0.0, det.box[1] - 11)
+        text_box = draw.textbbox((left, top), label)
+        draw.rectangle(text_box, fill=colour)
+        draw.text((left, top), label, fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    if image_format == "png":
+        pil.save(buffer, format="PNG")
+    else:
+        pil.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def to_result(prediction: Any, class_names: list[str], *, image_format: str | None) -> ImageResult:
+    """Plain data from an SG `ImageDetectionPrediction`. SG already maps boxes back to the original
+    image's pixels; we clip them to the image (SG does not)."""
+    height, width = prediction.image.shape[:2]
+    pred = prediction.prediction
+    boxes = np.asarray(pred.bboxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    detections = [
+        Detection(
+            box=(float(x1), float(y1), float(x2), float(y2)),
+            score=float(score),
+            class_id=int(label),
+            class_name=class_names[int(label)],
+        )
+        for (x1, y1, x2, y2), score, label in zip(boxes, pred.confidence, pred.labels, strict=True)
+    ]
+    rendered = render(prediction.image, detections, image_format) if image_format else None
+    return ImageResult(width=int(width), height=int(height), detections=detections, rendered=rendered)
+
+
+@dataclass
+class InferenceEngine:
+    """The LRU of ready models of one inference process. Not thread-safe: one request at a time."""
+
+    capacity: int
+    device: str = "cpu"
+    loads: int = 0
+    _models: OrderedDict[ModelKey, LoadedModel] = field(default_factory=OrderedDict)
+
+    def get(self, key: ModelKey) -> tuple[LoadedModel, bool]:
+        """The model for `key` and whether it was already loaded; loads (and evicts) otherwise."""
+        loaded = self._models.get(key)
+        if loaded is not None:
+            self._models.move_to_end(key)
+            return loaded, True
+        # Another version of the same checkpoint file is stale now.
+        for old in [k for k in self._models if k.checkpoint == key.checkpoint]:
+            del self._models[old]
+        while len(self._models) >= self.capacity:
+            evicted, _ = self._models.popitem(last=False)
+            logger.info("evicted %s", evicted.checkpoint)
+        start = time.perf_counter()
+        model, class_names, processing = load_model(key.model, Path(key.checkpoint), self.device)
+        pipeline = build_pipeline(model)
+        loaded = LoadedModel(
+            key=key,
+            model=model,
+            pipeline=pipeline,
+            class_names=class_names,
+            input_size=_input_size(processing),
+            load_seconds=time.perf_counter() - start,
+        )
+        self.loads += 1
+        self._models[key] = loaded
+        logger.info("loaded %s in %.2f s (load #%d)", key.checkpoint, loaded.load_seconds, self.loads)
+        return loaded, False
+
+    def predict(
+        self,
+        key: ModelKey,
+        images: list[np.ndarray],
+        *,
+        conf: float = DEFAULT_CONF,
+        iou: float = DEFAULT_IOU,
+        image_format: str | None = None,
+    ) -> PredictOutcome:
+        """Detections for `images` (HWC RGB uint8) with the model of `key`; with `image_format`
+        ("jpeg" or "png") also each image with its boxes drawn."""
+        loaded, cached = self.get(key)
+        start = time.perf_counter()
+        set_thresholds(loaded.pipeline, conf=conf, iou=iou)
+        predictions = run_pipeline(loaded.pipeline, images)
+        results = [to_result(p, loaded.class_names, image_format=image_format) for p in predictions]
+        return PredictOutcome(
+            results=results,
+            class_names=loaded.class_names,
+            cached=cached,
+            model_loads=self.loads,
+            seconds=time.perf_counter() - start,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Loads so far and what is held now, most recently used last."""
+        return {
+            "model_loads": self.loads,
+            "capacity": self.capacity,
+            "cached_models": [
+                {"model": k.model, "checkpoint": k.checkpoint, "load_seconds": round(m.load_seconds, 3)}
+                for k, m in self._models.items()
+            ],
+        }

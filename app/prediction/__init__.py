@@ -1,0 +1,1 @@
+"""Serving trained models: /predict."""

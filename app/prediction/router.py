@@ -1,0 +1,212 @@
+"""POST /predict and GET /predict/stats."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.api import get_session, get_settings_dep
+from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.prediction import service
+from app.prediction.schemas import PredictResponse, PredictStats
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/predict", tags=["predict"])
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+FILE_FIELDS = ("files", "file")
+MAX_FORM_FIELDS = 16
+
+# The body is parsed by hand (to enforce the size limit while reading), so FastAPI cannot derive
+# the form's schema: describe it for the OpenAPI docs.
+_FORM_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["job_id", "files"],
+                    "properties": {
+                        "job_id": {"type": "string", "description": "The job whose best model predicts."},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more images (JPEG, PNG, BMP, WebP, TIFF, ...).",
+                        },
+                        "conf": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "default": service.DEFAULT_CONF,
+                        },
+                        "iou": {"type": "number", "minimum": 0, "maximum": 1, "default": service.DEFAULT_IOU},
+                        "format": {"type": "string", "enum": ["json", "image"], "default": "json"},
+                        "image_format": {"type": "string", "enum": ["jpeg", "png"], "default": "jpeg"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _field_error(field: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        f"{field}: {message}", details=[{"loc": ["body", field], "msg": message, "type": "value_error"}]
+    )
+
+
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request body, failing with 413 as soon as it grows past `limit` (chunked uploads too)."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"the request is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def _read_form(request: Request, settings: Settings) -> FormData:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise UnsupportedMediaType("send the images as multipart/form-data")
+    limit = settings.predict_max_request_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the request is {length} bytes, over the limit of {limit} bytes")
+    parser = MultiPartParser(
+        request.headers,
+        _limited(request, limit),
+        max_files=settings.predict_max_images,
+        max_fields=MAX_FORM_FIELDS,
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request") from exc
+        raise InvalidInput(f"invalid multipart body: {exc.message}") from exc
+
+
+def _text(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _field_error(name, "must be a form field, not a file")
+    return value
+
+
+def _threshold(form: FormData, name: str, default: float) -> float:
+    raw = _text(form, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _field_error(name, f"{raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise _field_error(name, f"{value} is not between 0 and 1")
+    return value
+
+
+def _image_format(form: FormData, request: Request) -> str | None:
+    output = (_text(form, "format") or "json").lower()
+    if output not in ("json", "image"):
+        raise _field_error("format", f"{output!r} is not 'json' or 'image'")
+    if output == "json":
+        return None
+    requested = _text(form, "image_format")
+    if requested is None:
+        requested = "png" if "image/png" in request.headers.get("accept", "") else "jpeg"
+    requested = requested.lower().replace("jpg", "jpeg")
+    if requested not in ("jpeg", "png"):
+        raise _field_error("image_format", f"{requested!r} is not 'jpeg' or 'png'")
+    return requested
+
+
+@router.post(
+    "",
+    response_model=PredictResponse,
+    openapi_extra=_FORM_SCHEMA,
+    responses={
+        200: {
+            "content": {"image/jpeg": {}, "image/png": {}},
+            "description": "JSON, or with format=image the image",
+        },
+        404: {"description": "unknown job"},
+        409: {"description": "the job has no best checkpoint yet"},
+        413: {"description": "request over the size limit, or too many images"},
+        415: {"description": "a file is not an image (the message names it)"},
+        422: {"description": "bad field, or an image that cannot be decoded or is over the pixel limit"},
+        503: {"description": "the inference process failed; try again"},
+    },
+)
+async def predict(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    """Detect objects in one or more images with a job's best model.
+
+    Multipart fields: `job_id`, `files` (repeatable), optional `conf` and `iou` in [0, 1],
+    `format` = json (default) or image (one image only: it comes back with the boxes drawn, JPEG by
+    default, PNG with `image_format=png` or `Accept: image/png`). Boxes are [x1, y1, x2, y2] in the
+    original image's pixels.
+    """
+    form = await _read_form(request, settings)
+    try:
+        job_id = _text(form, "job_id")
+        if not job_id:
+            raise _field_error("job_id", "is required")
+        conf = _threshold(form, "conf", service.DEFAULT_CONF)
+        iou = _threshold(form, "iou", service.DEFAULT_IOU)
+        image_format = _image_format(form, request)
+        uploads: list[service.Upload] = []
+        for key, value in form.multi_items():
+            if key in FILE_FIELDS:
+                if not isinstance(value, UploadFile):
+                    raise _field_error(key, "must be a file upload")
+                name = value.filename or f"{key}[{len(uploads)}]"
+                uploads.append(service.Upload(name=name, data=await value.read()))
+        if not uploads:
+            raise _field_error("files", "send at least one image")
+        if image_format is not None and len(uploads) > 1:
+            raise _field_error("format", "format=image takes exactly one image")
+    finally:
+        await form.close()
+    # Decoding and inference block: run them in a worker thread so other requests keep being served.
+    result = await run_in_threadpool(
+        service.predict,
+        session,
+        settings=settings,
+        job_id=job_id,
+        uploads=uploads,
+        conf=conf,
+        iou=iou,
+        image_format=image_format,
+    )
+    if isinstance(result, service.Rendered):
+        return Response(
+            result.content,
+            media_type=result.media_type,
+            headers={
+                "X-Detections": str(len(result.response.images[0].detections)),
+                "X-Model-Cached": str(result.response.cached).lower(),
+                "X-Model-Loads": str(result.response.model_loads),
+            },
+        )
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.get("/stats", response_model=PredictStats)
+async def predict_stats(settings: SettingsDep) -> PredictStats:
+    """The inference process: running or not, checkpoints loaded so far, models held (LRU)."""
+    return await run_in_threadpool(service.stats, settings=settings)

@@ -1,0 +1,194 @@
+"""Prediction: find a job's best checkpoint, check and decode the uploads, ask the inference process.
+
+The images are checked and decoded here, in the API process, with PIL: the size in the header is
+checked against the pixel limit before anything is decoded (decompression bombs), and every error
+names its file. Only decoded RGB arrays reach the inference process (`app.ml.model_server`), which
+loads checkpoints only from paths this module found through the job, never from the request.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from app.errors import AppError, Conflict, InvalidInput, ServiceUnavailable, UnsupportedMediaType
+from app.jobs.models import Job
+from app.jobs.service import get_job
+from app.ml.model_server import ModelServer, ModelServerError, ModelServerUnavailable, get_model_server
+from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONF = 0.25  # SG stores a hard-coded 0.5 in every checkpoint; 0.25 is the usual YOLO default
+DEFAULT_IOU = 0.65
+PREDICT_TIMEOUT_SECONDS = 300.0
+CHECKPOINT_NAME = "ckpt_best.pth"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file, read into memory (the request size limit bounds it)."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """An image with its detections drawn, for format=image."""
+
+    content: bytes
+    media_type: str
+    response: PredictResponse
+
+
+def _inside(path: Path, root: Path) -> bool:
+    resolved, base = path.resolve(), root.resolve()
+    return resolved == base or base in resolved.parents
+
+
+def best_checkpoint(job: Job, *, settings: Settings) -> Path:
+    """The job's best checkpoint: the one recorded when it finished or, while it runs, the newest
+    `ckpt_best.pth` in its directory. Only files inside the jobs directory; 409 when there is none."""
+    candidates: list[Path] = []
+    recorded = (job.artifacts or {}).get("ckpt_best")
+    if recorded:
+        candidates.append(Path(recorded))
+    if job.job_dir:
+        found = sorted(
+            (Path(job.job_dir) / "checkpoints").rglob(CHECKPOINT_NAME), key=lambda p: p.stat().st_mtime
+        )
+        candidates.extend(reversed(found))
+    for path in candidates:
+        if path.is_file() and _inside(path, settings.jobs_root):
+            return path.resolve()
+    raise Conflict(f"job {job.id!r} has no best checkpoint yet (status {job.status})")
+
+
+def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
+    """HWC RGB uint8 pixels of `upload`, EXIF orientation applied.
+
+    415 when the bytes are not an image format PIL knows; 422 when the image is over the pixel
+    limit (checked from the header, before decoding) or cannot be decoded (truncated, corrupt).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past twice its own limit raises) for big images; our limit is checked below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(upload.data))
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"{upload.name}: {width}x{height} is {width * height} pixels, "
+                    f"over the limit of {max_pixels}"
+                )
+            image.load()  # decodes: a truncated or corrupt file fails here
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8)
+    except AppError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise UnsupportedMediaType(f"{upload.name}: not an image in a format the service can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"{upload.name}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # What PIL raises for truncated data, broken headers and unsupported modes.
+        raise InvalidInput(f"{upload.name}: the image cannot be decoded ({exc})") from exc
+
+
+def model_server(settings: Settings) -> ModelServer:
+    """The API process's inference process handle."""
+    return get_model_server(home=settings.home, capacity=settings.predict_cache_size, device=settings.device)
+
+
+def call_model_server(settings: Settings, op: str, *, timeout: float, **payload: Any) -> dict[str, Any]:
+    """One request to the inference process, its failures mapped to the API's errors."""
+    try:
+        return model_server(settings).call(op, timeout=timeout, **payload)
+    except ModelServerUnavailable as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+    except ModelServerError as exc:
+        if exc.kind == "load":
+            raise Conflict(f"the checkpoint cannot be loaded: {exc.message}") from exc
+        if exc.kind == "export":
+            raise ServiceUnavailable(exc.message) from exc
+        raise InvalidInput(f"inference failed: {exc.message}") from exc
+
+
+def predict(
+    session: Session,
+    *,
+    settings: Settings,
+    job_id: str,
+    uploads: list[Upload],
+    conf: float,
+    iou: float,
+    image_format: str | None,
+) -> PredictResponse | Rendered:
+    """Detections for every upload with the job's best model, as one batch. With `image_format`
+    ("jpeg" or "png") and one upload, that image with its boxes drawn instead."""
+    job = get_job(session, job_id=job_id)
+    checkpoint = best_checkpoint(job, settings=settings)
+    # Every image is checked before any inference: one bad file fails the request, naming it.
+    images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
+    result = call_model_server(
+        settings,
+        "predict",
+        timeout=PREDICT_TIMEOUT_SECONDS,
+        model=job.model,
+        checkpoint=str(checkpoint),
+        images=images,
+        conf=conf,
+        iou=iou,
+        image_format=image_format,
+    )
+    response = PredictResponse(
+        job_id=job.id,
+        model=job.model,
+        classes=result["class_names"],
+        conf=conf,
+        iou=iou,
+        images=[
+            ImagePrediction(
+                file=upload.name,
+                width=r["width"],
+                height=r["height"],
+                detections=[Detection(**d) for d in r["detections"]],
+            )
+            for upload, r in zip(uploads, result["results"], strict=True)
+        ],
+        cached=result["cached"],
+        model_loads=result["model_loads"],
+        inference_ms=round(result["seconds"] * 1000, 2),
+    )
+    if image_format is None:
+        return response
+    rendered: bytes = result["results"][0]["rendered"]
+    return Rendered(content=rendered, media_type=f"image/{image_format}", response=response)
+
+
+def stats(*, settings: Settings) -> PredictStats:
+    """The inference process's state; does not start it."""
+    server = model_server(settings)
+    if server.pid is None:
+        return PredictStats(
+            running=False,
+            pid=None,
+            process_starts=server.starts,
+            model_loads=0,
+            capacity=settings.predict_cache_size,
+            cached_models=[],
+        )
+    result = call_model_server(settings, "stats", timeout=30)
+    return PredictStats(running=True, process_starts=server.starts, **result)

@@ -1,0 +1,692 @@
+"""Shared machinery of the benchmarks: backends, a real `sgjobs serve`, datasets, plain SG runs, stats.
+
+Everything runs on this machine and talks to 127.0.0.1 only. Each context manager cleans up what it
+created (processes, the throwaway PostgreSQL database, the Redis queue keys, temporary folders) also
+when the benchmark fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
+from app.process import die_with_parent
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("SGJOBS_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SGJOBS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+BACKENDS: tuple[str, ...] = ("sqlite", "postgres")
+TERMINAL: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+BATCH_LOSS = "Batch_PPYoloELoss/loss"
+DATASET_NAME = "shapes"
+
+
+# Set from --keep: job directories and plain runs' files stay for inspection.
+KEEP_FILES = False
+
+
+def remove_job_dir(job: dict[str, Any]) -> None:
+    """Delete a finished job's directory (checkpoints are big) unless --keep was given."""
+    if job.get("job_dir") and not KEEP_FILES:
+        shutil.rmtree(Path(job["job_dir"]), ignore_errors=True)
+
+
+class BenchError(RuntimeError):
+    """The harness itself could not do what it was asked (not a missed target)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class Size:
+    """The workload: dataset, model, input size and training parameters (same for plain and service)."""
+
+    images: int = 96
+    val_images: int = 16
+    input_size: int = 64
+    epochs: int = 3
+    batch_size: int = 8
+    model: str = "yolo_nas_s"
+    device: str = "cpu"
+    mixed_precision: bool = False
+    repeats: int = 3
+
+
+@dataclass
+class Options:
+    """Parsed command line of one benchmark."""
+
+    backends: list[str]
+    size: Size
+    smoke: bool
+    out: Path | None
+    workdir: Path | None
+    keep: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_parser(description: str, defaults: Size, smoke: Size) -> argparse.ArgumentParser:
+    """The options every benchmark takes; `defaults` and `smoke` fill the ones not given."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    p.add_argument("--repeats", type=int, help=f"default {defaults.repeats} (smoke {smoke.repeats})")
+    p.add_argument("--images", type=int, help=f"training images (default {defaults.images})")
+    p.add_argument("--val-images", type=int, help=f"validation images (default {defaults.val_images})")
+    p.add_argument("--input-size", type=int, help=f"square input side, px (default {defaults.input_size})")
+    p.add_argument("--epochs", type=int, help=f"max_epochs (default {defaults.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    p.add_argument("--model", choices=("yolo_nas_s", "yolo_nas_m", "yolo_nas_l"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default cpu")
+    p.add_argument("--mixed-precision", action="store_true", help="AMP (CUDA only, as in the service)")
+    p.add_argument("--smoke", action="store_true", help="tiny and fast (CI): checks the harness works")
+    p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    p.add_argument("--workdir", type=Path, help="keep temporary files under this folder")
+    p.add_argument("--keep", action="store_true", help="do not delete the work folder afterwards")
+    return p
+
+
+def parse_options(parser: argparse.ArgumentParser, defaults: Size, smoke: Size) -> tuple[Options, Any]:
+    """Parse argv into Options (size knobs resolved against the defaults or smoke defaults)."""
+    args = parser.parse_args()
+    install_sigterm_handler()
+    global KEEP_FILES
+    KEEP_FILES = bool(args.keep)
+    base = smoke if args.smoke else defaults
+    size = replace(
+        base,
+        images=args.images or base.images,
+        val_images=args.val_images or base.val_images,
+        input_size=args.input_size or base.input_size,
+        epochs=args.epochs or base.epochs,
+        batch_size=args.batch_size or base.batch_size,
+        model=args.model or base.model,
+        device=args.device or base.device,
+        mixed_precision=args.mixed_precision or base.mixed_precision,
+        repeats=args.repeats or base.repeats,
+    )
+    if size.input_size % 32:
+        parser.error("--input-size must be a multiple of 32")
+    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
+    return Options(backends, size, args.smoke, args.out, args.workdir, args.keep), args
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into SystemExit, so every `finally` (services, databases, Redis keys) runs."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends and the service
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where one service keeps its jobs and queue."""
+
+    name: str
+    database_url: str | None
+    broker_url: str | None
+    queue: str
+
+
+@contextmanager
+def backend_resources(name: str) -> Iterator[Backend]:
+    """SQLite: embedded defaults in SGJOBS_HOME. PostgreSQL + Redis: a throwaway database and queue."""
+    run = uuid.uuid4().hex[:10]
+    queue = f"sgjobs-bench-{run}"
+    if name == "sqlite":
+        yield Backend(name, None, None, queue)
+        return
+    if name != "postgres":
+        raise BenchError(f"unknown backend {name!r}")
+    import psycopg
+    import redis
+
+    database = f"sgjobs_bench_{run}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+    try:
+        yield Backend(name, url, REDIS_URL, queue)
+    finally:
+        try:
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            client = redis.Redis.from_url(REDIS_URL)
+            keys = [queue, *client.keys(f"*{queue}*")]
+            client.delete(*keys)
+            client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_env(backend: Backend, home: Path, datasets_dir: Path, device: str) -> dict[str, str]:
+    """The service's environment: only location, backend and device; every tuning setting at default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGJOBS_")}
+    env.update(
+        {
+            "SGJOBS_HOME": str(home),
+            "SGJOBS_DATASETS_DIR": str(datasets_dir),
+            "SGJOBS_TASK_QUEUE": backend.queue,
+            "SGJOBS_DEVICE": device,
+        }
+    )
+    if backend.database_url:
+        env["SGJOBS_DATABASE_URL"] = backend.database_url
+    if backend.broker_url:
+        env["SGJOBS_BROKER_URL"] = backend.broker_url
+    return env
+
+
+def parse_time(value: str) -> float:
+    """An API timestamp (ISO 8601, UTC) as POSIX seconds."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class Service:
+    """A running `sgjobs serve` (API + one Celery worker) and a client for it."""
+
+    backend: Backend
+    base_url: str
+    home: Path
+    datasets_dir: Path
+    log_file: Path
+    client: httpx.Client = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def settings(self) -> Any:
+        """The service's settings, for direct (read-only or benchmark-data) access to its database."""
+        from app.settings import Settings
+
+        return Settings(
+            home=self.home,
+            datasets_dir=self.datasets_dir,
+            database_url=self.backend.database_url,
+            broker_url=self.backend.broker_url,
+            task_queue=self.backend.queue,
+        )
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        r = self.client.post("/jobs", json=spec)
+        if r.status_code != 201:
+            raise BenchError(f"POST /jobs answered {r.status_code}: {r.text[:500]}")
+        data: dict[str, Any] = r.json()
+        return data
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        r = self.client.get(f"/jobs/{job_id}")
+        if r.status_code != 200:
+            raise BenchError(f"GET /jobs/{job_id} answered {r.status_code}: {r.text[:500]}")
+        data: dict[str, Any] = r.json()
+        return data
+
+    def cancel(self, job_id: str) -> httpx.Response:
+        return self.client.post(f"/jobs/{job_id}/cancel")
+
+    def wait(
+        self,
+        job_id: str,
+        until: Callable[[dict[str, Any]], bool] | None = None,
+        timeout: float = 600,
+        interval: float = 0.05,
+    ) -> dict[str, Any]:
+        """Poll GET /jobs/{id} until `until(job)` (default: a terminal status); BenchError on timeout."""
+        done = until or (lambda j: j["status"] in TERMINAL)
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if done(job):
+                return job
+            if until is not None and job["status"] in TERMINAL:
+                raise BenchError(f"job {job_id} ended ({job['status']}) early: {job.get('error')}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {job_id} still {job['status']} after {timeout}s")
+            time.sleep(interval)
+
+    def metrics(
+        self, job_id: str, names: Sequence[str] = (), cursor: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every metric point (optionally only `names`), following next_cursor."""
+        items: list[dict[str, Any]] = []
+        while True:
+            params: dict[str, Any] = {"limit": 10000}
+            if names:
+                params["name"] = list(names)
+            if cursor:
+                params["cursor"] = cursor
+            r = self.client.get(f"/jobs/{job_id}/metrics", params=params)
+            if r.status_code != 200:
+                raise BenchError(f"GET metrics answered {r.status_code}: {r.text[:500]}")
+            page = r.json()
+            items.extend(page["items"])
+            if not page["items"]:
+                return items
+            cursor = page["next_cursor"]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        r = self.client.get(f"/jobs/{job_id}/events", params={"limit": 5000})
+        if r.status_code != 200:
+            raise BenchError(f"GET events answered {r.status_code}: {r.text[:500]}")
+        items: list[dict[str, Any]] = r.json()["items"]
+        return items
+
+    def stop_job(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Cancel a job if it is still going and wait until it is finished."""
+        job = self.job(job_id)
+        if job["status"] not in TERMINAL:
+            self.cancel(job_id)
+            job = self.wait(job_id, timeout=timeout, interval=0.2)
+        return job
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except Exception:
+        return []
+
+
+def _kill_pids(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@contextmanager
+def running_service(backend: Backend, workdir: Path, datasets_dir: Path, device: str) -> Iterator[Service]:
+    """`sgjobs serve` (migrations, API on a free port, one worker) in a child process; stopped on exit."""
+    home = workdir / f"home-{backend.name}-{backend.queue[-6:]}"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    log_file = home / "serve.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=service_env(backend, home, datasets_dir, device),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),  # a killed benchmark leaves no service behind
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base_url, timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(
+                    f"sgjobs serve ({backend.name}) did not start:\n{log_file.read_text()[-3000:]}"
+                )
+            time.sleep(0.2)
+        yield Service(backend, base_url, home, datasets_dir, log_file, client)
+    finally:
+        client.close()
+        children = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        # The worker and a training it may run are in their own sessions: make sure they are gone.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(p) for p in children):
+            time.sleep(0.2)
+        _kill_pids([p for p in children if _alive(p)])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+@contextmanager
+def workspace(opts: Options, label: str) -> Iterator[Path]:
+    """A temporary folder for homes, datasets and plain runs (kept with --keep)."""
+    base = opts.workdir
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"sgjobs-bench-{label}-", dir=base))
+    try:
+        yield path
+    finally:
+        if opts.keep:
+            print(f"work folder kept: {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def services(
+    names: Sequence[str], workdir: Path, datasets_dir: Path, device: str
+) -> Iterator[dict[str, Service]]:
+    """One running service per backend name, all stopped (and their databases dropped) on exit."""
+    with ExitStack() as stack:
+        out: dict[str, Service] = {}
+        for name in names:
+            backend = stack.enter_context(backend_resources(name))
+            out[name] = stack.enter_context(running_service(backend, workdir, datasets_dir, device))
+        yield out
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets and job specs
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A generated shapes dataset in the datasets directory (Roboflow layout, no placeholder class)."""
+
+    root: Path
+    relative: str
+    classes: tuple[str, ...]
+    train_images: int
+    val_images: int
+
+
+def make_dataset(datasets_dir: Path, size: Size, name: str = DATASET_NAME) -> Dataset:
+    """Generate the benchmark dataset; image sides scale with the input size (about 0.5x to 1x)."""
+    # No Roboflow placeholder category: the plain script reads the very same files with SG's own
+    # COCOFormatDetectionDataset and gets the same classes (ids 0..n-1) as the service.
+    spec = ShapesSpec(
+        splits=(("train", size.images), ("valid", size.val_images)),
+        min_size=max(96, size.input_size // 2),
+        max_size=max(160, size.input_size),
+        roboflow_placeholder=False,
+        seed=0,
+    )
+    root = write_shapes_dataset(datasets_dir / name, spec)
+    return Dataset(root, name, DEFAULT_CLASSES, size.images, size.val_images)
+
+
+def training_spec(size: Size, **overrides: Any) -> dict[str, Any]:
+    """The job spec's `training` object: the seed's defaults except epochs, batch size and AMP."""
+    training: dict[str, Any] = {
+        "max_epochs": size.epochs,
+        "batch_size": size.batch_size,
+        "lr_warmup_epochs": 1 if size.epochs > 1 else 0,
+        "mixed_precision": size.mixed_precision,
+    }
+    training.update(overrides)
+    return training
+
+
+def job_spec(dataset: Dataset, size: Size, name: str, **training: Any) -> dict[str, Any]:
+    """A job spec for the benchmark dataset."""
+    return {
+        "name": name,
+        "model": size.model,
+        "dataset": {"format": "coco", "path": dataset.relative},
+        "input_size": [size.input_size, size.input_size],
+        "training": training_spec(size, **training),
+    }
+
+
+def batches_per_epoch(images: int, batch_size: int) -> tuple[int, list[int]]:
+    """Batches per epoch and their sizes, with the service's rule (a one-image tail batch is dropped)."""
+    bs = min(batch_size, images)
+    drop_last = images > bs and images % bs == 1
+    full, rest = divmod(images, bs)
+    sizes = [bs] * full + ([] if drop_last or rest == 0 else [rest])
+    return len(sizes), sizes
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain super-gradients
+
+
+@dataclass
+class PlainRun:
+    """What bench.plain_sg reported, plus its wall time."""
+
+    result: dict[str, Any]
+    seconds: float
+    log_file: Path
+
+    @property
+    def batch_ends(self) -> list[tuple[int, int, float]]:
+        """(epoch, batch index, perf_counter seconds) per training batch."""
+        return [(int(e), int(b), float(t)) for e, b, t, _ in self.result["batches"]]
+
+
+def run_plain(
+    dataset: Dataset,
+    size: Size,
+    workdir: Path,
+    label: str,
+    stop_after_batches: int | None = None,
+    timeout: float = 1800,
+    **training: Any,
+) -> PlainRun:
+    """Train with plain super-gradients in a child process (bench.plain_sg); raises BenchError on failure."""
+    run_dir = workdir / f"plain-{label}-{uuid.uuid4().hex[:6]}"
+    run_dir.mkdir(parents=True)
+    config = {
+        "data_dir": str(dataset.root),
+        "train_images": str((dataset.root / "train").resolve()),
+        "train_annotations": str((dataset.root / "train" / "_annotations.coco.json").resolve()),
+        "val_images": str((dataset.root / "valid").resolve()),
+        "val_annotations": str((dataset.root / "valid" / "_annotations.coco.json").resolve()),
+        "class_names": list(dataset.classes),
+        "model": size.model,
+        "input_size": [size.input_size, size.input_size],
+        "training": training_spec(size, **training),
+        "device": size.device,
+        "ckpt_root": str(run_dir / "checkpoints"),
+        "stop_after_batches": stop_after_batches,
+    }
+    config_file = run_dir / "config.json"
+    config_file.write_text(json.dumps(config))
+    result_file = run_dir / "result.json"
+    log_file = run_dir / "console.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGJOBS_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    started = time.monotonic()
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.plain_sg", str(config_file), str(result_file)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    seconds = time.monotonic() - started
+    if code != 0 or not result_file.is_file():
+        tail = log_file.read_text(errors="replace")[-3000:]
+        raise BenchError(f"plain super-gradients run failed (exit {code}):\n{tail}")
+    # Checkpoints and the averaging scratch file (hundreds of MB for big models) are not needed.
+    if not KEEP_FILES:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return PlainRun(json.loads(result_file.read_text()), seconds, log_file)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Images per second over the measured window (see `throughput`)."""
+
+    images_per_second: float
+    images: int
+    seconds: float
+    batches: int
+    # Median time between consecutive batch ends inside one epoch (epoch turns excluded), window only.
+    median_batch_s: float
+
+
+def throughput(ends: Sequence[tuple[int, int, float]], images: int, batch_size: int) -> Throughput:
+    """Images/s from the end of the first batch of the second epoch to the end of the last batch.
+
+    `ends` are (epoch, batch index, time in seconds) of every training batch, in any order; the images
+    counted are those of the batches that ended inside the window (the first one's images are not),
+    so validation, checkpointing and the epoch turns in between are part of the time, as for a user.
+    """
+    ordered = sorted(ends, key=lambda e: (e[0], e[1]))
+    epochs = sorted({e for e, _, _ in ordered})
+    if len(epochs) < 2:
+        raise BenchError("throughput needs at least 2 epochs (the first is warm-up)")
+    _, sizes = batches_per_epoch(images, batch_size)
+    start_index = next(i for i, e in enumerate(ordered) if e[0] == epochs[1])
+    window = ordered[start_index:]
+    if len(window) < 2:
+        raise BenchError("throughput window has fewer than 2 batches")
+    counted = sum(sizes[b] if b < len(sizes) else sizes[-1] for _, b, _ in window[1:])
+    seconds = window[-1][2] - window[0][2]
+    gaps = [b[2] - a[2] for a, b in zip(window, window[1:], strict=False) if a[0] == b[0]]
+    return Throughput(counted / seconds, counted, seconds, len(window) - 1, median(gaps))
+
+
+def service_batch_ends(service: Service, job_id: str) -> list[tuple[int, int, float]]:
+    """(epoch, batch index, POSIX time) per training batch, from the Batch_ loss points' step and time."""
+    points = service.metrics(job_id, names=[BATCH_LOSS])
+    job = service.job(job_id)
+    per_epoch = job["progress"]["batches_per_epoch"]
+    if not per_epoch:
+        raise BenchError(f"job {job_id} reports no batches_per_epoch")
+    return [
+        (int(p["epoch"]), int(p["step"]) - int(p["epoch"]) * per_epoch, parse_time(p["time"])) for p in points
+    ]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """A description of where the numbers came from."""
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception as exc:  # torch missing or broken: still report the rest
+        info["torch"] = f"unavailable: {exc}"
+    return info
+
+
+def finish(name: str, opts: Options, table: str, data: dict[str, Any]) -> None:
+    """Print the markdown table and write the JSON record if asked."""
+    header = f"## {name}\n\n{describe(opts)}\n"
+    print(header)
+    print(table)
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "benchmark": name,
+            "options": asdict(opts.size),
+            "backends": opts.backends,
+            "smoke": opts.smoke,
+        }
+        record.update({"machine": machine(), "results": data, "finished": time.time()})
+        opts.out.write_text(json.dumps(record, indent=2, default=str))
+        print(f"\nJSON written to {opts.out}")
+
+
+def describe(opts: Options) -> str:
+    s = opts.size
+    info = machine()
+    where = info.get("gpu") or f"{info['cpus']} CPUs"
+    return (
+        f"{s.model} {s.input_size}px, {s.images} train / {s.val_images} valid images, batch {s.batch_size}, "
+        f"{s.epochs} epochs, device {s.device}{', AMP' if s.mixed_precision else ''}; {s.repeats} repeats; "
+        f"{where}, torch {info.get('torch')}, load average at start {info['load_average_at_start'][0]:.2f}"
+        + (" (smoke)" if opts.smoke else "")
+    )
+
+
+def target(ok: bool) -> str:
+    return "yes" if ok else "**no**"

@@ -1,0 +1,146 @@
+"""Benchmark 1, training overhead: images/s of plain super-gradients vs the same training as a job.
+
+    python -m bench.training_overhead [--backend sqlite|postgres|both] [--repeats N] [--smoke] ...
+
+Each round trains once with plain SG (bench.plain_sg: the seed's Trainer.train, default SG logger)
+and once per backend as a job through the service (POST /jobs, broker, worker, training process,
+DB logger, cancel callback), same dataset, model, input size and training parameters. Rounds are
+interleaved (plain, sqlite, postgres, plain, ...) and medians reported.
+
+Throughput (both): images per second from the end of the first batch of epoch 2 to the end of the
+last batch of the last epoch (epoch 1 is warm-up; validation and checkpointing between epochs are
+inside the window). Also shown: the median time from one batch end to the next inside an epoch
+(per-batch cost without the epoch turns) and the wall time of the whole run (process start or POST
+until the run/job ended: SG import, set-up, final average-model validation included).
+Plain: perf_counter at each batch end, in the training process. Service: the `time` of the
+per-batch `Batch_PPYoloELoss/loss` points, stamped at batch end in the training process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from bench.harness import (
+    BenchError,
+    Size,
+    build_parser,
+    finish,
+    fmt,
+    make_dataset,
+    markdown_table,
+    median,
+    parse_options,
+    remove_job_dir,
+    run_plain,
+    service_batch_ends,
+    services,
+    target,
+    throughput,
+    workspace,
+)
+from bench.harness import job_spec as make_job_spec
+
+DEFAULTS = Size(images=256, val_images=32, input_size=64, epochs=3, batch_size=8, repeats=3)
+SMOKE = Size(images=16, val_images=8, input_size=64, epochs=2, batch_size=8, repeats=1)
+TARGET_RATIO = 0.98
+
+
+def main() -> int:
+    parser = build_parser(__doc__ or "", DEFAULTS, SMOKE)
+    opts, _ = parse_options(parser, DEFAULTS, SMOKE)
+    size = opts.size
+    if size.epochs < 2:
+        parser.error("--epochs must be >= 2 (epoch 1 is warm-up)")
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], **{b: [] for b in opts.backends}}
+    with workspace(opts, "overhead") as work:
+        datasets_dir = work / "datasets"
+        dataset = make_dataset(datasets_dir, size)
+        with services(opts.backends, work, datasets_dir, size.device) as svc:
+            for round_ in range(size.repeats):
+                print(f"round {round_ + 1}/{size.repeats}: plain", file=sys.stderr, flush=True)
+                plain = run_plain(dataset, size, work, f"r{round_}")
+                tp = throughput(plain.batch_ends, plain.result["train_images"], size.batch_size)
+                runs["plain"].append(
+                    {
+                        "images_per_second": tp.images_per_second,
+                        "window_s": tp.seconds,
+                        "window_images": tp.images,
+                        "median_batch_s": tp.median_batch_s,
+                        "wall_s": plain.seconds,
+                        "device": plain.result["device"],
+                    }
+                )
+                for name, service in svc.items():
+                    print(f"round {round_ + 1}/{size.repeats}: {name}", file=sys.stderr, flush=True)
+                    posted = time.time()
+                    job = service.submit(make_job_spec(dataset, size, f"overhead-{name}-{round_}"))
+                    done = service.wait(job["id"], timeout=1800, interval=0.5)
+                    wall = time.time() - posted
+                    if done["status"] != "succeeded":
+                        raise BenchError(f"{name} job {job['id']} {done['status']}: {done.get('error')}")
+                    ends = service_batch_ends(service, job["id"])
+                    tp = throughput(ends, dataset.train_images, size.batch_size)
+                    runs[name].append(
+                        {
+                            "images_per_second": tp.images_per_second,
+                            "window_s": tp.seconds,
+                            "window_images": tp.images,
+                            "median_batch_s": tp.median_batch_s,
+                            "wall_s": wall,
+                            "device": done.get("device"),
+                            "job_id": job["id"],
+                        }
+                    )
+                    remove_job_dir(done)
+
+    plain_median = median([r["images_per_second"] for r in runs["plain"]])
+    rows = []
+    summary: dict[str, Any] = {"runs": runs, "medians": {}, "ratios": {}}
+    for name, results in runs.items():
+        ips = [r["images_per_second"] for r in results]
+        med = median(ips)
+        summary["medians"][name] = med
+        ratio: float | None = None
+        paired: float | None = None
+        if name != "plain":
+            ratio = med / plain_median
+            paired = median(
+                [
+                    s["images_per_second"] / p["images_per_second"]
+                    for s, p in zip(results, runs["plain"], strict=False)
+                ]
+            )
+            summary["ratios"][name] = {"of_medians": ratio, "median_of_paired": paired}
+        rows.append(
+            [
+                "plain SG" if name == "plain" else f"service ({name})",
+                ", ".join(fmt(x) for x in ips),
+                fmt(med),
+                fmt(median([r["median_batch_s"] * 1000 for r in results]), 1),
+                fmt(median([r["wall_s"] for r in results]), 1),
+                fmt(ratio, 3) if ratio is not None else "1",
+                fmt(paired, 3) if paired is not None else "",
+                target(ratio >= TARGET_RATIO) if ratio is not None else "",
+            ]
+        )
+    table = markdown_table(
+        [
+            "run",
+            "images/s per round",
+            "median images/s",
+            "median batch ms",
+            "median wall s",
+            "ratio to plain",
+            "median paired ratio",
+            f"ratio >= {TARGET_RATIO}",
+        ],
+        rows,
+    )
+    finish("Training overhead", opts, table, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
