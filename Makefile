@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sgjobs-installed
 
-.PHONY: install serve test test-fast lint format lock clean
+.PHONY: install serve test test-fast lint format lock clean bench-smoke
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+bench-smoke: install
+	$(BIN)/python -m bench.smoke
 
 lint: install
 	$(BIN)/ruff check .
