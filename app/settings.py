@@ -88,6 +88,21 @@ class Settings(BaseSettings):
         assert self.jobs_dir is not None
         return self.jobs_dir
 
+    def as_env(self) -> dict[str, str]:
+        """The resolved locations as `SGJOBS_*` variables, for child processes.
+
+        A child started in another working directory (the training process runs in its job
+        directory) would otherwise resolve a relative `SGJOBS_HOME` to somewhere else.
+        """
+        return {
+            "SGJOBS_HOME": str(self.home),
+            "SGJOBS_DATASETS_DIR": str(self.datasets_root),
+            "SGJOBS_JOBS_DIR": str(self.jobs_root),
+            "SGJOBS_DATABASE_URL": self.db_url,
+            "SGJOBS_BROKER_URL": self.broker,
+            "SGJOBS_TASK_QUEUE": self.task_queue,
+        }
+
     def ensure_dirs(self) -> None:
         """Create the home, datasets and jobs directories."""
         for path in (self.home, self.datasets_root, self.jobs_root):

@@ -83,7 +83,8 @@ def service_env(backend: Backend, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGJOBS_")}
     env.update(
         {
-            "SGJOBS_HOME": str(home),
+            # Relative, as in the README's default (`./var`): every process must resolve it the same.
+            "SGJOBS_HOME": home.name,
             "SGJOBS_TASK_QUEUE": backend.queue,
             "SGJOBS_DEVICE": "cpu",
             "SGJOBS_HEARTBEAT_SECONDS": "1",
@@ -122,6 +123,7 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=home.parent,
         )
     base_url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base_url, timeout=30)

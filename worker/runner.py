@@ -87,6 +87,7 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
     result_path = job_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)
     env = dict(os.environ)
+    env.update(settings.as_env())
     env.update(
         {
             "CRASH_HANDLER": "FALSE",
