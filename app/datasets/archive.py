@@ -10,7 +10,6 @@ or 422 (everything else) naming the limit. Pure standard library.
 from __future__ import annotations
 
 import lzma
-import os
 import shutil
 import stat
 import tarfile
@@ -257,17 +256,3 @@ def extract_archive(path: Path, dest: Path, limits: ArchiveLimits) -> Extracted:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError("the archive holds no files")
     return Extracted(files=files, bytes=budget.written)
-
-
-def folder_size(root: Path) -> int:
-    """Total size of the regular files under `root` (links are not followed)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                info = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                total += info.st_size
-    return total

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.ml.types import DETECTION_METRICS, WATCHABLE_METRICS
+from app.ml.types import DETECTION_METRICS, WATCHABLE_METRICS, ModelName
 
 
 class StrictModel(BaseModel):
@@ -148,7 +148,7 @@ class InitFrom(StrictModel):
 
 class JobSpec(StrictModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    model: Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
+    model: ModelName
     dataset: DatasetSpec
     input_size: tuple[int, int] = Field(default=(640, 640), description="Height, width; multiples of 32.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)

@@ -33,8 +33,6 @@ class ReporterCallback(Callback):
         self.greater_is_better = greater_is_better
         self.best_value: float | None = None
         self.epochs_validated = 0
-        self.train_batches_run = 0
-        self.valid_batches_run = 0
 
     def _check_stop(self, where: str) -> None:
         # SG's own context.stop_training is read only at the next epoch start (issue #1151); an
@@ -45,7 +43,6 @@ class ReporterCallback(Callback):
 
     def on_train_batch_end(self, context: PhaseContext) -> None:
         """Report loss components, learning rate and progress; then honour a cancel request."""
-        self.train_batches_run += 1
         epoch = int(context.epoch)
         batch_idx = int(context.batch_idx)
         batches = len(context.train_loader) if context.train_loader is not None else batch_idx + 1
@@ -70,7 +67,6 @@ class ReporterCallback(Callback):
 
     def on_validation_batch_end(self, context: PhaseContext) -> None:
         """Honour a cancel request between validation batches too (validation can be long)."""
-        self.valid_batches_run += 1
         self._check_stop(f"epoch {context.epoch} validation batch {context.batch_idx}")
 
     def on_validation_loader_end(self, context: PhaseContext) -> None:

@@ -24,9 +24,6 @@ from typing import Any
 
 from app.ml.inference import DEFAULT_CONF, DEFAULT_IOU, load_model
 
-EXPORT_DIR = "export"
-ONNX_FILE = "model.onnx"
-
 
 class ExportError(Exception):
     """The model cannot be exported (a missing dependency, or SG failed)."""

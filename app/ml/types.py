@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 ModelName = Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
-MODEL_NAMES: tuple[str, ...] = ("yolo_nas_s", "yolo_nas_m", "yolo_nas_l")
 
 # What PPYoloELoss and DetectionMetrics_050 produce; `metric_to_watch` must be one of these.
 LOSS_COMPONENTS: tuple[str, ...] = (
