@@ -1,9 +1,11 @@
-"""Request-scoped dependencies."""
+"""Request-scoped dependencies, declared once for every router."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
+from fastapi import Depends
 from sqlalchemy.orm import Session
 
 from app.db import get_sessionmaker
@@ -16,9 +18,13 @@ def get_settings_dep() -> Settings:
 
 def get_session() -> Iterator[Session]:
     """One session per request; endpoints commit, anything left uncommitted is rolled back."""
-    session = get_sessionmaker(get_settings().db_url)()
+    session = get_sessionmaker(get_settings().database_url)()
     try:
         yield session
     finally:
         session.rollback()
         session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -48,8 +48,8 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
     settings = get_settings()
     settings.ensure_dirs()
-    upgrade(settings.db_url)
-    print(f"database at head: {_redact(settings.db_url)}")
+    upgrade(settings.database_url)
+    print(f"database at head: {_redact(settings.database_url)}")
     return 0
 
 
@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cmd_migrate(args)
     prepare_broker(settings)
     worker = subprocess.Popen(_worker_argv(), start_new_session=True, preexec_fn=die_with_parent())
-    print(f"worker started (pid {worker.pid}); datasets directory: {settings.datasets_root}", flush=True)
+    print(f"worker started (pid {worker.pid}); datasets directory: {settings.datasets_dir}", flush=True)
     try:
         _run_api(args.host or settings.host, args.port or settings.port)
     finally:
@@ -109,7 +109,7 @@ def cmd_demo_dataset(args: argparse.Namespace) -> int:
     from app.datasets.demo import ShapesSpec, write_shapes_dataset
 
     settings = get_settings()
-    target = settings.datasets_root / args.name
+    target = settings.datasets_dir / args.name
     if target.exists():
         print(f"{target} already exists", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ TRAIN_TASK = "sgjobs.train_job"
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Shared by the API's producer and the worker's app, so both agree on queue and transport."""
     config: dict[str, Any] = {
-        "broker_url": settings.broker,
+        "broker_url": settings.broker_url,
         "task_default_queue": settings.task_queue,
         "task_routes": {TRAIN_TASK: {"queue": settings.task_queue}},
         "task_serializer": "json",
@@ -36,11 +36,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "broker_transport_options": {},
     }
-    if settings.broker.startswith("sqla+"):
+    if settings.broker_url.startswith("sqla+"):
         # Options here go to create_engine: wait on SQLite's lock rather than fail when the API and
         # the worker touch the broker file at the same moment.
         config["broker_transport_options"] = {"connect_args": {"timeout": 30}}
-    elif settings.broker.startswith(("redis://", "rediss://")):
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
         # Longer than any training, so Redis does not hand a running job's message to another worker.
         config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
     return config
@@ -56,7 +56,7 @@ def _producer(broker: str, queue: str) -> Celery:
 
 def send_train_job(settings: Settings, job_id: str) -> None:
     """Enqueue a training job by task name. Raises if the broker cannot be reached."""
-    app = _producer(settings.broker, settings.task_queue)
+    app = _producer(settings.broker_url, settings.task_queue)
     app.send_task(
         TRAIN_TASK, args=[job_id], queue=settings.task_queue, retry=True, retry_policy={"max_retries": 2}
     )
@@ -71,7 +71,7 @@ def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
     """
     from kombu import Queue
 
-    app = _producer(settings.broker, settings.task_queue)
+    app = _producer(settings.broker_url, settings.task_queue)
     for attempt in range(attempts):
         try:
             with app.connection_for_write() as conn:
@@ -86,7 +86,7 @@ def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
 
 def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
     """Open and close one broker connection."""
-    app = _producer(settings.broker, settings.task_queue)
+    app = _producer(settings.broker_url, settings.task_queue)
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)

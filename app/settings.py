@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,10 +16,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SGJOBS_", env_file=".env", extra="ignore")
 
     home: Path = Field(default=Path("var"), description="SQLite file, job directories and logs.")
-    datasets_dir: Path | None = Field(default=None, description="Dataset paths in specs resolve here only.")
-    jobs_dir: Path | None = None
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in home.")
-    broker_url: str | None = Field(default=None, description="Celery broker; default: SQLite in home.")
+    # The four below default to places under `home` (filled in by `_derive_defaults`).
+    datasets_dir: Path = Field(default=Path(), description="Dataset paths in specs resolve here only.")
+    jobs_dir: Path = Field(default=Path(), description="One directory per job.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default: SQLite in home.")
+    broker_url: str = Field(default="", description="Celery broker; default: SQLite in home.")
     task_queue: str = "sgjobs"
 
     # Worker behaviour.
@@ -53,40 +55,19 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "info"
 
-    @model_validator(mode="after")
-    def _derive_paths(self) -> Settings:
-        self.home = self.home.expanduser().resolve()
-        if self.datasets_dir is None:
-            self.datasets_dir = self.home / "datasets"
-        self.datasets_dir = self.datasets_dir.expanduser().resolve()
-        if self.jobs_dir is None:
-            self.jobs_dir = self.home / "jobs"
-        self.jobs_dir = self.jobs_dir.expanduser().resolve()
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.home / 'sgjobs.db'}"
-        if self.broker_url is None:
-            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
-        return self
-
-    @property
-    def db_url(self) -> str:
-        assert self.database_url is not None
-        return self.database_url
-
-    @property
-    def broker(self) -> str:
-        assert self.broker_url is not None
-        return self.broker_url
-
-    @property
-    def datasets_root(self) -> Path:
-        assert self.datasets_dir is not None
-        return self.datasets_dir
-
-    @property
-    def jobs_root(self) -> Path:
-        assert self.jobs_dir is not None
-        return self.jobs_dir
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_defaults(cls, data: Any) -> Any:
+        # Before field validation, so every location is a plain typed field with one name.
+        if not isinstance(data, dict):
+            return data
+        home = Path(data.get("home") or "var").expanduser().resolve()
+        data = {**data, "home": home}
+        data["datasets_dir"] = Path(data.get("datasets_dir") or home / "datasets").expanduser().resolve()
+        data["jobs_dir"] = Path(data.get("jobs_dir") or home / "jobs").expanduser().resolve()
+        data["database_url"] = data.get("database_url") or f"sqlite:///{home / 'sgjobs.db'}"
+        data["broker_url"] = data.get("broker_url") or f"sqla+sqlite:///{home / 'broker.db'}"
+        return data
 
     def as_env(self) -> dict[str, str]:
         """The resolved locations as `SGJOBS_*` variables, for child processes.
@@ -96,16 +77,16 @@ class Settings(BaseSettings):
         """
         return {
             "SGJOBS_HOME": str(self.home),
-            "SGJOBS_DATASETS_DIR": str(self.datasets_root),
-            "SGJOBS_JOBS_DIR": str(self.jobs_root),
-            "SGJOBS_DATABASE_URL": self.db_url,
-            "SGJOBS_BROKER_URL": self.broker,
+            "SGJOBS_DATASETS_DIR": str(self.datasets_dir),
+            "SGJOBS_JOBS_DIR": str(self.jobs_dir),
+            "SGJOBS_DATABASE_URL": self.database_url,
+            "SGJOBS_BROKER_URL": self.broker_url,
             "SGJOBS_TASK_QUEUE": self.task_queue,
         }
 
     def ensure_dirs(self) -> None:
         """Create the home, datasets and jobs directories."""
-        for path in (self.home, self.datasets_root, self.jobs_root):
+        for path in (self.home, self.datasets_dir, self.jobs_dir):
             path.mkdir(parents=True, exist_ok=True)
 
 

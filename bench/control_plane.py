@@ -3,7 +3,7 @@
     python -m bench.control_plane [--backend sqlite|postgres|both] [--rate R] [--duration S] [--smoke] ...
 
 Per backend: a job is submitted and 100,000 metric points (`--points`) are stored for it straight
-through the service's own `app.jobs.service.add_metrics` (5 series, like a long training's per-batch
+through the service's own `app.jobs.lifecycle.add_metrics` (5 series, like a long training's per-batch
 losses); the job then trains (it keeps writing its own points every 0.5 s). Once its first batch
 has ended, a small open-loop asyncio + httpx client sends, each at `--rate` requests/s for
 `--duration` s:
@@ -63,11 +63,11 @@ def store_points(service: Any, job_id: str, count: int, chunk: int = 5000) -> tu
     from sqlalchemy import func, select
 
     from app.db import session_scope
-    from app.jobs import service as jobs
+    from app.jobs import lifecycle as jobs
     from app.jobs.models import Metric
     from app.ml.types import MetricPoint
 
-    url = service.settings().db_url
+    url = service.settings().database_url
     start = time.monotonic()
     base = datetime.now(UTC) - timedelta(hours=6)
     steps = count // len(SERIES) + 1

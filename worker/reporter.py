@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from app.db import session_scope, utcnow
-from app.jobs import service
+from app.jobs import lifecycle
 from app.ml.types import MetricPoint
 
 logger = logging.getLogger(__name__)
@@ -26,13 +26,13 @@ class DbReporter:
     def __init__(
         self,
         *,
-        db_url: str,
+        database_url: str,
         job_id: str,
         interval: float,
         watch: str | None = None,
         greater_is_better: bool = True,
     ) -> None:
-        self._db_url = db_url
+        self._database_url = database_url
         self._job_id = job_id
         self._interval = interval
         # SG logs validation scalars as "Valid_<title>"; this one feeds the job's best_metric.
@@ -95,8 +95,8 @@ class DbReporter:
         # thread on a loaded machine), read the flag here, so a cancel still stops the next batch.
         if not self._cancel.is_set() and time.monotonic() - self._checked_at > 2 * self._interval:
             try:
-                with session_scope(self._db_url) as session:
-                    if service.cancel_requested(session, job_id=self._job_id):
+                with session_scope(self._database_url) as session:
+                    if lifecycle.cancel_requested(session, job_id=self._job_id):
                         self._cancel.set()
                 self._checked_at = time.monotonic()
             except Exception:
@@ -110,15 +110,15 @@ class DbReporter:
             progress, self._progress = self._progress, None
             best_dirty, self._best_dirty = self._best_dirty, False
         try:
-            with session_scope(self._db_url) as session:
-                service.add_metrics(session, job_id=self._job_id, points=points)
+            with session_scope(self._database_url) as session:
+                lifecycle.add_metrics(session, job_id=self._job_id, points=points)
                 for e in events:
-                    service.add_event(session, job_id=self._job_id, **e)
+                    lifecycle.add_event(session, job_id=self._job_id, **e)
                 if progress is not None:
-                    service.record_progress(session, job_id=self._job_id, **progress)
+                    lifecycle.record_progress(session, job_id=self._job_id, **progress)
                 if best_dirty:
-                    service.record_best(session, job_id=self._job_id, value=self._best)
-                if service.cancel_requested(session, job_id=self._job_id):
+                    lifecycle.record_best(session, job_id=self._job_id, value=self._best)
+                if lifecycle.cancel_requested(session, job_id=self._job_id):
                     self._cancel.set()
             self._checked_at = time.monotonic()
         except Exception:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.db import session_scope
-from app.jobs import service
+from app.jobs import lifecycle
 from app.jobs.models import FailureReason, JobStatus
 from app.process import die_with_parent
 from app.settings import Settings
@@ -119,9 +119,9 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
                     break
                 except subprocess.TimeoutExpired:
                     pass
-                with session_scope(settings.db_url) as session:
-                    cancel = service.heartbeat(session, job_id=job_id)
-                    current = service.activity_marker(session, job_id=job_id)
+                with session_scope(settings.database_url) as session:
+                    cancel = lifecycle.heartbeat(session, job_id=job_id)
+                    current = lifecycle.activity_marker(session, job_id=job_id)
                 if current != marker:
                     marker, marker_since = current, time.monotonic()
                 elif time.monotonic() - marker_since > settings.stall_timeout_seconds:
@@ -145,8 +145,8 @@ def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> s
                     returncode = proc.returncode
                     break
     except BaseException as exc:
-        with session_scope(settings.db_url) as session:
-            service.finish(
+        with session_scope(settings.database_url) as session:
+            lifecycle.finish(
                 session,
                 job_id=job_id,
                 status=JobStatus.failed,
@@ -207,8 +207,8 @@ def record_outcome(
         status, reason = JobStatus.failed, FailureReason.internal
         last = _tail(job_dir / CONSOLE_LOG)
         message = f"the training process exited with code {returncode}; last output:\n{last}"
-    with session_scope(settings.db_url) as session:
-        service.finish(
+    with session_scope(settings.database_url) as session:
+        lifecycle.finish(
             session,
             job_id=job_id,
             status=status,

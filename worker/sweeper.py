@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from app import queue
 from app.db import session_scope, utcnow
-from app.jobs import service
+from app.jobs import lifecycle
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -24,11 +24,11 @@ SWEEP_INTERVAL_SECONDS = 15.0
 def sweep_once(settings: Settings) -> tuple[list[str], list[str]]:
     """One pass; returns (failed job ids, re-sent job ids)."""
     now = utcnow()
-    with session_scope(settings.db_url) as session:
-        failed = service.fail_stale(
+    with session_scope(settings.database_url) as session:
+        failed = lifecycle.fail_stale(
             session, now=now, stale_after=timedelta(seconds=settings.stale_after_seconds)
         )
-        candidates = service.requeue_candidates(
+        candidates = lifecycle.requeue_candidates(
             session, now=now, older_than=timedelta(seconds=settings.requeue_after_seconds)
         )
     resent = []
@@ -38,8 +38,8 @@ def sweep_once(settings: Settings) -> tuple[list[str], list[str]]:
         except Exception as exc:
             logger.warning("could not re-send job %s: %s", job_id, exc)
             continue
-        with session_scope(settings.db_url) as session:
-            service.mark_enqueued(session, job_id=job_id)
+        with session_scope(settings.database_url) as session:
+            lifecycle.mark_enqueued(session, job_id=job_id)
         resent.append(job_id)
     if failed or resent:
         logger.info("sweeper: failed stale jobs %s, re-sent queued jobs %s", failed, resent)

@@ -18,7 +18,7 @@ from app.datasets import service as datasets
 from app.datasets.formats import prepare_dataset
 from app.db import session_scope
 from app.errors import DatasetError, InvalidInput
-from app.jobs import service
+from app.jobs import lifecycle, service
 from app.jobs.models import FailureReason, JobStatus
 from app.jobs.schemas import JobSpec
 from app.ml.types import TrainingCancelled, TrainingConfig, TrainingParams
@@ -64,8 +64,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 def train(settings: Settings, job_id: str) -> dict[str, Any]:
     """Prepare the dataset and train; returns the result record (status, reason, message, ...)."""
-    job_dir = settings.jobs_root / job_id
-    with session_scope(settings.db_url) as session:
+    job_dir = settings.jobs_dir / job_id
+    with session_scope(settings.database_url) as session:
         job = service.get_job(session, job_id=job_id)
         spec = JobSpec.model_validate(job.spec)
         try:
@@ -86,7 +86,7 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
                     "message": f"job {source.id} has no checkpoint any more",
                 }
     reporter = DbReporter(
-        db_url=settings.db_url,
+        database_url=settings.database_url,
         job_id=job_id,
         interval=settings.report_interval_seconds,
         watch=spec.training.metric_to_watch,
@@ -112,8 +112,8 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             f"dataset ready: {len(prepared.class_names)} classes, {prepared.train.num_images} training and "
             f"{prepared.val.num_images} validation images"
         )
-        with session_scope(settings.db_url) as session:
-            service.set_classes(session, job_id=job_id, classes=prepared.class_names)
+        with session_scope(settings.database_url) as session:
+            lifecycle.set_classes(session, job_id=job_id, classes=prepared.class_names)
         if reporter.should_stop():
             raise TrainingCancelled("cancelled before training started")
         if init_checkpoint is not None:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job_id = args[0]
     settings = get_settings()
-    job_dir = settings.jobs_root / job_id
+    job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -9,8 +9,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, UTCDateTime, utcnow
-from app.jobs.models import new_id
+from app.db import Base, UTCDateTime, new_id, utcnow
 
 
 class DatasetStatus(enum.StrEnum):

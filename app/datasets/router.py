@@ -192,7 +192,7 @@ async def _receive(request: Request, target: Path, settings: Settings) -> dict[s
 
 
 def _register(settings: Settings, archive: Path, name: str | None, bbox_format: str | None) -> Dataset:
-    session = get_sessionmaker(settings.db_url)()
+    session = get_sessionmaker(settings.database_url)()
     try:
         dataset = service.register_upload(
             session, settings=settings, archive=archive, name=name, bbox_format=bbox_format

@@ -56,7 +56,7 @@ def cache_root(settings: Settings, root: Path) -> Path:
 
 def staging_dir(settings: Settings) -> Path:
     """Uploads are written here first: same filesystem as the datasets, so a 2 GB file never sits in /tmp."""
-    path = settings.datasets_root / UPLOADS / ".incoming"
+    path = settings.datasets_dir / UPLOADS / ".incoming"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -81,7 +81,7 @@ def options_for(
 
 def dataset_root(settings: Settings, dataset: Dataset) -> Path:
     """The registered dataset's folder (it must still be inside the datasets directory)."""
-    base = settings.datasets_root.resolve()
+    base = settings.datasets_dir.resolve()
     root = (base / dataset.path).resolve()
     if not root.is_relative_to(base) or not root.is_dir():
         raise DatasetError(
@@ -136,7 +136,7 @@ def register_upload(
     inspected; an archive that is refused or whose format is not recognised leaves nothing behind.
     """
     dataset_id = new_id()
-    dest = settings.datasets_root / UPLOADS / dataset_id
+    dest = settings.datasets_dir / UPLOADS / dataset_id
     archive_bytes = archive.stat().st_size
     extracted = extract_archive(archive, dest, limits(settings))
     try:
@@ -154,7 +154,7 @@ def register_upload(
         id=dataset_id,
         name=name or dataset_id,
         format=fmt,
-        path=root.relative_to(settings.datasets_root.resolve()).as_posix(),
+        path=root.relative_to(settings.datasets_dir.resolve()).as_posix(),
         options=options,
         status=DatasetStatus.ready if report["ok"] else DatasetStatus.invalid,
         archive_bytes=archive_bytes,
@@ -207,7 +207,7 @@ def validate(session: Session, *, settings: Settings, dataset_id: str, bbox_form
 
 def jobs_using(session: Session, *, settings: Settings, dataset: Dataset) -> list[str]:
     """Queued or running jobs that read this dataset (by id, or by a path inside its folder)."""
-    folder = (settings.datasets_root / UPLOADS / dataset.id).resolve()
+    folder = (settings.datasets_dir / UPLOADS / dataset.id).resolve()
     users = []
     for job_id, spec in session.execute(
         select(Job.id, Job.spec).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
@@ -216,7 +216,7 @@ def jobs_using(session: Session, *, settings: Settings, dataset: Dataset) -> lis
         if ds.get("id") == dataset.id:
             users.append(job_id)
         elif isinstance(ds.get("path"), str):
-            path = (settings.datasets_root / ds["path"]).resolve()
+            path = (settings.datasets_dir / ds["path"]).resolve()
             if path == folder or path.is_relative_to(folder):
                 users.append(job_id)
     return users
@@ -235,7 +235,7 @@ def delete_dataset(session: Session, *, settings: Settings, dataset_id: str) -> 
         )
     session.delete(dataset)
     session.flush()
-    return settings.datasets_root / UPLOADS / dataset_id
+    return settings.datasets_dir / UPLOADS / dataset_id
 
 
 def remove_files(folder: Path) -> None:

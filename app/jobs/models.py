@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import enum
-import uuid
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, BigIntPK, UTCDateTime, utcnow
+from app.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
 
 
 class JobStatus(enum.StrEnum):
@@ -30,10 +29,6 @@ class FailureReason(enum.StrEnum):
     worker_lost = "worker_lost"
     invalid_checkpoint = "invalid_checkpoint"
     internal = "internal"
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 class Job(Base):

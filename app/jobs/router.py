@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app import queue
 from app.api import get_session, get_settings_dep
 from app.errors import InvalidInput
-from app.jobs import service
+from app.jobs import lifecycle, service
 from app.jobs.models import JobStatus
 from app.jobs.schemas import EventOut, EventPage, JobOut, JobPage, JobSpec, MetricOut, MetricPage
 from app.settings import Settings
@@ -40,10 +40,10 @@ def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Job
     # stays queued and the worker's sweeper sends it later: a 201 is never lost.
     try:
         queue.send_train_job(settings, job.id)
-        service.mark_enqueued(session, job_id=job.id)
+        lifecycle.mark_enqueued(session, job_id=job.id)
     except Exception as exc:
         logger.warning("could not enqueue job %s: %s", job.id, exc)
-        service.add_event(
+        lifecycle.add_event(
             session, job_id=job.id, level="warning", message=f"broker unreachable, will retry: {exc}"
         )
     session.commit()

@@ -68,7 +68,7 @@ def best_checkpoint(job: Job, *, settings: Settings) -> Path:
         )
         candidates.extend(reversed(found))
     for path in candidates:
-        if path.is_file() and _inside(path, settings.jobs_root):
+        if path.is_file() and _inside(path, settings.jobs_dir):
             return path.resolve()
     raise Conflict(f"job {job.id!r} has no best checkpoint yet (status {job.status})")
 

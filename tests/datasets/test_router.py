@@ -146,7 +146,7 @@ def test_get_and_delete_unknown_is_404(service: Service) -> None:
 
 
 def _job_on(settings: Settings, dataset_id: str, status: JobStatus) -> str:
-    with session_scope(settings.db_url) as session:
+    with session_scope(settings.database_url) as session:
         job = Job(
             status=status,
             model="yolo_nas_s",
@@ -164,7 +164,7 @@ def _job_on(settings: Settings, dataset_id: str, status: JobStatus) -> str:
 
 
 def _set_status(settings: Settings, job_id: str, status: JobStatus) -> None:
-    with session_scope(settings.db_url) as session:
+    with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         assert job is not None
         job.status = status

@@ -40,7 +40,7 @@ def trained_job(service: Service) -> dict[str, Any]:
 
 def job_without_checkpoint(settings: Settings) -> str:
     """A queued job that never runs (marked as sent long from now, so no sweeper re-sends it)."""
-    with session_scope(settings.db_url) as session:
+    with session_scope(settings.database_url) as session:
         job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(DATASET)), settings=settings)
         session.execute(update(Job).where(Job.id == job.id).values(enqueued_at=utcnow() + timedelta(days=1)))
         return job.id

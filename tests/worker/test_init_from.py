@@ -17,7 +17,7 @@ from tests.support import Service, make_shapes, tiny_spec
 
 def _finished_job(settings: Settings, dataset: str, *, model: str, checkpoint: Path) -> str:
     """A succeeded job row whose best checkpoint is `checkpoint`."""
-    with session_scope(settings.db_url) as session:
+    with session_scope(settings.database_url) as session:
         job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
         session.execute(
             update(Job)

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import update
 
 from app.db import session_scope, utcnow
+from app.jobs import lifecycle
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobStatus
 from app.jobs.schemas import JobSpec
@@ -22,7 +23,7 @@ from worker.sweeper import sweep_once
 
 
 def _insert_job(settings: Settings, dataset: str, **values: object) -> str:
-    with session_scope(settings.db_url) as session:
+    with session_scope(settings.database_url) as session:
         job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
         if values:
             session.execute(update(Job).where(Job.id == job.id).values(**values))
@@ -49,8 +50,8 @@ def test_running_job_whose_worker_went_silent_is_failed_as_worker_lost(
     assert "submit the job again" in job["error"]["message"]
     # A second pass (or a late result from the lost worker) does not move it again.
     assert job_id not in sweep_once(service_settings)[0]
-    with session_scope(service_settings.db_url) as session:
-        assert not jobs.finish(session, job_id=job_id, status=JobStatus.succeeded)
+    with session_scope(service_settings.database_url) as session:
+        assert not lifecycle.finish(session, job_id=job_id, status=JobStatus.succeeded)
 
 
 def test_queued_job_whose_message_was_never_sent_is_sent_and_runs(
@@ -73,8 +74,8 @@ def test_duplicate_delivery_of_a_finished_job_does_nothing(
     before = service.job(job_id)
     for key, value in {
         "SGJOBS_HOME": str(service_settings.home),
-        "SGJOBS_DATABASE_URL": service_settings.db_url,
-        "SGJOBS_BROKER_URL": service_settings.broker,
+        "SGJOBS_DATABASE_URL": service_settings.database_url,
+        "SGJOBS_BROKER_URL": service_settings.broker_url,
     }.items():
         monkeypatch.setenv(key, value)
     from app.settings import get_settings
