@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Path
 from sqlalchemy.orm import Session
 
 from app.db import get_sessionmaker
+from app.schemas import ID_MAX_LENGTH, ID_PATTERN
 from app.settings import Settings, get_settings
 
 
@@ -28,3 +29,5 @@ def get_session() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+# Ids in paths (jobs, datasets).
+ObjectId = Annotated[str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]

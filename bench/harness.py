@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,10 @@ from typing import Any
 
 import httpx
 
+from app import testing
 from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
 from app.process import die_with_parent
+from app.testing import Backend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("SGJOBS_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -146,68 +147,20 @@ def install_sigterm_handler() -> None:
 # Backends and the service
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Where one service keeps its jobs and queue."""
-
-    name: str
-    database_url: str | None
-    broker_url: str | None
-    queue: str
-
-
 @contextmanager
 def backend_resources(name: str) -> Iterator[Backend]:
     """SQLite: embedded defaults in SGJOBS_HOME. PostgreSQL + Redis: a throwaway database and queue."""
-    run = uuid.uuid4().hex[:10]
-    queue = f"sgjobs-bench-{run}"
-    if name == "sqlite":
-        yield Backend(name, None, None, queue)
-        return
-    if name != "postgres":
+    if name not in BACKENDS:
         raise BenchError(f"unknown backend {name!r}")
-    import psycopg
-    import redis
-
-    database = f"sgjobs_bench_{run}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
-    try:
-        yield Backend(name, url, REDIS_URL, queue)
-    finally:
-        try:
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            client = redis.Redis.from_url(REDIS_URL)
-            keys = [queue, *client.keys(f"*{queue}*")]
-            client.delete(*keys)
-            client.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with testing.backend_resources(
+        name, prefix="sgjobs-bench", pg_admin_url=PG_ADMIN_URL, redis_url=REDIS_URL
+    ) as backend:
+        yield backend
 
 
 def service_env(backend: Backend, home: Path, datasets_dir: Path, device: str) -> dict[str, str]:
     """The service's environment: only location, backend and device; every tuning setting at default."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SGJOBS_")}
-    env.update(
-        {
-            "SGJOBS_HOME": str(home),
-            "SGJOBS_DATASETS_DIR": str(datasets_dir),
-            "SGJOBS_TASK_QUEUE": backend.queue,
-            "SGJOBS_DEVICE": device,
-        }
-    )
-    if backend.database_url:
-        env["SGJOBS_DATABASE_URL"] = backend.database_url
-    if backend.broker_url:
-        env["SGJOBS_BROKER_URL"] = backend.broker_url
-    return env
+    return testing.service_env(backend, home, datasets_dir=datasets_dir, device=device)
 
 
 def parse_time(value: str) -> float:
@@ -315,81 +268,19 @@ class Service:
         return job
 
 
-def _descendants(pid: int) -> list[int]:
-    try:
-        import psutil
-
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except Exception:
-        return []
-
-
-def _kill_pids(pids: Sequence[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 @contextmanager
 def running_service(backend: Backend, workdir: Path, datasets_dir: Path, device: str) -> Iterator[Service]:
     """`sgjobs serve` (migrations, API on a free port, one worker) in a child process; stopped on exit."""
     home = workdir / f"home-{backend.name}-{backend.queue[-6:]}"
-    home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log_file = home / "serve.log"
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=service_env(backend, home, datasets_dir, device),
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),  # a killed benchmark leaves no service behind
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base_url, timeout=30)
+    settings = {"datasets_dir": datasets_dir, "device": device}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(
-                    f"sgjobs serve ({backend.name}) did not start:\n{log_file.read_text()[-3000:]}"
-                )
-            time.sleep(0.2)
-        yield Service(backend, base_url, home, datasets_dir, log_file, client)
-    finally:
-        client.close()
-        children = _descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        # The worker and a training it may run are in their own sessions: make sure they are gone.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(p) for p in children):
-            time.sleep(0.2)
-        _kill_pids([p for p in children if _alive(p)])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        import psutil
-
-        p = psutil.Process(pid)
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
+        with (
+            testing.serve(backend, home, cwd=REPO_ROOT, settings=settings) as running,
+            httpx.Client(base_url=running.base_url, timeout=30) as client,
+        ):
+            yield Service(backend, running.base_url, running.home, datasets_dir, running.log_file, client)
+    except testing.ServiceError as exc:  # only raised while it starts
+        raise BenchError(str(exc)) from exc
 
 
 @contextmanager

@@ -17,14 +17,13 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image, ImageDraw
+
+from app.testing import backend_resources, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,37 +52,6 @@ def _stats(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     return {"median_ms": statistics.median(ordered) * 1000, "p95_ms": p95 * 1000, "n": len(ordered)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_service(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SGJOBS_")}
-    env.update({"SGJOBS_HOME": str(home), "SGJOBS_DEVICE": "cpu", "SGJOBS_LOG_LEVEL": "warning"})
-    log = open(home / "serve.log", "wb")  # kept open for the child's lifetime
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"service did not start; see {home / 'serve.log'}")
 
 
 def _train(client: httpx.Client, home: Path, input_size: int) -> str:
@@ -169,10 +139,11 @@ def _in_process(checkpoint: str, image_file: Path, n: int) -> dict[str, Any]:
 
 def in_process_main(checkpoint: str, image_file: str, n: int) -> None:
     """The in-process side: `model.predict` as the seed calls it, then one held fused pipeline."""
-    from app.ml.inference import DEFAULT_CONF, DEFAULT_IOU, build_pipeline, load_model, set_thresholds
+    from app.ml.inference import build_pipeline, load_model, set_thresholds
+    from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
     image = np.asarray(Image.open(image_file).convert("RGB"))
-    model, _, _ = load_model("yolo_nas_s", Path(checkpoint))
+    model, _ = load_model("yolo_nas_s", Path(checkpoint))
     result: dict[str, Any] = {}
 
     def timed(fn: Any) -> list[float]:
@@ -220,11 +191,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sgjobs-bench-"))
     image_file = work / "bench.jpg"
     image_file.write_bytes(payload)
-    proc = None
-    try:
+    with ExitStack() as stack:
         url = args.url
         if url is None:
-            proc, url = _start_service(work)
+            # SQLite in a fresh home (absolute), the CPU, quiet logs; stopped with the whole tree.
+            backend = stack.enter_context(backend_resources("sqlite", prefix="sgjobs-bench"))
+            settings = {"device": "cpu", "log_level": "warning"}
+            url = stack.enter_context(serve(backend, work, cwd=ROOT, settings=settings)).base_url
         client = httpx.Client(base_url=url, timeout=300)
         job_id = args.job or _train(client, work, args.input_size)
         job = client.get(f"/jobs/{job_id}").json()
@@ -240,10 +213,6 @@ def main() -> int:
         single = _throughput(url, job_id, payload, 1, args.per_client)
         print("in-process predict...", file=sys.stderr)
         local = _in_process(checkpoint, image_file, args.n)
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
 
     seed, held = local["predict_fuse_false"], local["held_fused_pipeline"]
     load = os.getloadavg()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,17 @@ class Service:
 def make_shapes(datasets_dir: Path, name: str, **spec: Any) -> Path:
     """A generated Roboflow-layout COCO dataset of drawn shapes under the datasets directory."""
     return write_shapes_dataset(datasets_dir / name, ShapesSpec(**spec))
+
+
+def zip_folder(folder: Path, wrap: str | None = None) -> bytes:
+    """A zip archive of the files under `folder` (inside one top-level folder `wrap`, if given)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                name = path.relative_to(folder).as_posix()
+                archive.write(path, f"{wrap}/{name}" if wrap else name)
+    return buffer.getvalue()
 
 
 def load_annotations(root: Path, split: str = "train") -> dict[str, Any]:

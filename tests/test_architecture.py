@@ -51,3 +51,29 @@ def test_torch_and_super_gradients_are_imported_only_in_app_ml() -> None:
         if any(n.split(".")[0] in ("torch", "super_gradients", "torchvision") for n in _imports(path)):
             offenders.append(str(path))
     assert offenders == []
+
+
+def _app_modules(package: str) -> list[Path]:
+    return list((ROOT / "app" / package).rglob("*.py"))
+
+
+def test_datasets_never_imports_jobs() -> None:
+    # jobs may use datasets (a job names its dataset), never the reverse: no cycle between areas.
+    offenders = [
+        str(p)
+        for p in _app_modules("datasets")
+        if any(n == "app.jobs" or n.startswith("app.jobs.") for n in _imports(p))
+    ]
+    assert offenders == []
+
+
+def test_the_ml_backend_imports_no_area_of_the_service() -> None:
+    # app/ml is the super-gradients backend: it gets plain data in and reports through a protocol.
+    areas = ("app.jobs", "app.datasets", "app.prediction", "app.artifacts", "app.health", "app.main")
+    offenders = [
+        f"{p}: {n}"
+        for p in _app_modules("ml")
+        for n in _imports(p)
+        if any(n == a or n.startswith(a + ".") for a in areas)
+    ]
+    assert offenders == []

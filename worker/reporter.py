@@ -15,7 +15,7 @@ from typing import Any
 
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
-from app.ml.types import MetricPoint
+from app.ml.types import MetricPoint, greater_is_better
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +30,13 @@ class DbReporter:
         job_id: str,
         interval: float,
         watch: str | None = None,
-        greater_is_better: bool = True,
     ) -> None:
         self._database_url = database_url
         self._job_id = job_id
         self._interval = interval
         # SG logs validation scalars as "Valid_<title>"; this one feeds the job's best_metric.
         self._watch = f"Valid_{watch}" if watch else None
-        self._greater = greater_is_better
+        self._greater = greater_is_better(watch) if watch else True
         self._best: float | None = None
         self._best_dirty = False
         self._lock = threading.Lock()

@@ -1,14 +1,12 @@
 """Entry point of the per-job training process: `python -m worker.train_process JOB_ID`.
 
 Validates the dataset first (seconds, before super-gradients is even imported), then trains, and
-writes how it ended to `result.json` in the job directory for the supervising worker to record.
+writes how it ended to its result file in the job directory (`worker.outcome`) and records it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -18,44 +16,16 @@ from app.datasets import service as datasets
 from app.datasets.formats import prepare_dataset
 from app.db import session_scope
 from app.errors import DatasetError, InvalidInput
-from app.jobs import lifecycle, service
+from app.jobs import files, lifecycle, service
 from app.jobs.models import FailureReason, JobStatus
 from app.jobs.schemas import JobSpec
-from app.ml.types import TrainingCancelled, TrainingConfig, TrainingParams
+from app.ml.params import TrainingConfig
+from app.ml.types import TrainingCancelled
 from app.settings import Settings, get_settings
+from worker.outcome import record_outcome, write_result
 from worker.reporter import DbReporter
-from worker.runner import RESULT_FILE, record_outcome
 
 logger = logging.getLogger("sgjobs.train")
-
-
-def _write_result(job_dir: Path, result: dict[str, Any]) -> None:
-    tmp = job_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, job_dir / RESULT_FILE)
-
-
-def _params(spec: JobSpec, settings: Settings) -> TrainingParams:
-    t = spec.training
-    return TrainingParams(
-        max_epochs=t.max_epochs,
-        batch_size=t.batch_size,
-        initial_lr=t.initial_lr,
-        warmup_initial_lr=t.warmup_initial_lr,
-        lr_warmup_epochs=t.lr_warmup_epochs,
-        lr_mode=t.lr_mode,
-        cosine_final_lr_ratio=t.cosine_final_lr_ratio,
-        optimizer=t.optimizer,
-        weight_decay=t.weight_decay,
-        zero_weight_decay_on_bias_and_bn=t.zero_weight_decay_on_bias_and_bn,
-        ema=t.ema,
-        ema_beta=t.ema_beta,
-        average_best_models=t.average_best_models,
-        mixed_precision=t.mixed_precision,
-        metric_to_watch=t.metric_to_watch,
-        num_workers=settings.dataloader_workers,
-        seed=t.seed,
-    )
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -70,7 +40,7 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         spec = JobSpec.model_validate(job.spec)
         try:
             resolved: datasets.ResolvedDataset | InvalidInput = datasets.resolve_spec(
-                session, settings=settings, spec=spec.dataset, resolve_path=service.resolve_dataset_root
+                session, settings=settings, spec=spec.dataset
             )
         except InvalidInput as exc:  # the dataset was deleted or moved since the job was queued
             resolved = exc
@@ -78,7 +48,7 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         init_job = spec.init_from.job_id if spec.init_from is not None else None
         if init_job is not None:
             source = service.get_job(session, job_id=init_job)
-            init_checkpoint = service.checkpoint_for_init(source)
+            init_checkpoint = files.init_checkpoint(source)
             if init_checkpoint is None:
                 return {
                     "status": JobStatus.failed,
@@ -90,7 +60,6 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         job_id=job_id,
         interval=settings.report_interval_seconds,
         watch=spec.training.metric_to_watch,
-        greater_is_better=spec.training.greater_is_better,
     ).start()
     try:
         try:
@@ -99,7 +68,7 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             prepared = prepare_dataset(
                 resolved.root,
                 resolved.options,
-                job_dir / "dataset",
+                files.dataset_dir(job_dir),
                 datasets.cache_root(settings, resolved.root),
             )
         except (DatasetError, InvalidInput) as exc:
@@ -131,16 +100,16 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
                 }
             reporter.event(f"starting from {init_checkpoint.name} ({classes} classes) of job {init_job}")
         config = TrainingConfig(
-            job_id=job_id,
             model=spec.model,
             job_dir=job_dir,
             class_names=tuple(prepared.class_names),
             train=prepared.train,
             val=prepared.val,
             input_size=spec.input_size,
-            params=_params(spec, settings),
+            training=spec.training,
+            num_workers=settings.dataloader_workers,
             init_checkpoint=init_checkpoint,
-            device=settings.device,  # type: ignore[arg-type]
+            device=settings.device,
         )
         # Imported only now: super-gradients takes seconds to import and rewires this process.
         from app.ml.training import run_training
@@ -198,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "reason": FailureReason.internal,
             "message": f"{type(exc).__name__}: {exc}",
         }
-    _write_result(job_dir, {k: (v.value if hasattr(v, "value") else v) for k, v in result.items()})
+    write_result(job_dir, result)
     # Record the outcome now rather than after this process exits: tearing down torch and
     # super-gradients takes seconds, and a cancelled job should show as cancelled at once. The
     # supervising worker records it again after the exit, which the conditional update makes a no-op.

@@ -4,38 +4,46 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Path
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from sqlalchemy.orm import Session
 
-from app.api import get_session, get_settings_dep
+from app.api import ObjectId, SessionDep, SettingsDep
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactList, ExportOut
-from app.settings import Settings
+from app.openapi import problems
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ArtifactName = Annotated[str, Path(min_length=1, max_length=1000, description="As in the listing.")]
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList)
-def list_artifacts(job_id: str, session: SessionDep) -> ArtifactList:
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=problems(404, 422, 503))
+def list_artifacts(job_id: ObjectId, session: SessionDep) -> ArtifactList:
     """The job's files (checkpoints, averaged model, TensorBoard event files, console log, ONNX export)
     with their sizes and download URLs."""
     return service.list_artifacts(session, job_id=job_id)
 
 
-@router.get("/{job_id}/artifacts/{name:path}", response_class=FileResponse)
-def download_artifact(job_id: str, name: str, session: SessionDep) -> FileResponse:
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The file.",
+        },
+        **problems(404, 422, 503),
+    },
+)
+def download_artifact(job_id: ObjectId, name: ArtifactName, session: SessionDep) -> FileResponse:
     """Download one listed file; `name` as in the listing."""
     path = service.artifact_path(session, job_id=job_id, name=name)
     return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
 
-@router.post("/{job_id}/export", response_model=ExportOut)
-async def export_onnx(job_id: str, session: SessionDep, settings: SettingsDep) -> ExportOut:
+@router.post("/{job_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
+async def export_job(job_id: ObjectId, session: SessionDep, settings: SettingsDep) -> ExportOut:
     """Export the job's best model to ONNX (with its preprocessing and NMS); download it from
     `artifact.url`. A second call returns the existing file. 409 while the job has no checkpoint."""
     # Export takes seconds: off the event loop, so other requests keep being answered.

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from app.errors import InvalidInput, PayloadTooLarge
+from app.paths import resolve_inside
 
 CHUNK = 1 << 20
 # Archivers add these; they are not part of any dataset.
@@ -49,6 +50,7 @@ class ArchiveError(InvalidInput):
     """The archive is corrupt, of an unknown kind, or holds a member that is not allowed (422)."""
 
     code = "invalid_archive"
+    extension = "limits"  # details, when given, name the limit
 
 
 class ArchiveTooLarge(PayloadTooLarge):
@@ -94,8 +96,9 @@ def _member_path(name: str) -> PurePosixPath | None:
 
 
 def _target(dest: Path, rel: PurePosixPath) -> Path:
-    target = (dest / rel).resolve()
-    if not target.is_relative_to(dest):
+    # `_member_path` already refused names that leave the folder; this also follows symlinks.
+    target = resolve_inside(dest, rel.as_posix())
+    if target is None:
         raise ArchiveError(f"archive member {str(rel)!r} leads outside the dataset folder (zip slip)")
     return target
 

@@ -9,22 +9,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from app.datasets import hf, yolo
-from app.datasets.coco import (
-    ROBOFLOW_ANNOTATION_FILE,
-    InvalidDataset,
-    PreparedDataset,
-    SplitRef,
-    _single_subfolder,
-    prepare_coco_dataset,
-    resolve_coco_splits,
-)
+from app.datasets.coco import ROBOFLOW_ANNOTATION_FILE, SplitRef, prepare_coco_dataset, resolve_coco_splits
+from app.datasets.pipeline import PreparedDataset, single_subfolder
+from app.datasets.problems import FALLBACK_CODE, InvalidDataset, problem
 from app.errors import DatasetError
-
-DatasetFormat = Literal["coco", "hf", "yolo"]
-FORMATS: tuple[str, ...] = ("coco", "hf", "yolo")
 
 
 @dataclass(frozen=True)
@@ -46,7 +37,7 @@ def detect_format(root: Path) -> tuple[str, Path]:
     the layout fits several.
     """
     found: list[str] = []
-    for base in (root, _single_subfolder(root)):
+    for base in (root, single_subfolder(root)):
         if base is None:
             continue
         try:
@@ -73,17 +64,17 @@ def detect_format(root: Path) -> tuple[str, Path]:
             "The dataset format was not recognised: expected COCO (train/_annotations.coco.json or "
             "annotations/instances_*.json), YOLO (data.yaml with images/ and labels/) or a Hugging Face "
             "dataset (parquet or arrow files, dataset_dict.json, or an image folder with metadata.jsonl)",
-            details=[{"file": ".", "problem": "format not recognised", "severity": "error"}],
+            details=[problem(".", "format not recognised", "format_not_recognised")],
         )
     raise DatasetError(
         f"The dataset looks like several formats ({', '.join(unique)}); upload one",
-        details=[{"file": ".", "problem": f"ambiguous format: {', '.join(unique)}", "severity": "error"}],
+        details=[problem(".", f"ambiguous format: {', '.join(unique)}", "ambiguous_format")],
     )
 
 
 def hf_root(root: Path) -> Path:
     """HF datasets wrapped in one folder (as zips often are) are read from inside it."""
-    inner = _single_subfolder(root)
+    inner = single_subfolder(root)
     if inner is not None and inner.name != "data" and hf.looks_like_hf(inner):
         return inner
     return root
@@ -103,10 +94,10 @@ def check_layout(root: Path, options: DatasetOptions) -> None:
             raise DatasetError(
                 "no Hugging Face dataset files found (parquet or arrow files, dataset_dict.json, or an "
                 "image folder with metadata.jsonl)",
-                details=[{"file": ".", "problem": "no Hugging Face dataset files", "severity": "error"}],
+                details=[problem(".", "no Hugging Face dataset files", "format_not_recognised")],
             )
     else:  # pragma: no cover  (the schema allows only the three)
-        raise DatasetError(f"unknown dataset format {options.format!r}")
+        raise _unknown_format(options.format)
 
 
 def prepare_dataset(root: Path, options: DatasetOptions, out_dir: Path, cache_root: Path) -> PreparedDataset:
@@ -129,15 +120,21 @@ def prepare_dataset(root: Path, options: DatasetOptions, out_dir: Path, cache_ro
             out_dir=out_dir,
             cache_root=cache_root,
         )
-    raise DatasetError(f"unknown dataset format {options.format!r}")
+    raise _unknown_format(options.format)
+
+
+def _unknown_format(name: str) -> DatasetError:
+    text = f"unknown dataset format {name!r}"
+    return DatasetError(text, details=[problem(".", text, "format_not_recognised")])
 
 
 def validate_dataset(root: Path, options: DatasetOptions, cache_root: Path) -> dict[str, Any]:
     """The validation report (never raises for a bad dataset: its problems are in the report).
 
     `{"format", "ok", "classes", "splits": {"train": {images, images_without_boxes, boxes,
-    boxes_per_class, classes_without_boxes, ...}, "val": {...}}, "errors", "warnings",
-    "problems": [{"file", "problem", "severity"}]}`
+    crowd_boxes, boxes_per_class, classes_without_boxes}, "val": {...}}, "errors", "warnings",
+    "problems": [{"file", "problem", "severity", "code"}]}`; the codes are
+    `app.datasets.problems.ERROR_CODES` and `WARNING_CODES`.
     """
     report: dict[str, Any] = {"format": options.format, "ok": False, "classes": [], "splits": {}}
     problems: list[dict[str, str]]
@@ -155,8 +152,9 @@ def validate_dataset(root: Path, options: DatasetOptions, cache_root: Path) -> d
             report["ok"] = True
             report["classes"] = list(prepared.class_names)
             report["splits"] = {name: s.to_dict() for name, s in prepared.stats.items()}
-            problems = [{"file": ".", "problem": w, "severity": "warning"} for w in prepared.warnings]
-    report["problems"] = problems
+            problems = list(prepared.warning_details)
+    # Every problem has a code, also one raised without (a DatasetError from outside this package).
+    report["problems"] = [p if "code" in p else {**p, "code": FALLBACK_CODE} for p in problems]
     report["errors"] = sum(1 for p in problems if p.get("severity") == "error")
     report["warnings"] = sum(1 for p in problems if p.get("severity") == "warning")
     return report

@@ -19,36 +19,39 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
-from app.datasets.coco import PreparedDataset, _write_json_atomic
-from app.datasets.common import Box, ImageRecord, Problems, build_split, finish
-from app.errors import DatasetError
+from app.datasets.pipeline import (
+    Box,
+    ImageFault,
+    ImageRecord,
+    PreparedDataset,
+    build_split,
+    declared_size,
+    finish,
+    is_int,
+    is_number,
+    read_image_header,
+    write_json_atomic,
+)
+from app.datasets.problems import Problems, dataset_error
+from app.paths import is_inside, real
 
 BBOX_FORMATS: tuple[str, ...] = ("xyxy", "xywh", "cxcywh")
 DEFAULT_BBOX_FORMAT = "xywh"
 VAL_SPLIT_NAMES: tuple[str, ...] = ("validation", "valid", "val", "test")
 CACHE_DIR_NAME = ".sgjobs-cache"
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+# 2: rows carry the error's code and the image's sha256.
+MANIFEST_VERSION = 2
 DATA_SUFFIXES = frozenset({".parquet", ".arrow"})
 METADATA_FILES = frozenset({"metadata.jsonl", "metadata.csv", "metadata.parquet"})
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
-
-
-def _error(file: str, problem: str) -> DatasetError:
-    return DatasetError(
-        f"{file}: {problem}", details=[{"file": file, "problem": problem, "severity": "error"}]
-    )
 
 
 def _visible_files(root: Path) -> list[Path]:
@@ -115,9 +118,10 @@ def available_splits(root: Path, cache_root: Path, arrow_cache: Path) -> list[st
     try:
         builder = datasets.load_dataset_builder(str(root), cache_dir=str(arrow_cache))
     except Exception as exc:  # datasets raises many types for folders it cannot read
-        raise _error(".", f"not readable with datasets.load_dataset: {type(exc).__name__}: {exc}") from exc
+        text = f"not readable with datasets.load_dataset: {type(exc).__name__}: {exc}"
+        raise dataset_error(".", text, "unreadable_file") from exc
     found = [str(name) for name in (builder.config.data_files or {})]
-    _write_json_atomic(remembered, {"splits": found})
+    write_json_atomic(remembered, {"splits": found})
     return found
 
 
@@ -127,17 +131,20 @@ def resolve_splits(available: list[str], train: str | None, val: str | None) -> 
     shown = ", ".join(available) or "none"
     train_name = train or "train"
     if train_name not in available:
-        raise _error(".", f"no split {train_name!r} (the dataset has: {shown}); set dataset.splits.train")
+        text = f"no split {train_name!r} (the dataset has: {shown}); set dataset.splits.train"
+        raise dataset_error(".", text, "no_split")
     if val is None:
         val = next((n for n in VAL_SPLIT_NAMES if n in available), None)
         if val is None:
-            raise _error(
+            raise dataset_error(
                 ".",
                 f"no validation split (looked for {', '.join(VAL_SPLIT_NAMES)}; the dataset has: {shown}); "
                 "set dataset.splits.val",
+                "no_split",
             )
     elif val not in available:
-        raise _error(".", f"no split {val!r} (the dataset has: {shown}); set dataset.splits.val")
+        text = f"no split {val!r} (the dataset has: {shown}); set dataset.splits.val"
+        raise dataset_error(".", text, "no_split")
     return train_name, val
 
 
@@ -160,7 +167,8 @@ def _extract_split(root: Path, split: str, target: Path, arrow_cache: Path) -> d
     try:
         ds = datasets.load_dataset(str(root), split=split, cache_dir=str(arrow_cache))
     except Exception as exc:  # a parquet or arrow file that does not parse, among others
-        raise _error(".", f"split {split!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        text = f"split {split!r} cannot be loaded: {type(exc).__name__}: {exc}"
+        raise dataset_error(".", text, "unreadable_file") from exc
     features = ds.features
     problems: list[str] = []
     for column in ("image", "objects"):
@@ -190,11 +198,12 @@ def _extract_split(root: Path, split: str, target: Path, arrow_cache: Path) -> d
         columns = [c for c in ("image_id", "image", "width", "height", "objects") if c in features]
         for index, row in enumerate(ds.select_columns(columns)):
             manifest["rows"].append(_extract_row(root, index, row, target))
-    _write_json_atomic(target / MANIFEST, manifest)
+    write_json_atomic(target / MANIFEST, manifest)
     return manifest
 
 
 def _extract_row(root: Path, index: int, row: dict[str, Any], target: Path) -> dict[str, Any]:
+    """One sample as a manifest row; its image (if usable) written into `target` as it was encoded."""
     objects = row.get("objects") or {}
     if isinstance(objects, list):  # a list of {bbox, category} dicts
         objects = {
@@ -209,7 +218,9 @@ def _extract_row(root: Path, index: int, row: dict[str, Any], target: Path) -> d
         "bbox": objects.get("bbox") or [],
         "category": objects.get("category") or [],
         "file": None,
+        "sha256": None,
         "error": None,
+        "error_code": None,
     }
     image = row.get("image")
     data: bytes | None = image.get("bytes") if isinstance(image, dict) else None
@@ -218,33 +229,29 @@ def _extract_row(root: Path, index: int, row: dict[str, Any], target: Path) -> d
         source = Path(image["path"])
         if not source.is_absolute():
             source = root / source
-        real = Path(os.path.realpath(source))
-        if not real.is_relative_to(root) or not real.is_file():
+        if not is_inside(source, root) or not source.is_file():
             entry["error"] = f"image file {image['path']!r} does not exist in the dataset"
+            entry["error_code"] = "missing_image"
             return entry
-        source = real
+        source = real(source)
+        data = source.read_bytes()
     elif data is None:
-        entry["error"] = "the sample has no image"
+        entry["error"], entry["error_code"] = "the sample has no image", "missing_image"
         return entry
-    try:
-        with Image.open(source if source is not None else io.BytesIO(data or b"")) as opened:
-            fmt = opened.format or ""
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        entry["error"] = f"not a readable image ({type(exc).__name__})"
+    info = read_image_header(io.BytesIO(data))
+    if isinstance(info, ImageFault):
+        entry["error"], entry["error_code"] = info.text, info.code
         return entry
-    extension = _EXTENSIONS.get(fmt)
-    if extension is None:
-        entry["error"] = f"image format {fmt or 'unknown'} is not supported for training"
-        return entry
-    name = f"{index:07d}{extension}"
+    name = f"{index:07d}{_EXTENSIONS[info.format]}"
     if source is not None:
         try:
             os.link(source, target / name)  # an image folder: no second copy when on one filesystem
         except OSError:
             shutil.copyfile(source, target / name)
     else:
-        (target / name).write_bytes(data or b"")
+        (target / name).write_bytes(data)
     entry["file"] = name
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
     return entry
 
 
@@ -299,6 +306,7 @@ def _records(
     bbox_format: str,
     problems: Problems,
 ) -> list[ImageRecord]:
+    """The split's samples as images with pixel boxes; each problem named by split, row and image_id."""
     records: list[ImageRecord] = []
     seen: dict[Any, int] = {}
     index_of = {n: i for i, n in enumerate(class_names)}
@@ -308,60 +316,51 @@ def _records(
             f" (image_id {image_id})" if image_id is not None else ""
         )
         if row["error"]:
-            problems.error(shown, row["error"])
+            problems.error(shown, row["error"], row["error_code"])
             continue
         if image_id is not None:
             key = json.dumps(image_id)
             if key in seen:
-                problems.error(shown, f"image_id {image_id} appears twice (also row {seen[key]})")
+                text = f"image_id {image_id} appears twice (also row {seen[key]})"
+                problems.error(shown, text, "duplicate_image")
                 continue
             seen[key] = row["row"]
-        declared = (row["width"], row["height"])
-        ok_size = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in declared)
         record = ImageRecord(
             image_id=row["row"],
             file_name=row["file"],
             path=images_dir / row["file"],
             shown=shown,
-            declared_size=(declared[0], declared[1]) if ok_size else None,
+            declared_size=declared_size(row["width"], row["height"]),
+            # The cached file is a copy: the same image in two splits has two files, one content.
+            identity=f"sha256:{row['sha256']}",
         )
         bboxes, categories = row["bbox"], row["category"]
         if len(bboxes) != len(categories):
-            problems.error(shown, f"objects has {len(bboxes)} boxes but {len(categories)} categories")
+            text = f"objects has {len(bboxes)} boxes but {len(categories)} categories"
+            problems.error(shown, text, "malformed_annotation")
             continue
         for number, (bbox, category) in enumerate(zip(bboxes, categories, strict=True)):
-            where = f"{shown} box {number}"
-            if (
-                not isinstance(bbox, list)
-                or len(bbox) != 4
-                or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
-            ):
-                problems.error(shown, f"box {number} is malformed: {bbox!r} (expected 4 numbers)")
+            if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
+                text = f"box {number} is malformed: {bbox!r} (expected 4 numbers)"
+                problems.error(shown, text, "malformed_annotation")
                 continue
             label: int | None
             if by_name:
                 label = index_of.get(category) if isinstance(category, str) else None
             else:
-                valid = isinstance(category, int) and not isinstance(category, bool)
-                label = category if valid and 0 <= category < len(class_names) else None
+                label = category if is_int(category) and 0 <= category < len(class_names) else None
             if label is None:
                 problems.error(
                     shown,
                     f"box {number} has category {category!r}, which is not a class "
                     f"({len(class_names)} classes: {', '.join(class_names[:20])})",
+                    "unknown_class",
                 )
                 continue
-            record.boxes.append(Box(label, *_to_xyxy([float(v) for v in bbox], bbox_format), where))
+            xyxy = _to_xyxy([float(v) for v in bbox], bbox_format)
+            record.boxes.append(Box(label, *xyxy, f"box {number}"))
         records.append(record)
     return records
-
-
-@dataclass(frozen=True)
-class HfSplits:
-    """The HF split names used for training and validation."""
-
-    train: str
-    val: str
 
 
 def prepare_hf_dataset(
@@ -378,10 +377,11 @@ def prepare_hf_dataset(
     Images come from the per-dataset cache (decoded once). Raises `DatasetError` listing every problem:
     unreadable splits, missing columns, missing or unreadable images, duplicate image ids, malformed
     boxes, categories that are not classes; boxes outside their image are clipped and boxes without
-    area dropped (warnings), as for COCO.
+    area dropped (warnings), as for every format (`app.datasets.pipeline`).
     """
     if bbox_format not in BBOX_FORMATS:
-        raise _error(".", f"bbox_format must be one of {', '.join(BBOX_FORMATS)}")
+        text = f"bbox_format must be one of {', '.join(BBOX_FORMATS)}"
+        raise dataset_error(".", text, "bad_option")
     root = root.resolve()
     cache_root.mkdir(parents=True, exist_ok=True)
     # `datasets` converts the files to arrow once more in its own cache: only needed while the images
@@ -396,7 +396,7 @@ def prepare_hf_dataset(
     problems = Problems()
     for _, manifest in cached.values():
         for problem in manifest["feature_errors"]:
-            problems.error(f"{manifest['split']} split", problem)
+            problems.error(f"{manifest['split']} split", problem, "bad_schema")
     train_manifest = cached["train"][1]
     by_name = train_manifest["class_names"] is None
     if by_name:
@@ -410,6 +410,7 @@ def prepare_hf_dataset(
             problems.error(
                 f"{val_name} split",
                 f"its category names {val_names} differ from the training split's {list(class_names)}",
+                "bad_class_list",
             )
     results = {}
     for name, hf in (("train", train_name), ("val", val_name)):
@@ -417,7 +418,10 @@ def prepare_hf_dataset(
         if manifest["feature_errors"]:
             continue
         records = _records(hf, manifest, images_dir, class_names, by_name, bbox_format, problems)
-        results[name] = build_split(name, f"{hf} split", records, images_dir, class_names, problems)
+        hint = f"check bbox_format: the boxes were read as {bbox_format} in pixels"
+        results[name] = build_split(
+            name, f"{hf} split", records, images_dir, class_names, problems, inside=images_dir, box_hint=hint
+        )
     return finish(
         class_names, results.get("train"), results.get("val"), problems, out_dir, f"{train_name} split"
     )

@@ -14,7 +14,9 @@ from app.db import Base, UTCDateTime, new_id, utcnow
 
 class DatasetStatus(enum.StrEnum):
     ready = "ready"  # the last validation found no errors
-    invalid = "invalid"  # it found errors: jobs on it fail fast with the report
+    # It found errors. Jobs may still name it (a job's own options, e.g. another bbox_format, can fix
+    # it); one that cannot train on it fails as dataset_error within seconds, with the problems.
+    invalid = "invalid"
 
 
 class Dataset(Base):

@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import uuid
-from datetime import datetime
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from pathlib import Path as FilePath
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy.orm import Session
 
-from app.api import get_session, get_settings_dep
+from app.api import ObjectId, SessionDep, SettingsDep
 from app.datasets import service
 from app.datasets.archive import ArchiveTooLarge
 from app.datasets.models import Dataset
+from app.datasets.schemas import (
+    BboxFormat,
+    DatasetOptions,
+    DatasetOut,
+    DatasetPage,
+    ValidationReport,
+    report_model,
+)
 from app.db import get_sessionmaker
 from app.errors import InvalidInput, UnsupportedMediaType
+from app.openapi import form_body, problems
+from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-BboxFormat = Literal["xyxy", "xywh", "cxcywh"]
+_PRINTABLE = re.compile(PRINTABLE_PATTERN)
 
 RAW_TYPES = frozenset(
     {
@@ -43,27 +50,17 @@ RAW_TYPES = frozenset(
 MAX_FORM_FIELD = 1024
 
 
-class DatasetOut(BaseModel):
-    id: str
-    name: str
-    format: str
-    path: str
-    status: str
-    options: dict[str, Any]
-    classes: list[str] | None
-    archive_bytes: int
-    size_bytes: int
-    file_count: int
-    created_at: datetime
-    validated_at: datetime | None
-    report: dict[str, Any] | None
+class UploadForm(BaseModel):
+    """The multipart form of an upload (streamed to disk by hand, to enforce the size limit while
+    reading). The archive may instead be the whole body (`application/octet-stream`, or any of
+    RAW_TYPES), with `name` and `bbox_format` in the query."""
+
+    file: bytes = Field(description="A zip or tar(.gz/.bz2/.xz) archive.")
+    name: str | None = Field(default=None, min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)
+    bbox_format: BboxFormat | None = Field(default=None, description="hf only; default xywh.")
 
 
-class DatasetPage(BaseModel):
-    items: list[DatasetOut]
-    total: int
-    limit: int
-    offset: int
+_RAW_ARCHIVE = {"type": "string", "format": "binary", "description": "A zip or tar archive."}
 
 
 def _out(dataset: Dataset) -> DatasetOut:
@@ -73,14 +70,14 @@ def _out(dataset: Dataset) -> DatasetOut:
         format=dataset.format,
         path=dataset.path,
         status=dataset.status,
-        options=dataset.options or {},
+        options=DatasetOptions.model_validate(dataset.options or {}),
         classes=dataset.classes,
         archive_bytes=dataset.archive_bytes,
         size_bytes=dataset.size_bytes,
         file_count=dataset.file_count,
         created_at=dataset.created_at,
         validated_at=dataset.validated_at,
-        report=dataset.report,
+        report=report_model(dataset.report),
     )
 
 
@@ -146,7 +143,7 @@ class _Form:
                 raise InvalidInput(f"form field {self._current!r} is too long")
 
 
-async def _receive(request: Request, target: Path, settings: Settings) -> dict[str, str]:
+async def _receive(request: Request, target: FilePath, settings: Settings) -> dict[str, str]:
     """Stream the request body to `target` (the archive); returns the small form fields, if any."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.upload_max_bytes + 64 * 1024:
@@ -191,7 +188,7 @@ async def _receive(request: Request, target: Path, settings: Settings) -> dict[s
     return {}
 
 
-def _register(settings: Settings, archive: Path, name: str | None, bbox_format: str | None) -> Dataset:
+def _register(settings: Settings, archive: FilePath, name: str | None, bbox_format: str | None) -> Dataset:
     session = get_sessionmaker(settings.database_url)()
     try:
         dataset = service.register_upload(
@@ -203,11 +200,17 @@ def _register(settings: Settings, archive: Path, name: str | None, bbox_format: 
         session.close()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    openapi_extra=form_body(UploadForm, **{"application/octet-stream": _RAW_ARCHIVE}),
+    responses=problems(413, 415, 422, 503),
+)
 async def upload_dataset(
     request: Request,
     settings: SettingsDep,
-    name: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=_PRINTABLE.pattern)] = None,
     bbox_format: Annotated[BboxFormat | None, Query(description="hf only; default xywh.")] = None,
 ) -> DatasetOut:
     """Upload a zip or tar of a COCO, YOLO or Hugging Face dataset: multipart (field `file`, optional
@@ -222,9 +225,9 @@ async def upload_dataset(
         name = name or fields.get("name") or None
         raw_format = bbox_format or fields.get("bbox_format") or None
         if raw_format is not None and raw_format not in ("xyxy", "xywh", "cxcywh"):
-            raise InvalidInput("bbox_format must be xyxy, xywh or cxcywh")
-        if name is not None and not 1 <= len(name) <= 200:
-            raise InvalidInput("name must be 1 to 200 characters")
+            raise InvalidInput.field(["body", "bbox_format"], "bbox_format must be xyxy, xywh or cxcywh")
+        if name is not None and not (1 <= len(name) <= 200 and _PRINTABLE.match(name)):
+            raise InvalidInput.field(["body", "name"], "name must be 1 to 200 printable characters")
         # Extraction and validation read every file: off the event loop.
         dataset = await run_in_threadpool(_register, settings, archive, name, raw_format)
     finally:
@@ -232,41 +235,59 @@ async def upload_dataset(
     return _out(dataset)
 
 
-@router.get("", response_model=DatasetPage)
+@router.get("", response_model=DatasetPage, responses=problems(422, 503))
 def list_datasets(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetPage:
     """Registered datasets, newest first."""
     rows, total = service.list_datasets(session, limit=limit, offset=offset)
     return DatasetPage(items=[_out(d) for d in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problems(404, 422, 503))
+def get_dataset(dataset_id: ObjectId, session: SessionDep) -> DatasetOut:
     """One dataset with its last validation report."""
     return _out(service.get_dataset(session, dataset_id=dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> Response:
-    """Unregister a dataset and delete its files; 409 while a queued or running job uses it."""
-    folder = service.delete_dataset(session, settings=settings, dataset_id=dataset_id)
+def get_dataset_users(request: Request) -> service.DatasetUsers:
+    """Who uses a dataset: the jobs area's answer, wired in by `app.main`."""
+    users: service.DatasetUsers = request.app.state.dataset_users
+    return users
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=problems(404, 409, 422, 503),
+)
+def delete_dataset(
+    dataset_id: ObjectId,
+    session: SessionDep,
+    settings: SettingsDep,
+    users: Annotated[service.DatasetUsers, Depends(get_dataset_users)],
+) -> Response:
+    """Unregister a dataset and delete its files; 409 (naming the jobs) while a queued or running job
+    uses it."""
+    folder = service.delete_dataset(session, settings=settings, dataset_id=dataset_id, users=users)
     session.commit()
     service.remove_files(folder)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{dataset_id}/validate")
+@router.post("/{dataset_id}/validate", response_model=ValidationReport, responses=problems(404, 422, 503))
 def validate_dataset(
-    dataset_id: str,
+    dataset_id: ObjectId,
     session: SessionDep,
     settings: SettingsDep,
     bbox_format: Annotated[BboxFormat | None, Query(description="hf only; stored for later jobs.")] = None,
-) -> dict[str, Any]:
+) -> ValidationReport:
     """Validate the dataset again and answer the report (also stored on the dataset)."""
     dataset = service.validate(session, settings=settings, dataset_id=dataset_id, bbox_format=bbox_format)
     session.commit()
-    assert dataset.report is not None
-    return dataset.report
+    report = report_model(dataset.report)
+    assert report is not None
+    return report

@@ -7,7 +7,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -17,10 +17,11 @@ from app.datasets.coco import SplitRef
 from app.datasets.formats import DatasetOptions, detect_format, validate_dataset
 from app.datasets.hf import default_cache_root
 from app.datasets.models import Dataset, DatasetStatus
-from app.db import utcnow
+from app.datasets.problems import problem
+from app.datasets.schemas import DatasetSpec
+from app.db import new_id, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
-from app.jobs.models import Job, JobStatus, new_id
-from app.jobs.schemas import DatasetSpec
+from app.paths import is_inside, real
 from app.settings import Settings
 
 UPLOADS = "uploads"
@@ -35,8 +36,13 @@ class ResolvedDataset:
     dataset_id: str | None
 
 
-def _field_error(loc: Sequence[str], message: str) -> InvalidInput:
-    return InvalidInput(message, details=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
+class DatasetUsers(Protocol):
+    """Who reads a dataset now: the ids of queued or running jobs using it (by id, or by a path inside
+    its folder). The jobs area implements it and `app.main` wires it in: datasets never imports jobs."""
+
+    def __call__(
+        self, session: Session, *, settings: Settings, dataset_id: str, folder: Path
+    ) -> list[str]: ...
 
 
 def limits(settings: Settings) -> ArchiveLimits:
@@ -81,44 +87,56 @@ def options_for(
 
 def dataset_root(settings: Settings, dataset: Dataset) -> Path:
     """The registered dataset's folder (it must still be inside the datasets directory)."""
-    base = settings.datasets_dir.resolve()
-    root = (base / dataset.path).resolve()
-    if not root.is_relative_to(base) or not root.is_dir():
+    root = real(settings.datasets_dir / dataset.path)
+    if not is_inside(root, settings.datasets_dir) or not root.is_dir():
         raise DatasetError(
             f"the files of dataset {dataset.id!r} are missing",
-            details=[{"file": dataset.path, "problem": "dataset folder is missing", "severity": "error"}],
+            details=[problem(dataset.path, "dataset folder is missing", "missing_file")],
         )
     return root
 
 
-def resolve_spec(
-    session: Session, *, settings: Settings, spec: DatasetSpec, resolve_path: Any
-) -> ResolvedDataset:
-    """A job spec's dataset as a folder and options. `resolve_path(settings, relative)` checks paths.
+def resolve_path(settings: Settings, relative: str) -> Path:
+    """A dataset folder named by its path inside the datasets directory; symlinks may not lead out.
 
-    Raises `InvalidInput` with the field at fault (an unknown id, a format or option that does not
-    fit the registered dataset).
+    Raises `InvalidInput` for the spec's `path` field.
+    """
+    root = real(settings.datasets_dir / relative)
+    if not is_inside(root, settings.datasets_dir):
+        raise InvalidInput.field(["path"], "dataset path leads outside the datasets directory")
+    if not root.is_dir():
+        raise InvalidInput.field(
+            ["path"], f"dataset directory {relative!r} does not exist in the datasets directory"
+        )
+    return root
+
+
+def resolve_spec(session: Session, *, settings: Settings, spec: DatasetSpec) -> ResolvedDataset:
+    """A dataset spec as a folder and options.
+
+    Raises `InvalidInput` with the spec's field at fault (locations relative to the spec: a path
+    outside the datasets directory or missing, an unknown id, a format or option that does not fit
+    the registered dataset).
     """
     if spec.id is None:
         assert spec.path is not None and spec.format is not None
         return ResolvedDataset(resolve_path(settings, spec.path), options_for(spec.format, spec, None), None)
     dataset = session.get(Dataset, spec.id)
     if dataset is None:
-        raise _field_error(["dataset", "id"], f"dataset {spec.id!r} is not registered")
+        raise InvalidInput.field(["id"], f"dataset {spec.id!r} is not registered")
     if spec.format is not None and spec.format != dataset.format:
-        raise _field_error(
-            ["dataset", "format"], f"dataset {spec.id!r} is a {dataset.format} dataset, not {spec.format}"
+        raise InvalidInput.field(
+            ["format"], f"dataset {spec.id!r} is a {dataset.format} dataset, not {spec.format}"
         )
     misplaced = spec.misplaced_options(dataset.format)
     if misplaced:
-        raise _field_error(
-            ["dataset", misplaced[0]],
-            f"{misplaced[0]} does not apply to {dataset.format} dataset {spec.id!r}",
+        raise InvalidInput.field(
+            [misplaced[0]], f"{misplaced[0]} does not apply to {dataset.format} dataset {spec.id!r}"
         )
     try:
         root = dataset_root(settings, dataset)
     except DatasetError as exc:
-        raise _field_error(["dataset", "id"], exc.message) from exc
+        raise InvalidInput.field(["id"], exc.message) from exc
     return ResolvedDataset(root, options_for(dataset.format, spec, dataset.options), dataset.id)
 
 
@@ -136,7 +154,7 @@ def register_upload(
     inspected; an archive that is refused or whose format is not recognised leaves nothing behind.
     """
     dataset_id = new_id()
-    dest = settings.datasets_dir / UPLOADS / dataset_id
+    dest = upload_folder(settings, dataset_id)
     archive_bytes = archive.stat().st_size
     extracted = extract_archive(archive, dest, limits(settings))
     try:
@@ -205,37 +223,27 @@ def validate(session: Session, *, settings: Settings, dataset_id: str, bbox_form
     return dataset
 
 
-def jobs_using(session: Session, *, settings: Settings, dataset: Dataset) -> list[str]:
-    """Queued or running jobs that read this dataset (by id, or by a path inside its folder)."""
-    folder = (settings.datasets_dir / UPLOADS / dataset.id).resolve()
-    users = []
-    for job_id, spec in session.execute(
-        select(Job.id, Job.spec).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
-    ):
-        ds = (spec or {}).get("dataset") or {}
-        if ds.get("id") == dataset.id:
-            users.append(job_id)
-        elif isinstance(ds.get("path"), str):
-            path = (settings.datasets_dir / ds["path"]).resolve()
-            if path == folder or path.is_relative_to(folder):
-                users.append(job_id)
-    return users
+def upload_folder(settings: Settings, dataset_id: str) -> Path:
+    """Where an uploaded dataset's files are."""
+    return settings.datasets_dir / UPLOADS / dataset_id
 
 
-def delete_dataset(session: Session, *, settings: Settings, dataset_id: str) -> Path:
+def delete_dataset(session: Session, *, settings: Settings, dataset_id: str, users: DatasetUsers) -> Path:
     """Unregister a dataset (409 while a queued or running job uses it); returns the folder to remove
     once the caller has committed."""
     dataset = get_dataset(session, dataset_id=dataset_id)
-    users = jobs_using(session, settings=settings, dataset=dataset)
-    if users:
+    in_use = users(
+        session, settings=settings, dataset_id=dataset.id, folder=upload_folder(settings, dataset.id)
+    )
+    if in_use:
         raise Conflict(
-            f"dataset {dataset_id!r} is used by {len(users)} queued or running job(s): "
-            f"{', '.join(users[:10])}; cancel them or wait for them to finish",
-            details=[{"job_id": j} for j in users],
+            f"dataset {dataset_id!r} is used by {len(in_use)} queued or running job(s): "
+            f"{', '.join(in_use[:10])}; cancel them or wait for them to finish",
+            details=in_use,
         )
     session.delete(dataset)
     session.flush()
-    return settings.datasets_dir / UPLOADS / dataset_id
+    return upload_folder(settings, dataset_id)
 
 
 def remove_files(folder: Path) -> None:

@@ -22,13 +22,23 @@ from typing import Any
 
 import yaml
 
-from app.datasets.coco import PreparedDataset, _single_subfolder, _unsafe_relative
-from app.datasets.common import Box, ImageRecord, Problems, build_split, finish, read_image
+from app.datasets.pipeline import (
+    Box,
+    ImageRecord,
+    PreparedDataset,
+    build_split,
+    finish,
+    read_image,
+    single_subfolder,
+)
+from app.datasets.problems import Problems, dataset_error, problem
 from app.errors import DatasetError
+from app.paths import is_inside, unsafe_relative
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".mpo"})
 DEFAULT_YAML_NAMES: tuple[str, ...] = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
 MAX_LABEL_BYTES = 16 * 2**20
+BOX_HINT = "YOLO labels are class cx cy w h, normalised to 0..1"
 
 
 @dataclass(frozen=True)
@@ -42,22 +52,16 @@ class YoloLayout:
     val_key: str
 
 
-def _error(file: str, problem: str) -> DatasetError:
-    return DatasetError(
-        f"{file}: {problem}", details=[{"file": file, "problem": problem, "severity": "error"}]
-    )
-
-
 def find_data_yaml(root: Path, data_yaml: str | None) -> str:
     """The data YAML relative to `root`: the one named, else `data.yaml` (or the only `*.yaml`), also
     one folder down when the dataset is wrapped in a single folder. Raises `DatasetError`."""
     if data_yaml is not None:
-        if _unsafe_relative(data_yaml):
-            raise _error(data_yaml, "data_yaml must be a path inside the dataset")
+        if unsafe_relative(data_yaml):
+            raise dataset_error(data_yaml, "data_yaml must be a path inside the dataset", "outside_dataset")
         if not (root / data_yaml).is_file():
-            raise _error(data_yaml, "data_yaml does not exist in the dataset")
+            raise dataset_error(data_yaml, "data_yaml does not exist in the dataset", "missing_file")
         return str(PurePosixPath(data_yaml))
-    for base in (root, _single_subfolder(root)):
+    for base in (root, single_subfolder(root)):
         if base is None:
             continue
         prefix = "" if base == root else f"{base.name}/"
@@ -68,16 +72,13 @@ def find_data_yaml(root: Path, data_yaml: str | None) -> str:
         if len(candidates) == 1:
             return prefix + candidates[0]
         if len(candidates) > 1:
-            raise _error(
+            raise dataset_error(
                 prefix or ".",
                 f"several YAML files ({', '.join(candidates)}); name the one to use in dataset.data_yaml",
+                "ambiguous_layout",
             )
-    raise _error(".", "no data.yaml found (looked for " + ", ".join(DEFAULT_YAML_NAMES) + ")")
-
-
-def _inside(path: Path, root: Path) -> bool:
-    real = Path(os.path.realpath(path))
-    return real == root or real.is_relative_to(root)
+    looked = ", ".join(DEFAULT_YAML_NAMES)
+    raise dataset_error(".", f"no data.yaml found (looked for {looked})", "missing_file")
 
 
 def _resolve_source(root: Path, base: Path, entry: str) -> Path | None:
@@ -94,7 +95,7 @@ def _resolve_source(root: Path, base: Path, entry: str) -> Path | None:
         if not candidate or PurePosixPath(candidate).is_absolute():
             continue
         path = Path(os.path.normpath(base / candidate))
-        if _inside(path, root) and path.exists():
+        if is_inside(path, root) and path.exists():
             return path
     return None
 
@@ -104,24 +105,25 @@ def load_layout(root: Path, data_yaml: str | None) -> YoloLayout:
     root = root.resolve()
     rel = find_data_yaml(root, data_yaml)
     path = root / rel
-    if not _inside(path, root):
-        raise _error(rel, "links outside the dataset")
+    if not is_inside(path, root):
+        raise dataset_error(rel, "links outside the dataset", "outside_dataset")
     try:
         with path.open("rb") as f:
             data = yaml.safe_load(f)
     except OSError as exc:
-        raise _error(rel, f"cannot be read: {exc.strerror or exc}") from exc
+        raise dataset_error(rel, f"cannot be read: {exc.strerror or exc}", "unreadable_file") from exc
     except yaml.YAMLError as exc:
-        raise _error(rel, f"is not valid YAML: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else exc
+        raise dataset_error(rel, f"is not valid YAML: {first}", "unreadable_file") from exc
     if not isinstance(data, dict):
-        raise _error(rel, "must be a YAML mapping with names, train and val")
+        raise dataset_error(rel, "must be a YAML mapping with names, train and val", "bad_schema")
     names = _class_names(rel, data)
     base = path.parent
     declared = data.get("path")
     if isinstance(declared, str) and declared and not PurePosixPath(declared).is_absolute():
         candidate = Path(os.path.normpath(base / declared))
         # An absolute `path` is the author's machine; a relative one is honoured when it stays inside.
-        if _inside(candidate, root) and candidate.is_dir():
+        if is_inside(candidate, root) and candidate.is_dir():
             base = candidate
     problems: list[dict[str, str]] = []
     train = _sources(root, base, rel, "train", data.get("train"), problems)
@@ -141,23 +143,24 @@ def _class_names(rel: str, data: dict[str, Any]) -> tuple[str, ...]:
         try:
             keys = sorted(int(k) for k in raw)
         except (TypeError, ValueError) as exc:
-            raise _error(rel, "names must map class ids 0, 1, ... to names") from exc
+            raise dataset_error(rel, "names must map class ids 0, 1, ... to names", "bad_class_list") from exc
         if keys != list(range(len(keys))):
-            raise _error(rel, f"names must map the class ids 0..{len(keys) - 1} without gaps, got {keys}")
+            text = f"names must map the class ids 0..{len(keys) - 1} without gaps, got {keys}"
+            raise dataset_error(rel, text, "bad_class_list")
         by_id = {int(k): v for k, v in raw.items()}
         names = [str(by_id[k]) for k in keys]
     else:
-        raise _error(rel, "has no names list (the class names)")
+        raise dataset_error(rel, "has no names list (the class names)", "no_classes")
     if not names:
-        raise _error(rel, "names is empty, so there are no classes to train")
+        raise dataset_error(rel, "names is empty, so there are no classes to train", "no_classes")
     if any(not n.strip() for n in names):
-        raise _error(rel, "a class name is empty")
+        raise dataset_error(rel, "a class name is empty", "bad_class_list")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise _error(rel, f"class names appear twice: {', '.join(duplicates)}")
+        raise dataset_error(rel, f"class names appear twice: {', '.join(duplicates)}", "bad_class_list")
     nc = data.get("nc")
     if nc is not None and nc != len(names):
-        raise _error(rel, f"nc is {nc} but names lists {len(names)} classes")
+        raise dataset_error(rel, f"nc is {nc} but names lists {len(names)} classes", "bad_class_list")
     return tuple(names)
 
 
@@ -166,24 +169,17 @@ def _sources(
 ) -> tuple[Path, ...]:
     entries = value if isinstance(value, list) else [value] if value else []
     if not entries:
-        problems.append({"file": rel, "problem": f"has no {key} split", "severity": "error"})
+        problems.append(problem(rel, f"has no {key} split", "no_split"))
         return ()
     found: list[Path] = []
     for entry in entries:
         if not isinstance(entry, str):
-            problems.append(
-                {"file": rel, "problem": f"{key} entry {entry!r} is not a path", "severity": "error"}
-            )
+            problems.append(problem(rel, f"{key} entry {entry!r} is not a path", "bad_schema"))
             continue
         path = _resolve_source(root, base, entry)
         if path is None:
-            problems.append(
-                {
-                    "file": rel,
-                    "problem": f"{key} split {entry!r} is not a folder or file inside the dataset",
-                    "severity": "error",
-                }
-            )
+            text = f"{key} split {entry!r} is not a folder or file inside the dataset"
+            problems.append(problem(rel, text, "no_split"))
             continue
         found.append(path)
     return tuple(found)
@@ -211,7 +207,7 @@ def _list_images(root: Path, source: Path, problems: Problems) -> list[Path]:
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        problems.error(rel, f"image list cannot be read: {exc}")
+        problems.error(rel, f"image list cannot be read: {exc}", "unreadable_file")
         return []
     images = []
     for number, line in enumerate(lines, 1):
@@ -220,7 +216,8 @@ def _list_images(root: Path, source: Path, problems: Problems) -> list[Path]:
             continue
         path = _resolve_source(root, source.parent, entry) or _resolve_source(root, root, entry)
         if path is None:
-            problems.error(rel, f"line {number}: image {entry!r} does not exist inside the dataset")
+            text = f"line {number}: image {entry!r} does not exist inside the dataset"
+            problems.error(rel, text, "missing_image")
             continue
         images.append(path)
     return images
@@ -229,13 +226,14 @@ def _list_images(root: Path, source: Path, problems: Problems) -> list[Path]:
 def _parse_labels(
     label: Path, shown: str, size: tuple[int, int], num_classes: int, problems: Problems
 ) -> list[Box]:
+    """The boxes of one label file in pixels; `shown` names the label file in errors."""
     try:
         if label.stat().st_size > MAX_LABEL_BYTES:
-            problems.error(shown, "label file is too large")
+            problems.error(shown, "label file is too large", "unreadable_file")
             return []
         text = label.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        problems.error(shown, f"label file cannot be read: {exc}")
+        problems.error(shown, f"label file cannot be read: {exc}", "unreadable_file")
         return []
     width, height = size
     boxes: list[Box] = []
@@ -243,16 +241,15 @@ def _parse_labels(
         parts = line.split()
         if not parts:
             continue
-        where = f"{shown} line {number}"
         try:
             values = [float(p) for p in parts]
         except ValueError:
-            problems.error(
-                shown, f"line {number} does not parse: {line.strip()[:80]!r} (expected class cx cy w h)"
-            )
+            text = f"line {number} does not parse: {line.strip()[:80]!r} (expected class cx cy w h)"
+            problems.error(shown, text, "malformed_annotation")
             continue
         if not all(math.isfinite(v) for v in values):
-            problems.error(shown, f"line {number} has a value that is not a finite number")
+            text = f"line {number} has a value that is not a finite number"
+            problems.error(shown, text, "malformed_annotation")
             continue
         label_value, coords = values[0], values[1:]
         if len(coords) == 4:
@@ -262,59 +259,48 @@ def _parse_labels(
             xs, ys = coords[0::2], coords[1::2]
             x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
         else:
-            problems.error(
-                shown, f"line {number} has {len(parts)} values (expected 5: class cx cy w h, or a polygon)"
-            )
+            text = f"line {number} has {len(parts)} values (expected 5: class cx cy w h, or a polygon)"
+            problems.error(shown, text, "malformed_annotation")
             continue
         if label_value != int(label_value) or not 0 <= label_value < num_classes:
             problems.error(
                 shown,
                 f"line {number} has class id {parts[0]}, which is not a class "
                 f"(data.yaml names {num_classes}: 0..{num_classes - 1})",
+                "unknown_class",
             )
             continue
-        boxes.append(Box(int(label_value), x1 * width, y1 * height, x2 * width, y2 * height, where))
+        ref = f"label line {number}"
+        boxes.append(Box(int(label_value), x1 * width, y1 * height, x2 * width, y2 * height, ref))
     return boxes
 
 
 def _read_split(
-    root: Path,
-    name: str,
-    sources: tuple[Path, ...],
-    layout: YoloLayout,
-    problems: Problems,
-) -> tuple[list[ImageRecord], dict[int, tuple[int, int]]]:
+    root: Path, sources: tuple[Path, ...], layout: YoloLayout, problems: Problems
+) -> list[ImageRecord]:
+    """The split's images, read (labels are normalised: the image size is needed to parse them)."""
     records: list[ImageRecord] = []
-    sizes: dict[int, tuple[int, int]] = {}
     by_label: dict[Path, str] = {}
     used_labels: set[Path] = set()
     for source in sources:
         for image in _list_images(root, source, problems):
             shown = image.relative_to(root).as_posix() if image.is_relative_to(root) else image.name
-            if not _inside(image, root):
-                problems.error(shown, "image links outside the dataset")
-                continue
             label = label_path(image)
             if label in by_label:
                 # Two images share one label file (x.jpg and x.png): they would share an id and boxes.
-                problems.error(
-                    shown, f"duplicate image: {by_label[label]} has the same name (and label file)"
-                )
+                text = f"duplicate image: {by_label[label]} has the same name (and label file)"
+                problems.error(shown, text, "duplicate_image")
                 continue
             by_label[label] = shown
-            record = ImageRecord(
-                image_id=len(records), file_name=image.relative_to(root).as_posix(), path=image, shown=shown
-            )
+            has_label = label.is_file() and is_inside(label, root)
+            if has_label:
+                used_labels.add(label)  # the label file has its image, even if that is unreadable
+            record = ImageRecord(image_id=len(records), file_name=shown, path=image, shown=shown)
             records.append(record)
-            size = read_image(record, problems)
-            if size is None:
-                continue
-            sizes[record.image_id] = size
-            if label.is_file() and _inside(label, root):
-                used_labels.add(label)
-                record.boxes = _parse_labels(
-                    label, label.relative_to(root).as_posix(), size, len(layout.class_names), problems
-                )
+            size = read_image(record, problems, root)
+            if size is not None and has_label:
+                label_shown = label.relative_to(root).as_posix()
+                record.boxes = _parse_labels(label, label_shown, size, len(layout.class_names), problems)
     for source in sources:
         labels_dir = label_path(source / "x").parent if source.is_dir() else None
         if labels_dir is None or not labels_dir.is_dir():
@@ -322,7 +308,7 @@ def _read_split(
         for label in sorted(labels_dir.rglob("*.txt")):
             if label not in used_labels and label.name != "classes.txt":
                 problems.warn("orphan_label", label.relative_to(root).as_posix())
-    return records, sizes
+    return records
 
 
 def prepare_yolo_dataset(root: Path, data_yaml: str | None, out_dir: Path) -> PreparedDataset:
@@ -336,9 +322,11 @@ def prepare_yolo_dataset(root: Path, data_yaml: str | None, out_dir: Path) -> Pr
     problems = Problems()
     results = {}
     for name, sources in (("train", layout.train), ("val", layout.val)):
-        records, sizes = _read_split(root, name, sources, layout, problems)
+        records = _read_split(root, sources, layout, problems)
         source = ", ".join(s.relative_to(root).as_posix() for s in sources)
-        results[name] = build_split(name, source, records, root, layout.class_names, problems, sizes)
+        results[name] = build_split(
+            name, source, records, root, layout.class_names, problems, inside=root, box_hint=BOX_HINT
+        )
     return finish(
         layout.class_names,
         results["train"],

@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
-from sqlalchemy.orm import Session
 
 from app import queue
-from app.api import get_session, get_settings_dep
-from app.settings import Settings
+from app.api import SessionDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
+class Health(BaseModel):
     """The process answers."""
-    return {"status": "ok"}
+
+    status: Literal["ok"]
 
 
-@router.get("/readyz")
-async def readyz(
-    session: Annotated[Session, Depends(get_session)],
-    settings: Annotated[Settings, Depends(get_settings_dep)],
-) -> JSONResponse:
+class Readiness(BaseModel):
+    """Whether the database and the broker can be reached; `checks` names each and its state."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str]
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process answers (no dependency is checked)."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "The database or the broker is unreachable."}},
+)
+async def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Database and broker reachable (503 otherwise, naming which)."""
     checks: dict[str, str] = {}
     try:
@@ -38,6 +51,5 @@ async def readyz(
     ok = await run_in_threadpool(queue.broker_reachable, settings)
     checks["broker"] = "ok" if ok else "error: unreachable"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
-    )
+    body = Readiness(status="ok" if ready else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -5,33 +5,38 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Query, status
+from pydantic import StringConstraints
 
 from app import queue
-from app.api import get_session, get_settings_dep
-from app.errors import InvalidInput
+from app.api import ObjectId, SessionDep, SettingsDep
 from app.jobs import lifecycle, service
 from app.jobs.models import JobStatus
 from app.jobs.schemas import EventOut, EventPage, JobOut, JobPage, JobSpec, MetricOut, MetricPage
-from app.settings import Settings
+from app.openapi import problems
+from app.schemas import MAX_OFFSET
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+# A cursor is a row id as returned in `next_cursor`: digits only, and small enough for a 64-bit column.
+Cursor = Annotated[
+    str | None,
+    Query(pattern=r"^[0-9]{1,18}$", description="`next_cursor` of the previous page: only newer items."),
+]
+
+
+# Series names as the training writes them; no control characters (PostgreSQL refuses NUL).
+MetricName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
 
 
 def _cursor(value: str | None) -> int | None:
-    if value is None or value == "":
-        return None
-    if not value.isdigit():
-        raise InvalidInput("cursor must be a value returned as next_cursor")
-    return int(value)
+    return None if value is None else int(value)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=problems(400, 422, 503)
+)
 def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Validate a job spec and queue the job."""
     job = service.create_job(session, spec=spec, settings=settings)
@@ -50,54 +55,61 @@ def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Job
     return service.to_out(job)
 
 
-@router.get("", response_model=JobPage)
+@router.get("", response_model=JobPage, responses=problems(422, 503))
 def list_jobs(
     session: SessionDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     """Jobs, newest first."""
     jobs, total = service.list_jobs(session, status=status_, limit=limit, offset=offset)
     return JobPage(items=[service.to_out(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, responses=problems(404, 422, 503))
+def get_job(job_id: ObjectId, session: SessionDep) -> JobOut:
+    """A job: status, progress with ETA, best metric, error, artifacts."""
     return service.to_out(service.get_job(session, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
-    """Cancel a queued job, or ask a running one to stop (within one batch). Idempotent."""
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=problems(404, 409, 422, 503),
+)
+def cancel_job(job_id: ObjectId, session: SessionDep) -> JobOut:
+    """Cancel a queued job, or ask a running one to stop (within one batch). Idempotent; 409 once
+    the job succeeded or failed."""
     job = service.request_cancel(session, job_id=job_id)
     session.commit()
     return service.to_out(job)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricPage)
-def get_metrics(
-    job_id: str,
+@router.get("/{job_id}/metrics", response_model=MetricPage, responses=problems(404, 422, 503))
+def list_job_metrics(
+    job_id: ObjectId,
     session: SessionDep,
-    name: Annotated[list[str] | None, Query(description="Only these series (repeatable).")] = None,
-    cursor: str | None = None,
+    name: Annotated[
+        list[MetricName], Query(default_factory=list, description="Only these series (repeatable).")
+    ],
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> MetricPage:
     """Metric points in the order they were recorded; poll with ?cursor=<next_cursor> for new ones."""
-    after = _cursor(cursor)
-    rows = service.list_metrics(session, job_id=job_id, names=name or [], cursor=after, limit=limit)
-    next_cursor = str(rows[-1].id) if rows else cursor
+    rows = service.list_metrics(session, job_id=job_id, names=name, cursor=_cursor(cursor), limit=limit)
     return MetricPage(
         items=[MetricOut(name=r.name, epoch=r.epoch, step=r.step, value=r.value, time=r.time) for r in rows],
-        next_cursor=next_cursor,
+        next_cursor=str(rows[-1].id) if rows else cursor,
     )
 
 
-@router.get("/{job_id}/events", response_model=EventPage)
-def get_events(
-    job_id: str,
+@router.get("/{job_id}/events", response_model=EventPage, responses=problems(404, 422, 503))
+def list_job_events(
+    job_id: ObjectId,
     session: SessionDep,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> EventPage:
     """State changes, warnings and log lines of a job."""

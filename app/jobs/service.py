@@ -17,41 +17,23 @@ from app.datasets.formats import check_layout
 from app.datasets.service import resolve_spec
 from app.db import utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
-from app.jobs import lifecycle
+from app.jobs import files, lifecycle
 from app.jobs.models import Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress
+from app.paths import is_inside
 from app.settings import Settings
 
 
 def _field_error(loc: Sequence[str | int], message: str) -> InvalidInput:
-    return InvalidInput(message, details=[{"loc": ["body", *loc], "msg": message, "type": "value_error"}])
-
-
-def resolve_dataset_root(settings: Settings, relative: str) -> Path:
-    """The dataset root inside the datasets directory; symlinks may not lead out of it."""
-    base = settings.datasets_dir.resolve()
-    root = (base / relative).resolve()
-    if root != base and base not in root.parents:
-        raise _field_error(["dataset", "path"], "dataset path leads outside the datasets directory")
-    if not root.is_dir():
-        raise _field_error(
-            ["dataset", "path"], f"dataset directory {relative!r} does not exist in the datasets directory"
-        )
-    return root
-
-
-def checkpoint_for_init(job: Job) -> Path | None:
-    """The checkpoint another job may start from: its best one, else its latest."""
-    artifacts = job.artifacts or {}
-    for key in ("ckpt_best", "ckpt_latest"):
-        if key in artifacts and Path(artifacts[key]).is_file():
-            return Path(artifacts[key])
-    return None
+    return InvalidInput.field(["body", *loc], message)
 
 
 def create_job(session: Session, *, spec: JobSpec, settings: Settings) -> Job:
     """Validate what the spec points at (dataset layout, init job) and insert a queued job."""
-    resolved = resolve_spec(session, settings=settings, spec=spec.dataset, resolve_path=resolve_dataset_root)
+    try:
+        resolved = resolve_spec(session, settings=settings, spec=spec.dataset)
+    except InvalidInput as exc:
+        raise exc.under("body", "dataset") from exc
     try:
         check_layout(resolved.root, resolved.options)
     except DatasetError as exc:
@@ -70,7 +52,7 @@ def create_job(session: Session, *, spec: JobSpec, settings: Settings) -> Job:
                 ["init_from", "job_id"],
                 f"job {source.id!r} trained {source.model}; a {spec.model} cannot start from its checkpoint",
             )
-        if checkpoint_for_init(source) is None:
+        if files.init_checkpoint(source) is None:
             raise _field_error(
                 ["init_from", "job_id"],
                 f"job {source.id!r} has no checkpoint to start from (status {source.status})",
@@ -186,3 +168,22 @@ def to_out(job: Job) -> JobOut:
         artifacts=job.artifacts or {},
         spec=job.spec,
     )
+
+
+def jobs_using_dataset(session: Session, *, settings: Settings, dataset_id: str, folder: Path) -> list[str]:
+    """Queued or running jobs that read a dataset: by its id, or by a path inside its folder.
+
+    The jobs side of `app.datasets.service.DatasetUsers`.
+    """
+    users = []
+    for job_id, spec in session.execute(
+        select(Job.id, Job.spec).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
+    ):
+        dataset = (spec or {}).get("dataset") or {}
+        if dataset.get("id") == dataset_id:
+            users.append(job_id)
+        elif isinstance(dataset.get("path"), str) and is_inside(
+            settings.datasets_dir / dataset["path"], folder
+        ):
+            users.append(job_id)
+    return users

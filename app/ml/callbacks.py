@@ -1,6 +1,7 @@
 """SG phase callback: per-batch loss and LR, progress, best metric, and cancellation within a batch.
 
-Import this module only after `app.ml.training` has set SG's environment (it imports super_gradients).
+Imports super_gradients at its top: import it only inside the training process, after
+`app.ml.sg_setup.prepare_this_process` (`run_training` does both).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 
 from super_gradients.training.utils.callbacks import Callback, PhaseContext
 
-from app.ml.types import MetricPoint, Reporter, TrainingCancelled
+from app.ml.types import MetricPoint, Reporter, TrainingCancelled, greater_is_better
 
 # Per-batch series get their own prefix so they never mix with SG's per-epoch "Train_..." series.
 BATCH_PREFIX = "Batch_"
@@ -24,13 +25,11 @@ class ReporterCallback(Callback):
     the number of batches finished in the current epoch.
     """
 
-    def __init__(
-        self, reporter: Reporter, max_epochs: int, metric_to_watch: str, greater_is_better: bool
-    ) -> None:
+    def __init__(self, reporter: Reporter, max_epochs: int, metric_to_watch: str) -> None:
         self.reporter = reporter
         self.max_epochs = max_epochs
         self.metric_to_watch = metric_to_watch
-        self.greater_is_better = greater_is_better
+        self.greater_is_better = greater_is_better(metric_to_watch)
         self.best_value: float | None = None
         self.epochs_validated = 0
 

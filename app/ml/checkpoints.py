@@ -4,6 +4,9 @@ torch >= 2.6 refuses every global that is not allow-listed. SG's own files need 
 globals (the `averaging_snapshots.pkl` of `average_best_models` stores a numpy metric array), so we
 allow exactly those, scoped to a `with` block, instead of the process-wide
 `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` that would make every load unsafe.
+
+Imports torch at its top (not super-gradients): import it only inside the training or inference
+process, never in the API or the worker's main process.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.ml.inference import DEFAULT_CONF, DEFAULT_IOU, load_model
+from app.ml.inference import load_model
+from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
 
 class ExportError(Exception):
@@ -94,7 +95,7 @@ def export_onnx(
     from super_gradients.conversion import ExportTargetBackend
 
     start = time.perf_counter()
-    model, _, _ = load_model(model_name, checkpoint, device)
+    model, _ = load_model(model_name, checkpoint, device)
     output.parent.mkdir(parents=True, exist_ok=True)
     # SG infers the format from the extension: keep ".onnx" last.
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")

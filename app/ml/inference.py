@@ -22,12 +22,9 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
-# SG's checkpoints carry conf=0.5 hard-coded by its Trainer (not a tuned value): answer with more
-# boxes by default and let the caller raise it.
-DEFAULT_CONF = 0.25
-DEFAULT_IOU = 0.65
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(Exception):
@@ -52,13 +49,12 @@ class ModelKey:
 
 @dataclass
 class LoadedModel:
-    """A model with its held pipeline and what the checkpoint says about its data."""
+    """A model with its held pipeline and the class names its checkpoint carries."""
 
     key: ModelKey
     model: Any
     pipeline: Any
     class_names: list[str]
-    input_size: tuple[int, int] | None
     load_seconds: float
 
 
@@ -93,24 +89,10 @@ class PredictOutcome:
     seconds: float
 
 
-def _input_size(processing_params: dict[str, Any]) -> tuple[int, int] | None:
-    """The model's input (height, width) from the checkpoint's image processor, if it says."""
-    processor = processing_params.get("image_processor") or {}
-    steps = processor.get("ComposeProcessing", {}).get("processings", [])
-    for step in reversed(steps):
-        if isinstance(step, dict):
-            for params in step.values():
-                if isinstance(params, dict) and "output_shape" in params:
-                    height, width = params["output_shape"]
-                    return int(height), int(width)
-    return None
-
-
-def load_model(
-    model_name: str, checkpoint: Path, device: str = "cpu"
-) -> tuple[Any, list[str], dict[str, Any]]:
+def load_model(model_name: str, checkpoint: Path, device: str = "cpu") -> tuple[Any, list[str]]:
     """Build `model_name` with the weights and processing params (class names, preprocessing) of
-    `checkpoint`, in eval mode on `device`. Raises ModelLoadError when the file cannot be used."""
+    `checkpoint`, in eval mode on `device`; returns it and its class names. Raises ModelLoadError
+    when the file cannot be used."""
     from super_gradients.training import models
 
     from app.ml.checkpoints import checkpoint_num_classes, load_checkpoint, sg_safe_globals
@@ -136,17 +118,17 @@ def load_model(
     model.eval()
     if device != "cpu":
         model = model.to(device)
-    return model, class_names, processing
+    return model, class_names
 
 
 def build_pipeline(model: Any, *, conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU) -> Any:
     """A fused detection pipeline to hold and call many times (see the module docstring).
 
-    fp16 is only meaningful on CUDA; on the CPU autocast would be a no-op with a warning.
+    fp16 when the model is on a CUDA device (whether or not the machine has CUDA: a model the
+    configuration put on the CPU stays fp32); on the CPU autocast would be a no-op with a warning.
     """
-    import torch
-
-    pipeline = model._get_pipeline(conf=conf, iou=iou, fuse_model=True, fp16=torch.cuda.is_available())
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    pipeline = model._get_pipeline(conf=conf, iou=iou, fuse_model=True, fp16=on_cuda)
     # `_get_pipeline` is an lru_cache on the class: drop its entry so it does not pin this model
     # (and its fused copy) after we evict it from our own LRU.
     type(model)._get_pipeline.cache_clear()
@@ -255,14 +237,13 @@ class InferenceEngine:
             evicted, _ = self._models.popitem(last=False)
             logger.info("evicted %s", evicted.checkpoint)
         start = time.perf_counter()
-        model, class_names, processing = load_model(key.model, Path(key.checkpoint), self.device)
+        model, class_names = load_model(key.model, Path(key.checkpoint), self.device)
         pipeline = build_pipeline(model)
         loaded = LoadedModel(
             key=key,
             model=model,
             pipeline=pipeline,
             class_names=class_names,
-            input_size=_input_size(processing),
             load_seconds=time.perf_counter() - start,
         )
         self.loads += 1

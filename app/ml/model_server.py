@@ -9,7 +9,8 @@ time; the parent serializes calls with a lock and waits off the event loop (in a
 If the child dies or stops answering, the parent kills it, answers that request with
 `ModelServerUnavailable` (the API's 503) and starts a fresh one on the next request.
 
-This module's top level is the parent side and imports only the standard library.
+This module's top level is the parent side and imports only the standard library (and
+`app.ml.sg_setup`, which does too).
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from app.ml.sg_setup import setup_device, sg_environment
+
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 
 
 class ModelServerError(Exception):
-    """The inference process answered with an error. `kind`: load | export | input | internal."""
+    """The inference process answered with an error. `kind`: load | export | device | internal.
+
+    `device`: the configured device cannot be used (e.g. "cuda" without CUDA); every request gets it.
+    """
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -61,17 +67,8 @@ class ModelServer:
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        # Read by super-gradients at import time: no crash handler, quiet console, logs kept apart.
-        env.update(
-            {
-                "CRASH_HANDLER": "FALSE",
-                "CONSOLE_LOG_LEVEL": "ERROR",
-                "SUPER_GRADIENTS_LOG_DIR": str(self.sg_log_dir),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        self.sg_log_dir.mkdir(parents=True, exist_ok=True)
+        # Only errors from SG on the console: the inference log is about requests, not SG's chatter.
+        env = {**os.environ, **sg_environment(self.sg_log_dir, console_level="ERROR")}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self._proc = subprocess.Popen(
@@ -213,16 +210,6 @@ def _handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "kind": "internal", "message": f"{exc.__class__.__name__}: {exc}"}
 
 
-def _resolve_device(requested: str) -> str:
-    import torch
-    from super_gradients import setup_device
-    from super_gradients.common.data_types.enum.multi_gpu_mode import MultiGPUMode
-
-    device = "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    setup_device(device=device, multi_gpu=MultiGPUMode.OFF, num_gpus=1 if device == "cuda" else 0)
-    return device
-
-
 def main(argv: list[str]) -> int:
     """Child entry point: `python -m app.ml.model_server FD CAPACITY DEVICE`."""
     fd, capacity, requested_device = int(argv[0]), int(argv[1]), argv[2]
@@ -232,7 +219,13 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     from app.ml.inference import InferenceEngine
 
-    device = _resolve_device(requested_device)
+    try:
+        device = setup_device(requested_device)
+    except ValueError as exc:
+        # A configuration error, not a crash: stay up and say so to every request, rather than
+        # die and be restarted (seconds of imports) for each one.
+        print(f"inference process {os.getpid()} cannot serve: {exc}", flush=True)
+        return _refuse_all(conn, str(exc))
     engine = InferenceEngine(capacity=capacity, device=device)
     print(
         f"inference process {os.getpid()} ready on {device} in {time.perf_counter() - start:.1f} s",
@@ -244,6 +237,16 @@ def main(argv: list[str]) -> int:
             conn.send(_handle(engine, request))
         except (EOFError, OSError):
             return 0  # the API went away (or killed us mid-request): nothing left to answer
+
+
+def _refuse_all(conn: Connection, message: str) -> int:
+    """Answer every request with a `device` error until the API goes away."""
+    while True:
+        try:
+            conn.recv()
+            conn.send({"ok": False, "kind": "device", "message": message})
+        except (EOFError, OSError):
+            return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """An SG logger that keeps SG's files (TensorBoard events, experiment logs) and forwards scalars.
 
-Import this module only after `app.ml.training` has set SG's environment (it imports
-super_gradients, whose import rewires logging and stdout).
+Imports super_gradients (whose import rewires logging and stdout) and torch at its top: import it
+only inside the training process, after `app.ml.sg_setup.prepare_this_process` (`run_training`
+does both).
 """
 
 from __future__ import annotations

@@ -2,39 +2,39 @@
 
 Runs in a dedicated per-job subprocess: importing super_gradients replaces stdout/stderr, rewires
 root logging and sets a process-global device, which the worker contains by redirecting this
-process's output into the job's console log. Everything SG is imported inside functions, after
-`_prepare_environment`.
+process's output into the job's console log. This module's top level imports no torch or SG (the
+worker's training process imports it before training starts); SG and the modules that import it at
+their top (`app.ml.callbacks`, `app.ml.sg_logger`, `app.ml.checkpoints`) are imported inside
+`run_training` and its helpers, after `prepare_this_process` has set SG's environment.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.ml.params import TrainingConfig
+from app.ml.sg_setup import prepare_this_process, setup_device
 from app.ml.types import (
-    DETECTION_METRICS,
-    WATCHABLE_METRICS,
+    CHECKPOINTS_DIR,
+    SG_LOG_DIR,
     Reporter,
     SplitFiles,
-    TrainingConfig,
-    TrainingParams,
     TrainingResult,
+    greater_is_better,
 )
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
 EXPERIMENT_NAME = "train"
-CHECKPOINT_FILES: dict[str, str] = {
-    "best": "ckpt_best.pth",
-    "latest": "ckpt_latest.pth",
-    "average": "average_model.pth",
-}
 
 
 def validate_config(config: TrainingConfig) -> None:
-    """Raise ValueError for configurations SG would only reject late (or silently mishandle)."""
+    """Raise ValueError for configurations SG would only reject late (or silently mishandle).
+
+    The training parameters were validated with the job spec (`TrainingSpec`); this checks the rest.
+    """
     height, width = config.input_size
     if height <= 0 or width <= 0 or height % 32 or width % 32:
         raise ValueError(f"input_size {config.input_size}: both sides must be positive multiples of 32")
@@ -42,10 +42,6 @@ def validate_config(config: TrainingConfig) -> None:
         raise ValueError("class_names is empty")
     if len(set(config.class_names)) != len(config.class_names):
         raise ValueError(f"class_names has duplicates: {config.class_names}")
-    if config.params.metric_to_watch not in WATCHABLE_METRICS:
-        raise ValueError(f"metric_to_watch {config.params.metric_to_watch!r} not in {WATCHABLE_METRICS}")
-    if config.params.max_epochs < 1 or config.params.batch_size < 1:
-        raise ValueError("max_epochs and batch_size must be >= 1")
     for split in (config.train, config.val):
         if not split.annotation_file.is_file():
             raise ValueError(f"annotation file not found: {split.annotation_file}")
@@ -53,30 +49,6 @@ def validate_config(config: TrainingConfig) -> None:
             raise ValueError(f"images folder not found: {split.images_dir}")
     if config.init_checkpoint is not None and not Path(config.init_checkpoint).is_file():
         raise ValueError(f"init checkpoint not found: {config.init_checkpoint}")
-
-
-def _prepare_environment(job_dir: Path) -> None:
-    # Must happen before the first `import super_gradients`: SG reads these at import time.
-    os.environ.setdefault("CRASH_HANDLER", "FALSE")
-    os.environ.setdefault("CONSOLE_LOG_LEVEL", "WARNING")
-    os.environ.setdefault("SUPER_GRADIENTS_LOG_DIR", str(job_dir / "logs"))
-    Path(os.environ["SUPER_GRADIENTS_LOG_DIR"]).mkdir(parents=True, exist_ok=True)
-
-
-def _resolve_device(requested: str) -> str:
-    import torch
-    from super_gradients import setup_device
-    from super_gradients.common.data_types.enum.multi_gpu_mode import MultiGPUMode
-
-    device = "cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    # One GPU, no DDP: DDP would make SG re-launch sys.argv.
-    if device == "cuda":
-        setup_device(device="cuda", multi_gpu=MultiGPUMode.OFF, num_gpus=1)
-    else:
-        setup_device(device="cpu", multi_gpu=MultiGPUMode.OFF, num_gpus=0)
-    return device
 
 
 def _dataset(split: SplitFiles, config: TrainingConfig, train: bool) -> Any:
@@ -137,11 +109,11 @@ def _dataset(split: SplitFiles, config: TrainingConfig, train: bool) -> Any:
     return dataset
 
 
-def _dataloader(dataset: Any, params: TrainingParams, train: bool) -> DataLoader:
+def _dataloader(dataset: Any, config: TrainingConfig, train: bool) -> DataLoader:
     from super_gradients.training.utils.collate_fn import DetectionCollateFN
     from torch.utils.data import DataLoader
 
-    batch_size = min(params.batch_size, len(dataset))
+    batch_size = min(config.training.batch_size, len(dataset))
     # A trailing batch of one image gives BatchNorm a one-sample batch (noisy statistics; measured not
     # to raise for YOLO-NAS at 64 px): drop only that batch, never more than one image per epoch.
     drop_last = train and len(dataset) > batch_size and len(dataset) % batch_size == 1
@@ -150,7 +122,7 @@ def _dataloader(dataset: Any, params: TrainingParams, train: bool) -> DataLoader
         batch_size=batch_size,
         shuffle=train,
         drop_last=drop_last,
-        num_workers=params.num_workers,
+        num_workers=config.num_workers,
         collate_fn=DetectionCollateFN(),
         persistent_workers=False,
     )
@@ -163,7 +135,7 @@ def _training_params(config: TrainingConfig, device: str, callback: Any) -> dict
 
     from app.ml.sg_logger import LOGGER_NAME
 
-    p = config.params
+    p = config.training
     names = [str(name) for name in config.class_names]
     n = len(names)
     return {
@@ -197,7 +169,7 @@ def _training_params(config: TrainingConfig, device: str, callback: Any) -> dict
             )
         ],
         "metric_to_watch": p.metric_to_watch,
-        "greater_metric_to_watch_is_better": p.metric_to_watch in DETECTION_METRICS,
+        "greater_metric_to_watch_is_better": greater_is_better(p.metric_to_watch),
         "sg_logger": LOGGER_NAME,
         "sg_logger_params": {
             "tb_files_user_prompt": False,  # True calls input()
@@ -230,12 +202,14 @@ def _load_model(config: TrainingConfig) -> Any:
 def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
     """Train `config.model` on `config.train`, validating on `config.val`, reporting to `reporter`.
 
-    Checkpoints go to `<job_dir>/checkpoints/train/RUN_*/`. Raises TrainingCancelled (after the
-    reporter is flushed) when `reporter.should_stop()` turns true; the previous epoch's
-    ckpt_latest.pth is then intact. Any other error propagates unchanged.
+    Checkpoints go to `<job_dir>/checkpoints/train/RUN_*/` (`app.jobs.files` finds them), SG's logs
+    to `<job_dir>/logs` unless SUPER_GRADIENTS_LOG_DIR is set already. Raises TrainingCancelled
+    (after the reporter is flushed) when `reporter.should_stop()` turns true; the previous epoch's
+    ckpt_latest.pth is then intact. Raises ValueError for device "cuda" without CUDA. Any other
+    error propagates unchanged.
     """
     validate_config(config)
-    _prepare_environment(config.job_dir)
+    prepare_this_process(config.job_dir / SG_LOG_DIR)
     from super_gradients import Trainer
     from super_gradients.training.utils.utils import random_seed
 
@@ -243,22 +217,24 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
     from app.ml.checkpoints import sg_safe_globals
     from app.ml.sg_logger import reporting_to
 
+    spec = config.training
     try:
-        device = _resolve_device(config.device)
-        if config.params.seed is not None:
-            random_seed(is_ddp=False, device=device, seed=config.params.seed)
+        device = setup_device(config.device)
+        if spec.seed is not None:
+            random_seed(is_ddp=False, device=device, seed=spec.seed)
         train_set = _dataset(config.train, config, train=True)
         val_set = _dataset(config.val, config, train=False)
-        train_loader = _dataloader(train_set, config.params, train=True)
-        val_loader = _dataloader(val_set, config.params, train=False)
+        train_loader = _dataloader(train_set, config, train=True)
+        val_loader = _dataloader(val_set, config, train=False)
         model = _load_model(config)
         callback = ReporterCallback(
             reporter,
-            max_epochs=config.params.max_epochs,
-            metric_to_watch=config.params.metric_to_watch,
-            greater_is_better=config.params.metric_to_watch in DETECTION_METRICS,
+            max_epochs=spec.max_epochs,
+            metric_to_watch=spec.metric_to_watch,
         )
-        trainer = Trainer(experiment_name=EXPERIMENT_NAME, ckpt_root_dir=str(config.job_dir / "checkpoints"))
+        trainer = Trainer(
+            experiment_name=EXPERIMENT_NAME, ckpt_root_dir=str(config.job_dir / CHECKPOINTS_DIR)
+        )
         reporter.event(
             f"training {config.model} on {device}: {len(train_set)} train / "
             f"{len(val_set)} valid images, {len(train_loader)} batches per epoch"
@@ -275,14 +251,9 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
         # Also on TrainingCancelled and errors: the last points must reach the service.
         reporter.flush()
 
-    run_dir = Path(trainer.checkpoints_dir_path)
-    checkpoints = {
-        key: run_dir / name for key, name in CHECKPOINT_FILES.items() if (run_dir / name).is_file()
-    }
     return TrainingResult(
-        best_metric_name=config.params.metric_to_watch,
+        best_metric_name=spec.metric_to_watch,
         best_metric_value=callback.best_value,
-        checkpoints=checkpoints,
         epochs_completed=callback.epochs_validated,
         device=device,
     )

@@ -1,8 +1,8 @@
-"""Plain data passed between the service and the training backend (no torch imports here)."""
+"""Plain data and constants shared by the service and the training backend (no torch imports here)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
@@ -20,6 +20,24 @@ DETECTION_METRICS: tuple[str, ...] = ("Precision@0.50", "Recall@0.50", "mAP@0.50
 WATCHABLE_METRICS: tuple[str, ...] = DETECTION_METRICS + LOSS_COMPONENTS
 
 
+def greater_is_better(metric: str) -> bool:
+    """True when a higher value of `metric` is better (the detection metrics); False for losses."""
+    return metric in DETECTION_METRICS
+
+
+# Prediction and export thresholds when the caller gives none. SG's checkpoints carry conf=0.5
+# hard-coded by its Trainer (not a tuned value): answer with more boxes by default (0.25, the usual
+# YOLO default) and let the caller raise it.
+DEFAULT_CONF = 0.25
+DEFAULT_IOU = 0.65
+
+# Where a training run puts super-gradients' output inside its directory (`TrainingConfig.job_dir`):
+# the Trainer's `ckpt_root_dir` (checkpoints and TensorBoard files under `<experiment>/RUN_*/`) and
+# SUPER_GRADIENTS_LOG_DIR. The rest of a job directory's layout is `app.jobs.files`.
+CHECKPOINTS_DIR = "checkpoints"
+SG_LOG_DIR = "logs"
+
+
 @dataclass(frozen=True)
 class SplitFiles:
     """One split, already validated: images folder and a sanitized COCO annotation file.
@@ -31,45 +49,6 @@ class SplitFiles:
     images_dir: Path
     annotation_file: Path
     num_images: int
-
-
-@dataclass(frozen=True)
-class TrainingParams:
-    """The seed's training parameters (defaults are the seed's values)."""
-
-    max_epochs: int = 10
-    batch_size: int = 16
-    initial_lr: float = 5e-4
-    warmup_initial_lr: float = 1e-5
-    lr_warmup_epochs: int = 1
-    lr_mode: str = "cosine"
-    cosine_final_lr_ratio: float = 0.5
-    optimizer: str = "AdamW"
-    weight_decay: float = 1e-4
-    zero_weight_decay_on_bias_and_bn: bool = True
-    ema: bool = False
-    ema_beta: float = 25.0
-    average_best_models: bool = True
-    mixed_precision: bool = True
-    metric_to_watch: str = "mAP@0.50"
-    num_workers: int = 0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Everything one training run needs; built by the worker from the job spec."""
-
-    job_id: str
-    model: str
-    job_dir: Path
-    class_names: tuple[str, ...]
-    train: SplitFiles
-    val: SplitFiles
-    input_size: tuple[int, int]
-    params: TrainingParams = field(default_factory=TrainingParams)
-    init_checkpoint: Path | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -85,11 +64,10 @@ class MetricPoint:
 
 @dataclass
 class TrainingResult:
-    """What a finished (or cancelled) run leaves behind."""
+    """What a finished run reports (its files are found with `app.jobs.files`)."""
 
     best_metric_name: str
     best_metric_value: float | None
-    checkpoints: dict[str, Path]
     epochs_completed: int
     device: str
 

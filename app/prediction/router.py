@@ -3,68 +3,50 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.api import get_session, get_settings_dep
+from app.api import SessionDep, SettingsDep
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
+from app.openapi import form_body, problems
 from app.prediction import service
 from app.prediction.schemas import PredictResponse, PredictStats
+from app.schemas import ID_MAX_LENGTH, ID_PATTERN
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/predict", tags=["predict"])
 
-SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
-
 FILE_FIELDS = ("files", "file")
 MAX_FORM_FIELDS = 16
 
-# The body is parsed by hand (to enforce the size limit while reading), so FastAPI cannot derive
-# the form's schema: describe it for the OpenAPI docs.
-_FORM_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["job_id", "files"],
-                    "properties": {
-                        "job_id": {"type": "string", "description": "The job whose best model predicts."},
-                        "files": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "One or more images (JPEG, PNG, BMP, WebP, TIFF, ...).",
-                        },
-                        "conf": {
-                            "type": "number",
-                            "minimum": 0,
-                            "maximum": 1,
-                            "default": service.DEFAULT_CONF,
-                        },
-                        "iou": {"type": "number", "minimum": 0, "maximum": 1, "default": service.DEFAULT_IOU},
-                        "format": {"type": "string", "enum": ["json", "image"], "default": "json"},
-                        "image_format": {"type": "string", "enum": ["jpeg", "png"], "default": "jpeg"},
-                    },
-                }
-            }
-        },
-    }
-}
+
+class PredictForm(BaseModel):
+    """The multipart form of /predict (parsed by hand, to enforce the size limit while reading)."""
+
+    job_id: str = Field(
+        min_length=1,
+        max_length=ID_MAX_LENGTH,
+        pattern=ID_PATTERN,
+        description="The job whose best model predicts.",
+    )
+    files: list[bytes] = Field(description="One or more images (JPEG, PNG, BMP, WebP, TIFF, ...).")
+    conf: float = Field(default=DEFAULT_CONF, ge=0, le=1, description="Score threshold.")
+    iou: float = Field(default=DEFAULT_IOU, ge=0, le=1, description="NMS IoU threshold.")
+    format: Literal["json", "image"] = Field(default="json", description="image: the image with boxes drawn.")
+    image_format: Literal["jpeg", "png"] = Field(default="jpeg", description="With format=image.")
 
 
 def _field_error(field: str, message: str) -> InvalidInput:
-    return InvalidInput(
-        f"{field}: {message}", details=[{"loc": ["body", field], "msg": message, "type": "value_error"}]
-    )
+    return InvalidInput.field(["body", field], message, message=f"{field}: {message}")
 
 
 async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
@@ -139,18 +121,13 @@ def _image_format(form: FormData, request: Request) -> str | None:
 @router.post(
     "",
     response_model=PredictResponse,
-    openapi_extra=_FORM_SCHEMA,
+    openapi_extra=form_body(PredictForm),
     responses={
         200: {
             "content": {"image/jpeg": {}, "image/png": {}},
             "description": "JSON, or with format=image the image",
         },
-        404: {"description": "unknown job"},
-        409: {"description": "the job has no best checkpoint yet"},
-        413: {"description": "request over the size limit, or too many images"},
-        415: {"description": "a file is not an image (the message names it)"},
-        422: {"description": "bad field, or an image that cannot be decoded or is over the pixel limit"},
-        503: {"description": "the inference process failed; try again"},
+        **problems(404, 409, 413, 415, 422, 503),
     },
 )
 async def predict(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
@@ -166,8 +143,10 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep) 
         job_id = _text(form, "job_id")
         if not job_id:
             raise _field_error("job_id", "is required")
-        conf = _threshold(form, "conf", service.DEFAULT_CONF)
-        iou = _threshold(form, "iou", service.DEFAULT_IOU)
+        if len(job_id) > ID_MAX_LENGTH or not re.fullmatch(ID_PATTERN, job_id):
+            raise _field_error("job_id", "is not a job id (letters, digits, '-' and '_')")
+        conf = _threshold(form, "conf", DEFAULT_CONF)
+        iou = _threshold(form, "iou", DEFAULT_IOU)
         image_format = _image_format(form, request)
         uploads: list[service.Upload] = []
         for key, value in form.multi_items():
@@ -206,7 +185,7 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep) 
     return Response(result.model_dump_json(), media_type="application/json")
 
 
-@router.get("/stats", response_model=PredictStats)
-async def predict_stats(settings: SettingsDep) -> PredictStats:
+@router.get("/stats", response_model=PredictStats, responses=problems(503))
+async def get_predict_stats(settings: SettingsDep) -> PredictStats:
     """The inference process: running or not, checkpoints loaded so far, models held (LRU)."""
     return await run_in_threadpool(service.stats, settings=settings)

@@ -19,18 +19,17 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.errors import AppError, Conflict, InvalidInput, ServiceUnavailable, UnsupportedMediaType
+from app.jobs import files
 from app.jobs.models import Job
 from app.jobs.service import get_job
 from app.ml.model_server import ModelServer, ModelServerError, ModelServerUnavailable, get_model_server
+from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONF = 0.25  # SG stores a hard-coded 0.5 in every checkpoint; 0.25 is the usual YOLO default
-DEFAULT_IOU = 0.65
 PREDICT_TIMEOUT_SECONDS = 300.0
-CHECKPOINT_NAME = "ckpt_best.pth"
 
 
 @dataclass(frozen=True)
@@ -50,27 +49,12 @@ class Rendered:
     response: PredictResponse
 
 
-def _inside(path: Path, root: Path) -> bool:
-    resolved, base = path.resolve(), root.resolve()
-    return resolved == base or base in resolved.parents
-
-
-def best_checkpoint(job: Job, *, settings: Settings) -> Path:
-    """The job's best checkpoint: the one recorded when it finished or, while it runs, the newest
-    `ckpt_best.pth` in its directory. Only files inside the jobs directory; 409 when there is none."""
-    candidates: list[Path] = []
-    recorded = (job.artifacts or {}).get("ckpt_best")
-    if recorded:
-        candidates.append(Path(recorded))
-    if job.job_dir:
-        found = sorted(
-            (Path(job.job_dir) / "checkpoints").rglob(CHECKPOINT_NAME), key=lambda p: p.stat().st_mtime
-        )
-        candidates.extend(reversed(found))
-    for path in candidates:
-        if path.is_file() and _inside(path, settings.jobs_dir):
-            return path.resolve()
-    raise Conflict(f"job {job.id!r} has no best checkpoint yet (status {job.status})")
+def best_checkpoint(job: Job) -> Path:
+    """The job's best checkpoint (`app.jobs.files.best_checkpoint`); 409 when it has none yet."""
+    checkpoint = files.best_checkpoint(job)
+    if checkpoint is None:
+        raise Conflict(f"job {job.id!r} has no best checkpoint yet (status {job.status})")
+    return checkpoint
 
 
 def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
@@ -121,7 +105,7 @@ def call_model_server(settings: Settings, op: str, *, timeout: float, **payload:
     except ModelServerError as exc:
         if exc.kind == "load":
             raise Conflict(f"the checkpoint cannot be loaded: {exc.message}") from exc
-        if exc.kind == "export":
+        if exc.kind in ("export", "device"):
             raise ServiceUnavailable(exc.message) from exc
         raise InvalidInput(f"inference failed: {exc.message}") from exc
 
@@ -132,14 +116,14 @@ def predict(
     settings: Settings,
     job_id: str,
     uploads: list[Upload],
-    conf: float,
-    iou: float,
-    image_format: str | None,
+    conf: float = DEFAULT_CONF,
+    iou: float = DEFAULT_IOU,
+    image_format: str | None = None,
 ) -> PredictResponse | Rendered:
     """Detections for every upload with the job's best model, as one batch. With `image_format`
     ("jpeg" or "png") and one upload, that image with its boxes drawn instead."""
     job = get_job(session, job_id=job_id)
-    checkpoint = best_checkpoint(job, settings=settings)
+    checkpoint = best_checkpoint(job)
     # Every image is checked before any inference: one bad file fails the request, naming it.
     images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
     result = call_model_server(

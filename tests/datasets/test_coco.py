@@ -15,13 +15,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from app.datasets.coco import (
-    MAX_ERRORS,
-    PreparedDataset,
-    SplitRef,
-    prepare_coco_dataset,
-    resolve_coco_splits,
-)
+from app.datasets.coco import SplitRef, prepare_coco_dataset, resolve_coco_splits
+from app.datasets.pipeline import PreparedDataset
+from app.datasets.problems import ERROR_CODES, MAX_ERRORS, WARNING_CODES
 from app.errors import DatasetError
 
 TRAIN = SplitRef(images="train", annotations="train/_annotations.coco.json")
@@ -115,8 +111,9 @@ def prepare_error(root: Path, out_dir: Path) -> DatasetError:
     error = info.value
     assert isinstance(error.details, list) and error.details
     for detail in error.details:
-        assert set(detail) == {"file", "problem", "severity"}
+        assert set(detail) == {"file", "problem", "severity", "code"}
         assert detail["severity"] in ("error", "warning")
+        assert detail["code"] in (ERROR_CODES if detail["severity"] == "error" else WARNING_CODES)
     assert not (out_dir / "train.json").exists()
     return error
 
@@ -296,7 +293,8 @@ def test_no_classes(shapes_root: Path, out_dir: Path) -> None:
     data["annotations"] = []
     save_coco(shapes_root, data)
     error = prepare_error(shapes_root, out_dir)
-    assert f"{TRAIN_FILE}: has no categories, so there are no classes to train" in error.message
+    assert f"{TRAIN_FILE}: has no classes, so there is nothing to train" in error.message
+    assert [d["code"] for d in error_details(error)] == ["no_classes"]
 
 
 def test_val_category_unknown_to_train(shapes_root: Path, out_dir: Path) -> None:
@@ -332,8 +330,9 @@ def test_missing_image(shapes_root: Path, out_dir: Path) -> None:
     assert error_details(error) == [
         {
             "file": rel_path,
-            "problem": f"image file listed in {TRAIN_FILE} (image id 2) does not exist",
+            "problem": f"image file does not exist (image id 2 in {TRAIN_FILE})",
             "severity": "error",
+            "code": "missing_image",
         }
     ]
     assert rel_path in error.message
@@ -365,17 +364,23 @@ def test_json_not_parseable(shapes_root: Path, out_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "problem"),
+    ("content", "problem", "code"),
     [
-        ([], "top level must be a JSON object, got list"),
-        ({"images": [], "categories": []}, 'missing key "annotations"'),
-        ({"images": {}, "annotations": [], "categories": []}, '"images" must be a list, got dict'),
+        ([], "top level must be a JSON object, got list", "bad_schema"),
+        ({"images": [], "categories": []}, 'missing key "annotations"', "bad_schema"),
+        (
+            {"images": {}, "annotations": [], "categories": []},
+            '"images" must be a list, got dict',
+            "bad_schema",
+        ),
     ],
 )
-def test_json_with_wrong_shape(shapes_root: Path, out_dir: Path, content: object, problem: str) -> None:
+def test_json_with_wrong_shape(
+    shapes_root: Path, out_dir: Path, content: object, problem: str, code: str
+) -> None:
     (shapes_root / TRAIN_FILE).write_text(json.dumps(content))
     [detail] = error_details(prepare_error(shapes_root, out_dir))
-    assert detail == {"file": TRAIN_FILE, "problem": problem, "severity": "error"}
+    assert detail == {"file": TRAIN_FILE, "problem": problem, "severity": "error", "code": code}
 
 
 def test_annotation_file_missing(shapes_root: Path, out_dir: Path) -> None:
@@ -402,7 +407,12 @@ def test_empty_split(shapes_root: Path, out_dir: Path) -> None:
     data["images"], data["annotations"] = [], []
     save_coco(shapes_root, data, VAL_FILE)
     [detail] = error_details(prepare_error(shapes_root, out_dir))
-    assert detail == {"file": VAL_FILE, "problem": "the val split has no images", "severity": "error"}
+    assert detail == {
+        "file": VAL_FILE,
+        "problem": "the val split has no images",
+        "severity": "error",
+        "code": "empty_split",
+    }
 
 
 def test_train_without_any_box(shapes_root: Path, out_dir: Path) -> None:
@@ -414,6 +424,7 @@ def test_train_without_any_box(shapes_root: Path, out_dir: Path) -> None:
         "file": TRAIN_FILE,
         "problem": "the training split has no usable boxes",
         "severity": "error",
+        "code": "no_boxes",
     } in details
 
 
@@ -451,7 +462,8 @@ def test_duplicate_image_ids(shapes_root: Path, out_dir: Path) -> None:
     data["images"][1]["id"] = data["images"][0]["id"]
     save_coco(shapes_root, data)
     details = error_details(prepare_error(shapes_root, out_dir))
-    assert {"file": TRAIN_FILE, "problem": "image id 0 appears twice", "severity": "error"} in details
+    expected = {"file": TRAIN_FILE, "problem": "image id 0 appears twice", "severity": "error"}
+    assert dict(expected, code="duplicate_image") in details
 
 
 @pytest.mark.parametrize("file_name", ["../valid/valid_0000.jpg", "/etc/passwd", "sub/../../x.jpg"])
@@ -504,7 +516,8 @@ def test_out_of_bounds_box_is_clipped(shapes_root: Path, out_dir: Path) -> None:
     annotation_id = set_box_of_first_annotation(shapes_root, 3, [-5.0, 10.0, width + 20.0, 20.0])
     prepared = prepare(shapes_root, out_dir)
     assert prepared.warnings == [
-        f"1 box extended outside its image and was clipped (e.g. {TRAIN_FILE} annotation id {annotation_id})"
+        "1 box extended outside its image and was clipped "
+        f"(e.g. train/train_0003.jpg annotation id {annotation_id})"
     ]
     box = next(a for a in sanitized(prepared)["annotations"] if a["image_id"] == 3)
     assert box["bbox"] == [0.0, 10.0, float(width), 20.0]
@@ -515,7 +528,7 @@ def test_out_of_bounds_box_is_clipped(shapes_root: Path, out_dir: Path) -> None:
 def test_several_clipped_boxes_are_aggregated(shapes_root: Path, out_dir: Path) -> None:
     ids = [set_box_of_first_annotation(shapes_root, i, [-3.0, -3.0, 20.0, 20.0]) for i in range(5)]
     prepared = prepare(shapes_root, out_dir)
-    examples = ", ".join(f"{TRAIN_FILE} annotation id {i}" for i in ids[:3])
+    examples = ", ".join(f"train/train_{i:04d}.jpg annotation id {a}" for i, a in enumerate(ids[:3]))
     assert prepared.warnings == [
         f"5 boxes extended outside their image and were clipped (e.g. {examples}, ...)"
     ]
@@ -535,6 +548,19 @@ def test_zero_area_box_is_dropped(shapes_root: Path, out_dir: Path, bbox: list[f
     assert prepared.stats["train"].boxes == boxes_before - 1
 
 
+def test_most_boxes_outside_their_image_is_an_error(shapes_root: Path, out_dir: Path) -> None:
+    # As for YOLO and HF: when most boxes stick out of their image (here all moved by 40 pixels),
+    # the boxes are wrong, and clipping them all would train on garbage.
+    data = load_coco(shapes_root)
+    for annotation in data["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        annotation["bbox"] = [x + 40, y + 40, w, h]
+    save_coco(shapes_root, data)
+    details = error_details(prepare_error(shapes_root, out_dir))
+    assert [d["code"] for d in details] == ["bad_box_share"]
+    assert details[0]["file"] == TRAIN_FILE and "the box format is probably wrong" in details[0]["problem"]
+
+
 def test_image_without_boxes_is_a_warning(shapes_root: Path, out_dir: Path) -> None:
     data = load_coco(shapes_root)
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 4]
@@ -552,7 +578,7 @@ def test_wrong_image_size_in_json_uses_the_real_size(shapes_root: Path, out_dir:
     save_coco(shapes_root, data)
     prepared = prepare(shapes_root, out_dir)
     assert prepared.warnings == [
-        "1 image has a width/height in its annotation file that differs from the file; "
+        "1 image has a width/height in its annotations that differs from the file; "
         f"the file's size is used (e.g. train/train_0000.jpg is {real[0]}x{real[1]})"
     ]
     assert (

@@ -15,20 +15,10 @@ from app.datasets.demo import ShapesSpec, write_shapes_dataset, write_shapes_hf,
 from app.db import session_scope, utcnow
 from app.jobs.models import Job, JobStatus
 from app.settings import Settings
-from tests.support import Service, tiny_spec
+from tests.support import Service, tiny_spec, zip_folder
 
 SPEC = ShapesSpec(splits=(("train", 6), ("valid", 3)), min_size=64, max_size=96)
 WRITERS = {"coco": write_shapes_dataset, "yolo": write_shapes_yolo, "hf": write_shapes_hf}
-
-
-def zip_folder(folder: Path, wrap: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                name = path.relative_to(folder).as_posix()
-                archive.write(path, f"{wrap}/{name}" if wrap else name)
-    return buffer.getvalue()
 
 
 def tar_folder(folder: Path) -> bytes:
@@ -120,7 +110,7 @@ def test_oversized_archive_is_413_naming_the_limit(service: Service) -> None:
     response = upload_raw(service, buffer.getvalue(), "application/zip")
     assert response.status_code == 413
     body = response.json()
-    assert body["errors"][0]["limit"] == "upload_max_ratio" and "upload_max_ratio" in body["detail"]
+    assert body["limits"][0]["limit"] == "upload_max_ratio" and "upload_max_ratio" in body["detail"]
 
 
 def test_corrupt_archive_is_422(service: Service) -> None:
@@ -194,7 +184,7 @@ def test_delete_refused_while_a_running_job_uses_it(
 def _errors(response: httpx.Response) -> str:
     assert response.status_code == 422, response.text
     body: dict[str, Any] = response.json()
-    return str(body.get("message") or body.get("detail"))
+    return str(body["detail"])
 
 
 def test_spec_options_must_fit_the_format(service: Service) -> None:

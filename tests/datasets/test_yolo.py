@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.datasets.coco import PreparedDataset, prepare_coco_dataset, resolve_coco_splits
+from app.datasets.coco import prepare_coco_dataset, resolve_coco_splits
 from app.datasets.demo import write_shapes_dataset, write_shapes_yolo
 from app.datasets.formats import DatasetOptions, detect_format, validate_dataset
+from app.datasets.pipeline import PreparedDataset
 from app.datasets.yolo import label_path, load_layout, prepare_yolo_dataset
 from app.errors import DatasetError
 from tests.datasets.conftest import SMALL_SPEC
@@ -151,6 +152,18 @@ def test_unreadable_and_listed_but_missing_images(yolo_root: Path, tmp_path: Pat
     assert "missing.jpg" in by_file["val.txt"] and "does not exist" in by_file["val.txt"]
 
 
+def test_unreadable_image_is_reported_once_and_its_label_is_not_an_orphan(
+    yolo_root: Path, tmp_path: Path
+) -> None:
+    victim = sorted((yolo_root / "images" / "train").glob("*.jpg"))[0]
+    victim.write_bytes(b"not an image" * 10)
+    with pytest.raises(DatasetError) as info:
+        prepare_yolo_dataset(yolo_root, None, tmp_path / "out")
+    assert [(d["file"], d["code"]) for d in info.value.details] == [
+        (victim.relative_to(yolo_root).as_posix(), "unreadable_image")
+    ]
+
+
 def test_duplicate_image_names(yolo_root: Path, tmp_path: Path) -> None:
     image = sorted((yolo_root / "images" / "train").glob("*.jpg"))[0]
     shutil.copyfile(image, image.with_suffix(".png"))
@@ -168,7 +181,8 @@ def test_boxes_outside_or_without_area_are_warnings(yolo_root: Path, tmp_path: P
     assert "1 box extended outside its image and was clipped" in text
     assert "1 box had zero or negative area" in text
     assert "label file has no image" in text and "no_such_image.txt" in text
-    assert label.relative_to(yolo_root).as_posix() in text
+    image = sorted((yolo_root / "images" / "train").glob("*.jpg"))[0].relative_to(yolo_root).as_posix()
+    assert f"{image} label line" in text
 
 
 def test_image_without_label_file_is_a_background_image(yolo_root: Path, tmp_path: Path) -> None:
@@ -191,4 +205,7 @@ def test_report_of_a_broken_dataset_keeps_counts(yolo_root: Path) -> None:
     assert result["ok"] is False and result["errors"] == 1
     assert result["splits"]["train"]["images"] == 6  # type: ignore[index]
     problem = result["problems"][0]  # type: ignore[index]
-    assert set(problem) == {"file", "problem", "severity"} and problem["file"].startswith("labels/train/")
+    assert set(problem) == {"file", "problem", "severity", "code"} and problem["file"].startswith(
+        "labels/train/"
+    )
+    assert problem["code"] == "unknown_class"

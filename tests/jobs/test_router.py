@@ -17,12 +17,7 @@ def shapes(service: Service) -> str:
 
 
 def _locs(response_json: dict[str, Any]) -> list[list[Any]]:
-    errors = (
-        response_json.get("detail")
-        if isinstance(response_json.get("detail"), list)
-        else response_json["errors"]
-    )
-    return [e["loc"] for e in errors]
+    return [e["loc"] for e in response_json["errors"]]
 
 
 def test_health_and_readiness(service: Service) -> None:
@@ -154,3 +149,78 @@ def test_bad_cursor_is_422(service: Service, shapes: str) -> None:
     service.client.post(f"/jobs/{job['id']}/cancel")
     response = service.client.get(f"/jobs/{job['id']}/metrics", params={"cursor": "abc"})
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "loc"),
+    [
+        ("/jobs", {"offset": "850034483708344926208"}, ["query", "offset"]),
+        ("/jobs", {"limit": "0"}, ["query", "limit"]),
+        ("/datasets", {"offset": str(2**63)}, ["query", "offset"]),
+        ("/jobs/{id}/metrics", {"cursor": "²"}, ["query", "cursor"]),
+        ("/jobs/{id}/metrics", {"cursor": "99999999999999999999"}, ["query", "cursor"]),
+        ("/jobs/{id}/metrics", {"name": "a\x00b"}, ["query", "name", 0]),
+        ("/jobs/{id}/events", {"cursor": "-1"}, ["query", "cursor"]),
+    ],
+)
+def test_out_of_range_numbers_and_malformed_cursors_are_422(
+    service: Service, shapes: str, path: str, params: dict[str, str], loc: list[Any]
+) -> None:
+    job = service.submit(tiny_spec(shapes))
+    service.client.post(f"/jobs/{job['id']}/cancel")
+    response = service.client.get(path.replace("{id}", job["id"]), params=params)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert loc in _locs(response.json())
+
+
+def test_every_error_is_a_problem_document(service: Service, shapes: str) -> None:
+    job = service.submit(tiny_spec(shapes))
+    service.client.post(f"/jobs/{job['id']}/cancel")
+    cases = [
+        ("GET", "/jobs/nope", None, 404, "not_found"),
+        ("GET", "/no-such-route", None, 404, "not_found"),
+        ("PUT", "/jobs", None, 405, "method_not_allowed"),
+        ("POST", "/jobs", {"model": "yolo_nas_s"}, 422, "invalid_input"),
+        ("POST", "/jobs", {**tiny_spec(shapes), "name": "a\x00b"}, 422, "invalid_input"),
+        ("GET", "/jobs/a%00b", None, 422, "invalid_input"),
+    ]
+    for method, path, body, status, code in cases:
+        response = service.client.request(method, path, json=body)
+        assert response.status_code == status, (method, path, response.text)
+        assert response.headers["content-type"] == "application/problem+json", (method, path)
+        problem = response.json()
+        assert problem["status"] == status and problem["code"] == code, problem
+        assert problem["title"] and problem["detail"] and problem["type"], problem
+        if status == 422:
+            assert all({"loc", "msg", "type"} <= set(e) for e in problem["errors"]), problem
+
+
+def test_operation_ids_are_short_and_every_error_is_declared(service: Service) -> None:
+    schema = service.client.get("/openapi.json").json()
+    operations = {op["operationId"]: op for ops in schema["paths"].values() for op in ops.values()}
+    # Generated clients name their functions after these: changing one breaks every client.
+    assert set(operations) == {
+        "create_job",
+        "list_jobs",
+        "get_job",
+        "cancel_job",
+        "list_job_metrics",
+        "list_job_events",
+        "list_artifacts",
+        "download_artifact",
+        "export_job",
+        "upload_dataset",
+        "list_datasets",
+        "get_dataset",
+        "delete_dataset",
+        "validate_dataset",
+        "predict",
+        "get_predict_stats",
+        "healthz",
+        "readyz",
+    }
+    for name, op in operations.items():
+        for status, response in op["responses"].items():
+            if status.startswith(("4", "5")) and name != "readyz":
+                assert list(response["content"]) == ["application/problem+json"], (name, status)

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
-from app.ml.types import MetricPoint, SplitFiles, TrainingConfig, TrainingParams
+from app.ml.params import TrainingConfig, TrainingSpec
+from app.ml.types import MetricPoint, SplitFiles
 
 CLASSES_3 = ("circle", "square", "triangle")
 CLASSES_2 = ("circle", "square")
@@ -114,17 +115,17 @@ def make_config(
     init_checkpoint: Path | None = None,
     **params: Any,
 ) -> TrainingConfig:
-    """A CPU config with small defaults (2 epochs, batch 8) overridable through `params`."""
+    """A CPU config with small defaults (2 epochs, batch 8) overridable through `params`, which are
+    validated as a job spec's `training` section is."""
     defaults: dict[str, Any] = {"max_epochs": 2, "batch_size": 8, "initial_lr": 1e-3, "seed": 0}
     return TrainingConfig(
-        job_id=job_dir.name,
         model="yolo_nas_s",
         job_dir=job_dir,
         class_names=classes,
         train=splits[0],
         val=splits[1],
         input_size=input_size,
-        params=TrainingParams(**{**defaults, **params}),
+        training=TrainingSpec(**{**defaults, **params}),
         init_checkpoint=init_checkpoint,
         device="cpu",
     )

@@ -9,10 +9,18 @@ from typing import Any
 
 import pytest
 
-from app.ml.types import SplitFiles, TrainingCancelled, TrainingConfig
+from app.jobs import files
+from app.ml.params import TrainingConfig
+from app.ml.types import SplitFiles, TrainingCancelled
 from tests.ml.conftest import CLASSES_2, CLASSES_3, RecordingReporter, make_config, run_isolated
 
 pytestmark = pytest.mark.slow  # real super-gradients training on the CPU
+
+
+def _checkpoints(job_dir: Path) -> dict[str, Path]:
+    """The run's checkpoints by artifact key, as the worker records them when a job ends."""
+    recorded = files.collect_artifacts(job_dir)
+    return {kind: Path(recorded[kind]) for kind in files.CHECKPOINTS if kind in recorded}
 
 
 def _train_and_predict(config: TrainingConfig) -> dict[str, Any]:
@@ -25,12 +33,15 @@ def _train_and_predict(config: TrainingConfig) -> dict[str, Any]:
 
     reporter = RecordingReporter()
     result = run_training(config, reporter)
+    checkpoints = _checkpoints(config.job_dir)
 
     from super_gradients.training import models
 
     with sg_safe_globals():
         model = models.get(
-            config.model, num_classes=len(config.class_names), checkpoint_path=str(result.checkpoints["best"])
+            config.model,
+            num_classes=len(config.class_names),
+            checkpoint_path=str(checkpoints[files.CKPT_BEST]),
         )
     image_path = sorted(config.val.images_dir.glob("*.jpg"))[0]
     image = np.asarray(Image.open(image_path).convert("RGB"))
@@ -39,6 +50,7 @@ def _train_and_predict(config: TrainingConfig) -> dict[str, Any]:
     return {
         "reporter": reporter,
         "result": result,
+        "checkpoints": checkpoints,
         "class_names": [str(name) for name in prediction.class_names],
         "boxes_shape": tuple(prediction.prediction.bboxes_xyxy.shape),
     }
@@ -98,14 +110,15 @@ def test_result_and_checkpoints(trained: dict[str, Any]) -> None:
     assert result.device == "cpu"
     assert result.best_metric_name == "mAP@0.50"
     assert result.best_metric_value == pytest.approx(max(p.value for p in reporter.series("Valid_mAP@0.50")))
-    assert set(result.checkpoints) == {"best", "latest", "average"}
-    run_dir = result.checkpoints["latest"].parent
+    checkpoints = trained["checkpoints"]
+    assert set(checkpoints) == {"ckpt_best", "ckpt_latest", "average_model"}
+    run_dir = checkpoints["ckpt_latest"].parent
     assert run_dir.name.startswith("RUN_") and run_dir.is_relative_to(trained["config"].job_dir)
     assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard files still written"
-    for path in result.checkpoints.values():
+    for path in checkpoints.values():
         ckpt = load_checkpoint(path)  # torch.load(weights_only=True) in the scoped safe globals
         assert ckpt["processing_params"]["class_names"] == list(CLASSES_3)
-    assert load_checkpoint(result.checkpoints["latest"])["epoch"] == 2
+    assert load_checkpoint(checkpoints["ckpt_latest"])["epoch"] == 2
 
 
 def test_best_checkpoint_predicts_with_dataset_classes(trained: dict[str, Any]) -> None:
@@ -118,8 +131,8 @@ def test_checkpoint_num_classes(trained: dict[str, Any], tmp_path: Path) -> None
 
     from app.ml.checkpoints import checkpoint_num_classes
 
-    assert checkpoint_num_classes(trained["result"].checkpoints["best"]) == 3
-    assert checkpoint_num_classes(trained["result"].checkpoints["average"]) == 3
+    assert checkpoint_num_classes(trained["checkpoints"]["ckpt_best"]) == 3
+    assert checkpoint_num_classes(trained["checkpoints"]["average_model"]) == 3
     bare = tmp_path / "bare.pth"
     torch.save({"module.heads.head1.cls_pred.weight": torch.zeros(5, 8, 1, 1)}, bare)
     assert checkpoint_num_classes(bare) == 5
@@ -133,13 +146,20 @@ def test_init_from_checkpoint_with_other_class_count(
 ) -> None:
     from app.ml.checkpoints import checkpoint_num_classes
 
-    init = trained["result"].checkpoints["best"]  # 3 classes
+    init = trained["checkpoints"]["ckpt_best"]  # 3 classes
+    # One epoch: a job spec allows no warm-up epoch then (lr_warmup_epochs < max_epochs).
     config = make_config(
-        tmp_path / "job", shapes2, CLASSES_2, init_checkpoint=init, max_epochs=1, batch_size=4
+        tmp_path / "job",
+        shapes2,
+        CLASSES_2,
+        init_checkpoint=init,
+        max_epochs=1,
+        lr_warmup_epochs=0,
+        batch_size=4,
     )
     out = run_isolated(_train_and_predict, config)
     assert out["result"].epochs_completed == 1
-    assert checkpoint_num_classes(out["result"].checkpoints["latest"]) == 2
+    assert checkpoint_num_classes(out["checkpoints"]["ckpt_latest"]) == 2
     assert out["class_names"] == list(CLASSES_2)
     shutil.rmtree(config.job_dir)
 

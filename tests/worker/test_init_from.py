@@ -16,7 +16,7 @@ from tests.support import Service, make_shapes, tiny_spec
 
 
 def _finished_job(settings: Settings, dataset: str, *, model: str, checkpoint: Path) -> str:
-    """A succeeded job row whose best checkpoint is `checkpoint`."""
+    """A succeeded job row in `checkpoint`'s folder whose recorded best checkpoint is `checkpoint`."""
     with session_scope(settings.database_url) as session:
         job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
         session.execute(
@@ -26,6 +26,7 @@ def _finished_job(settings: Settings, dataset: str, *, model: str, checkpoint: P
                 status="succeeded",
                 model=model,
                 finished_at=utcnow(),
+                job_dir=str(checkpoint.parent),
                 artifacts={"ckpt_best": str(checkpoint)},
             )
         )
@@ -53,6 +54,21 @@ def test_init_from_a_job_whose_checkpoint_is_gone_is_422(
     service: Service, service_settings: Settings, dataset: str, tmp_path: Path
 ) -> None:
     source = _finished_job(service_settings, dataset, model="yolo_nas_s", checkpoint=tmp_path / "missing.pth")
+    response = service.post_job(tiny_spec(dataset, init_from={"job_id": source}))
+    assert response.status_code == 422
+    assert "no checkpoint" in response.json()["detail"]
+
+
+def test_init_from_a_checkpoint_outside_the_jobs_directory_is_422(
+    service: Service, service_settings: Settings, dataset: str, tmp_path: Path
+) -> None:
+    # Recorded, and a real file, but not inside the source job's own directory.
+    outside = tmp_path / "elsewhere" / "ckpt_best.pth"
+    outside.parent.mkdir()
+    outside.write_bytes(b"x")
+    source = _finished_job(service_settings, dataset, model="yolo_nas_s", checkpoint=tmp_path / "job" / "x")
+    with session_scope(service_settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == source).values(artifacts={"ckpt_best": str(outside)}))
     response = service.post_job(tiny_spec(dataset, init_from={"job_id": source}))
     assert response.status_code == 422
     assert "no checkpoint" in response.json()["detail"]

@@ -13,12 +13,13 @@ from sqlalchemy import update
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs import service as jobs
+from app.jobs.files import RESULT_FILE
 from app.jobs.models import Job, JobStatus
 from app.jobs.schemas import JobSpec
 from app.settings import Settings
 from tests.support import Service, make_shapes, tiny_spec
 from worker import runner
-from worker.runner import RESULT_FILE, record_outcome
+from worker.outcome import record_outcome
 from worker.sweeper import sweep_once
 
 

@@ -1,0 +1,208 @@
+"""A job's directory: where each of its files is, which checkpoint to use, and which files may be served.
+
+    <jobs_dir>/<job id>/
+        console.log              the training process's output (stdout and stderr)
+        result.json              how the training process ended, for its supervisor to record
+        dataset/                 the validated, sanitized copy of the dataset the training reads
+        logs/                    super-gradients' own logs (SUPER_GRADIENTS_LOG_DIR)
+        checkpoints/train/RUN_*/ SG's run: ckpt_best.pth, ckpt_latest.pth, average_model.pth,
+                                 TensorBoard event files (and averaging_snapshots.pkl while it trains)
+        export/model.onnx        the ONNX export of the best checkpoint
+
+Every path this module hands out for a job lies inside the job's directory after following
+symlinks (`app.paths.is_inside`): a recorded path or a link that leads elsewhere is ignored. Only the
+standard library, `app.paths` and `app.ml.types` are imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.ml.types import CHECKPOINTS_DIR, SG_LOG_DIR
+from app.paths import is_inside, real
+
+if TYPE_CHECKING:
+    from app.jobs.models import Job
+
+CONSOLE_LOG = "console.log"
+RESULT_FILE = "result.json"
+DATASET_DIR = "dataset"
+EXPORT_NAME = "export/model.onnx"
+
+# super-gradients' file names in a run directory.
+BEST_CHECKPOINT = "ckpt_best.pth"
+LATEST_CHECKPOINT = "ckpt_latest.pth"
+AVERAGE_MODEL = "average_model.pth"
+AVERAGING_SNAPSHOTS = "averaging_snapshots.pkl"
+TENSORBOARD_PATTERN = "events.out.tfevents.*"
+
+# Artifact keys (recorded on the job when it ends, and the kinds the API lists) of the checkpoints.
+CKPT_BEST = "ckpt_best"
+CKPT_LATEST = "ckpt_latest"
+AVERAGE = "average_model"
+CHECKPOINTS: dict[str, str] = {
+    CKPT_BEST: BEST_CHECKPOINT,
+    CKPT_LATEST: LATEST_CHECKPOINT,
+    AVERAGE: AVERAGE_MODEL,
+}
+# The other recorded keys, and the listed kinds that are not recorded keys.
+CONSOLE_LOG_KEY = "console_log"
+TENSORBOARD_DIR_KEY = "tensorboard_dir"
+TENSORBOARD_KIND = "tensorboard"
+ONNX_KIND = "onnx"
+
+
+def console_log(job_dir: Path) -> Path:
+    """Where the training process's output goes."""
+    return job_dir / CONSOLE_LOG
+
+
+def result_file(job_dir: Path) -> Path:
+    """Where the training process writes how it ended."""
+    return job_dir / RESULT_FILE
+
+
+def dataset_dir(job_dir: Path) -> Path:
+    """Where the training process puts the prepared dataset."""
+    return job_dir / DATASET_DIR
+
+
+def sg_log_dir(job_dir: Path) -> Path:
+    """super-gradients' log folder (SUPER_GRADIENTS_LOG_DIR) of the training process."""
+    return job_dir / SG_LOG_DIR
+
+
+def export_file(job_dir: Path) -> Path:
+    """Where the ONNX export is written."""
+    return job_dir / EXPORT_NAME
+
+
+def contained_file(path: Path, job_dir: Path) -> bool:
+    """True when `path` is a file that lies inside `job_dir` once every symlink is followed."""
+    return path.is_file() and is_inside(path, job_dir)
+
+
+def _newest(paths: Iterable[Path], job_dir: Path) -> Path | None:
+    files = [p for p in paths if contained_file(p, job_dir)]
+    return max(files, key=lambda p: p.stat().st_mtime) if files else None
+
+
+def _newest_on_disk(job_dir: Path, pattern: str) -> Path | None:
+    """The newest file named like `pattern` under the job's checkpoints folder (SG's run folders)."""
+    return _newest((job_dir / CHECKPOINTS_DIR).rglob(pattern), job_dir)
+
+
+def _job_dir(job: Job) -> Path | None:
+    return Path(job.job_dir) if job.job_dir else None
+
+
+def find_checkpoint(job: Job, *kinds: str) -> Path | None:
+    """The first of the checkpoint `kinds` (keys of CHECKPOINTS) the job has, with symlinks followed.
+
+    For each kind: the file recorded when the job ended or, when none is recorded (the job is
+    running, or its worker was lost before recording), the newest such file in its checkpoints
+    folder. Only files inside the job's directory count. None when there is none.
+    """
+    job_dir = _job_dir(job)
+    if job_dir is None:
+        return None
+    recorded = job.artifacts or {}
+    for kind in kinds:
+        path: Path | None
+        if kind in recorded and contained_file(Path(recorded[kind]), job_dir):
+            path = Path(recorded[kind])
+        else:
+            path = _newest_on_disk(job_dir, CHECKPOINTS[kind])
+        if path is not None:
+            return real(path)
+    return None
+
+
+def best_checkpoint(job: Job) -> Path | None:
+    """The checkpoint prediction and export use: the job's best one."""
+    return find_checkpoint(job, CKPT_BEST)
+
+
+def init_checkpoint(job: Job) -> Path | None:
+    """The checkpoint another job may start from: the job's best one, else its latest."""
+    return find_checkpoint(job, CKPT_BEST, CKPT_LATEST)
+
+
+def collect_artifacts(job_dir: Path) -> dict[str, str]:
+    """What the worker records on a job when it ends: the newest of each checkpoint, the console log
+    and the TensorBoard folder, by key (CHECKPOINTS' keys, `console_log`, `tensorboard_dir`)."""
+    artifacts: dict[str, str] = {}
+    console = console_log(job_dir)
+    if contained_file(console, job_dir):
+        artifacts[CONSOLE_LOG_KEY] = str(console)
+    for kind, name in CHECKPOINTS.items():
+        found = _newest_on_disk(job_dir, name)
+        if found is not None:
+            artifacts[kind] = str(found)
+    events = _newest_on_disk(job_dir, TENSORBOARD_PATTERN)
+    if events is not None:
+        artifacts[TENSORBOARD_DIR_KEY] = str(events.parent)
+    return artifacts
+
+
+def remove_training_scratch(job_dir: Path) -> None:
+    """Delete SG's model-averaging snapshots once training is over.
+
+    `averaging_snapshots.pkl` holds ten full model copies (about 765 MB for YOLO-NAS-S) that SG
+    needs only while training; the averaged model itself is kept as `average_model.pth`.
+    """
+    for path in (job_dir / CHECKPOINTS_DIR).rglob(AVERAGING_SNAPSHOTS):
+        path.unlink(missing_ok=True)  # a symlink is removed itself, never what it points to
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """A file the API may serve: its kind (a checkpoint key, `console_log`, `tensorboard` or `onnx`)
+    and its path with symlinks followed."""
+
+    kind: str
+    path: Path
+
+
+def _candidates(job: Job, job_dir: Path) -> list[tuple[str, Path]]:
+    """(kind, path) of every file `list_files` may list, before the containment check."""
+    recorded = job.artifacts or {}
+    items: list[tuple[str, Path]] = []
+    for kind in CHECKPOINTS:
+        path = find_checkpoint(job, kind)
+        if path is not None:
+            items.append((kind, path))
+    items.append((CONSOLE_LOG_KEY, Path(recorded.get(CONSOLE_LOG_KEY, console_log(job_dir)))))
+    if TENSORBOARD_DIR_KEY in recorded:
+        events = Path(recorded[TENSORBOARD_DIR_KEY]).glob(TENSORBOARD_PATTERN)
+    else:
+        events = (job_dir / CHECKPOINTS_DIR).rglob(TENSORBOARD_PATTERN)
+    items.extend((TENSORBOARD_KIND, path) for path in sorted(events))
+    items.append((ONNX_KIND, export_file(job_dir)))
+    return items
+
+
+def list_files(job: Job) -> dict[str, JobFile]:
+    """The job's files the API may serve, by name: their path relative to the job directory.
+
+    Checkpoints (as `find_checkpoint` finds them), the console log, TensorBoard event files and the
+    ONNX export; only those that exist inside the job's directory. Empty before the job has run.
+    """
+    job_dir = _job_dir(job)
+    if job_dir is None or not job_dir.is_dir():
+        return {}
+    root = real(job_dir)
+    files: dict[str, JobFile] = {}
+    for kind, path in _candidates(job, job_dir):
+        if contained_file(path, root):
+            resolved = real(path)
+            files[resolved.relative_to(root).as_posix()] = JobFile(kind, resolved)
+    return files
+
+
+def find_file(job: Job, name: str) -> JobFile | None:
+    """The listed file called `name`, or None for any name `list_files` does not list."""
+    return list_files(job).get(name)

@@ -1,0 +1,73 @@
+"""Setting up a process that runs super-gradients: its environment and its device.
+
+Both rules live here once, for the training process and the inference process alike. This module's
+top level imports only the standard library (the worker and the API import it to start those
+processes); torch and super-gradients are imported inside `setup_device` only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+# SG's console output in a child's log: warnings by default; an operator's CONSOLE_LOG_LEVEL wins.
+DEFAULT_CONSOLE_LEVEL = "WARNING"
+
+
+def sg_environment(log_dir: Path, *, console_level: str = DEFAULT_CONSOLE_LEVEL) -> dict[str, str]:
+    """The variables super-gradients reads when it is first imported, for a process that will import it.
+
+    No crash handler (it wraps `sys.excepthook`), SG's own log files in `log_dir` (created here)
+    instead of `~/sg_logs`, SG's console output at `console_level` unless CONSOLE_LOG_LEVEL is set
+    in this process's environment, and unbuffered output so that a redirected log is current.
+    Also no update check by albumentations (imported by SG), which otherwise asks PyPI for its latest
+    version over the network on every import, in every training and inference process.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "CRASH_HANDLER": "FALSE",
+        "CONSOLE_LOG_LEVEL": os.environ.get("CONSOLE_LOG_LEVEL", console_level),
+        "SUPER_GRADIENTS_LOG_DIR": str(log_dir),
+        "PYTHONUNBUFFERED": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
+
+
+def prepare_this_process(log_dir: Path) -> None:
+    """Set, in this process, whichever of `sg_environment`'s variables are not set yet.
+
+    For a process that imports super-gradients itself (`run_training` called directly, as the
+    tests do); must run before the first `import super_gradients`. A child started with
+    `sg_environment` already has them all, and keeps them.
+    """
+    for name, value in sg_environment(log_dir).items():
+        os.environ.setdefault(name, value)
+    Path(os.environ["SUPER_GRADIENTS_LOG_DIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def choose_device(requested: str, *, cuda_available: bool) -> str:
+    """The device rule: "cpu" is the CPU; "cuda" is the GPU and an error without CUDA (never a silent
+    fall-back to the CPU); "auto" is the GPU when CUDA is available, else the CPU."""
+    if requested not in DEVICES:
+        raise ValueError(f"device {requested!r} is not one of {', '.join(DEVICES)}")
+    if requested == "cuda" and not cuda_available:
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    return requested
+
+
+def setup_device(requested: str) -> str:
+    """Choose the device by `choose_device` and make it super-gradients' process-global device.
+
+    One GPU, no DDP (DDP would make SG re-launch `sys.argv`). Returns "cpu" or "cuda"; raises
+    ValueError for "cuda" without CUDA. Imports torch and super-gradients.
+    """
+    import torch
+    from super_gradients import setup_device as sg_setup_device
+    from super_gradients.common.data_types.enum.multi_gpu_mode import MultiGPUMode
+
+    device = choose_device(requested, cuda_available=torch.cuda.is_available())
+    sg_setup_device(device=device, multi_gpu=MultiGPUMode.OFF, num_gpus=1 if device == "cuda" else 0)
+    return device

@@ -1,0 +1,286 @@
+"""Run a real `sgjobs serve` in a throwaway environment: for tests, benchmarks and contract checks.
+
+Like `fastapi.testclient`, a supported helper, not part of the service itself::
+
+    from app.testing import backend_resources, serve
+
+    with backend_resources("postgres") as backend, serve(backend, Path("/tmp/home")) as service:
+        httpx.get(f"{service.base_url}/healthz")
+
+- `backend_resources(name)`: "sqlite" (the embedded defaults: a SQLite file and the SQLite broker in
+  the service's home) or "postgres" (a throwaway PostgreSQL database and a Redis queue of its own,
+  dropped and deleted afterwards).
+- `service_env(backend, home, **settings)`: the environment a service gets.
+- `serve(backend, home, ...)`: `python -m app.cli serve` on a free port of 127.0.0.1, ready (its
+  /readyz answers 200) when the block starts; the whole process tree (API, worker, a training it
+  runs) is stopped when it ends, also on errors.
+
+Importing this module is cheap: httpx and the standard library only (psycopg, redis, psutil and the
+settings are imported by the functions that need them), and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from app.process import die_with_parent
+
+__all__ = [
+    "BACKENDS",
+    "PG_ADMIN_URL",
+    "REDIS_URL",
+    "Backend",
+    "RunningService",
+    "ServiceError",
+    "backend_resources",
+    "free_port",
+    "serve",
+    "service_env",
+]
+
+BACKENDS: tuple[str, ...] = ("sqlite", "postgres")
+# Where "postgres" creates its databases (connects as an admin) and keeps its queue.
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# Set by `service_env` from the backend and the home; not accepted as extra settings.
+_BACKEND_SETTINGS = frozenset({"home", "database_url", "broker_url", "task_queue"})
+
+
+class ServiceError(RuntimeError):
+    """The service did not start (the message ends with the tail of its log)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where one service keeps its jobs and queue. `None`: the embedded SQLite default in the home."""
+
+    name: str
+    database_url: str | None
+    broker_url: str | None
+    queue: str
+
+
+@contextmanager
+def backend_resources(
+    name: str,
+    *,
+    prefix: str = "sgjobs-test",
+    pg_admin_url: str = PG_ADMIN_URL,
+    redis_url: str = REDIS_URL,
+) -> Iterator[Backend]:
+    """A backend of its own: queue `<prefix>-<random>`; for "postgres" also database `<prefix>_<random>`.
+
+    The PostgreSQL database is dropped (with any connection left) and every Redis key naming the
+    queue deleted on exit, also when the block fails. "sqlite" creates nothing outside the home.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
+    run = uuid.uuid4().hex[:10]
+    queue = f"{prefix}-{run}"
+    if name == "sqlite":
+        yield Backend(name, None, None, queue)
+        return
+    import psycopg
+    import redis
+
+    database = f"{prefix.replace('-', '_')}_{run}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    url = pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{database}"
+    try:
+        yield Backend(name, url, redis_url, queue)
+    finally:
+        try:
+            with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            client = redis.Redis.from_url(redis_url)
+            try:
+                client.delete(queue, *client.keys(f"*{queue}*"))
+            finally:
+                client.close()
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def service_env(backend: Backend, home: str | os.PathLike[str], **settings: object) -> dict[str, str]:
+    """The environment of a service: this process's, without any `SGJOBS_*` variable, plus
+
+    - `SGJOBS_HOME` exactly as given (a relative home resolves against the service's working
+      directory, as the README's default `./var` does),
+    - the backend's database, broker and queue (database and broker unset for "sqlite"),
+    - every keyword as `SGJOBS_<NAME>`, named as the `Settings` field: `datasets_dir=path`,
+      `device="cpu"`, `heartbeat_seconds=1`. Any other name is a ValueError.
+    """
+    from app.settings import Settings
+
+    names = set(settings)
+    unknown = sorted((names - set(Settings.model_fields)) | (names & _BACKEND_SETTINGS))
+    if unknown:
+        raise ValueError(f"not settings service_env takes: {', '.join(unknown)}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGJOBS_")}
+    env["SGJOBS_HOME"] = os.fspath(home)
+    env["SGJOBS_TASK_QUEUE"] = backend.queue
+    if backend.database_url:
+        env["SGJOBS_DATABASE_URL"] = backend.database_url
+    if backend.broker_url:
+        env["SGJOBS_BROKER_URL"] = backend.broker_url
+    env.update({f"SGJOBS_{key.upper()}": _env_value(value) for key, value in settings.items()})
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RunningService:
+    """A started `sgjobs serve`: where it answers, its home (absolute) and its console log."""
+
+    backend: Backend
+    base_url: str
+    home: Path
+    log_file: Path
+    pid: int
+
+    def log_tail(self, chars: int = 5000) -> str:
+        return _tail(self.log_file, chars)
+
+
+@contextmanager
+def serve(
+    backend: Backend,
+    home: str | os.PathLike[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    settings: Mapping[str, object] | None = None,
+    startup_timeout: float = 120.0,
+    stop_timeout: float = 30.0,
+) -> Iterator[RunningService]:
+    """`sgjobs serve` (migrations, the API on a free port of 127.0.0.1, one worker) in a child process.
+
+    `home` is passed as SGJOBS_HOME as given; a relative one is resolved against `cwd` (default: the
+    current directory), where the service runs. The home is created; the console goes to
+    `<home>/serve.log`. `settings` are more `SGJOBS_*` settings (see `service_env`). Yields once
+    /readyz answers 200; ServiceError (with the log's tail) if it does not within `startup_timeout`
+    or the process exits.
+
+    On exit the service gets SIGTERM (it stops its worker), then whatever is left of its process
+    group and of its process tree (the worker and a training run in sessions of their own) is killed.
+    """
+    workdir = Path(cwd) if cwd is not None else Path.cwd()
+    home_dir = (workdir / home).resolve()
+    home_dir.mkdir(parents=True, exist_ok=True)
+    env = service_env(backend, home, **dict(settings or {}))
+    port = free_port()
+    log_file = home_dir / "serve.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, killed as a whole at the end
+            preexec_fn=die_with_parent(),  # a killed test run or benchmark leaves no service behind
+        )
+    service = RunningService(backend, f"http://127.0.0.1:{port}", home_dir, log_file, proc.pid)
+    try:
+        _wait_ready(proc, service, startup_timeout)
+        yield service
+    finally:
+        _stop(proc, stop_timeout)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], service: RunningService, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=service.base_url, timeout=10) as client:
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            code = proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = f"exited with {code}" if code is not None else f"not ready after {timeout:.0f} s"
+                raise ServiceError(
+                    f"sgjobs serve ({service.backend.name}) {why}; {service.log_file}:\n" + service.log_tail()
+                )
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    tree = _descendants(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+    _killpg(proc.pid)  # anything left in the service's own process group
+    # The worker and a training it may run are in sessions of their own: give them the time the
+    # service's shutdown gives them, then make sure they are gone.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(0.2)
+    for pid in tree:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # psutil missing, or the process already gone
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return False
+
+
+def _tail(path: Path, chars: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(no log: {exc})"

@@ -1,0 +1,119 @@
+"""The one super-gradients environment and the one device rule (`app.ml.sg_setup`), and fp16 from the
+model's device (`app.ml.inference.build_pipeline`). Fast: no training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from app.ml.sg_setup import choose_device, prepare_this_process, sg_environment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cuda_without_cuda_is_an_error_that_says_so() -> None:
+    with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available"):
+        choose_device("cuda", cuda_available=False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda_available", "device"),
+    [
+        ("auto", True, "cuda"),
+        ("auto", False, "cpu"),
+        ("cuda", True, "cuda"),
+        ("cpu", True, "cpu"),
+        ("cpu", False, "cpu"),
+    ],
+)
+def test_device_rule(requested: str, cuda_available: bool, device: str) -> None:
+    assert choose_device(requested, cuda_available=cuda_available) == device
+
+
+def test_unknown_device_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not one of"):
+        choose_device("tpu", cuda_available=True)
+
+
+def test_sg_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONSOLE_LOG_LEVEL", raising=False)
+    env = sg_environment(tmp_path / "logs")
+    assert env == {
+        "CRASH_HANDLER": "FALSE",
+        "CONSOLE_LOG_LEVEL": "WARNING",
+        "SUPER_GRADIENTS_LOG_DIR": str(tmp_path / "logs"),
+        "PYTHONUNBUFFERED": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
+    assert (tmp_path / "logs").is_dir()
+    assert sg_environment(tmp_path, console_level="ERROR")["CONSOLE_LOG_LEVEL"] == "ERROR"
+    monkeypatch.setenv("CONSOLE_LOG_LEVEL", "DEBUG")  # the operator's choice wins
+    assert sg_environment(tmp_path, console_level="ERROR")["CONSOLE_LOG_LEVEL"] == "DEBUG"
+
+
+def test_prepare_this_process_keeps_what_a_parent_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CRASH_HANDLER", "CONSOLE_LOG_LEVEL", "PYTHONUNBUFFERED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SUPER_GRADIENTS_LOG_DIR", str(tmp_path / "from-parent"))
+    prepare_this_process(tmp_path / "job" / "logs")
+    assert os.environ["SUPER_GRADIENTS_LOG_DIR"] == str(tmp_path / "from-parent")
+    assert (tmp_path / "from-parent").is_dir()
+    assert os.environ["CRASH_HANDLER"] == "FALSE" and os.environ["CONSOLE_LOG_LEVEL"] == "WARNING"
+
+
+class _FakeModel:
+    """What build_pipeline touches of an SG model."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.fp16: bool | None = None
+
+    def parameters(self) -> Any:
+        yield SimpleNamespace(device=SimpleNamespace(type=self.device_type))
+
+    def _get_pipeline(self, *, conf: float, iou: float, fuse_model: bool, fp16: bool) -> str:
+        self.fp16 = fp16
+        return "pipeline"
+
+
+_FakeModel._get_pipeline.cache_clear = lambda: None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("device_type", "fp16"), [("cpu", False), ("cuda", True)])
+def test_fp16_follows_the_device_the_model_is_on(device_type: str, fp16: bool) -> None:
+    from app.ml.inference import build_pipeline
+
+    model = _FakeModel(device_type)
+    assert build_pipeline(model) == "pipeline"
+    assert model.fp16 is fp16
+
+
+def test_inference_process_refuses_cuda_without_cuda(tmp_path: Path) -> None:
+    """An explicit "cuda" on a machine without CUDA: every request is told so (no silent CPU)."""
+    probe = "import torch; print(torch.cuda.is_available())"
+    has_cuda = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    if has_cuda.stdout.strip() == "True":
+        pytest.skip("this machine has CUDA")
+    from app.ml.model_server import ModelServer, ModelServerError
+
+    server = ModelServer(
+        log_file=tmp_path / "inference.log", sg_log_dir=tmp_path / "sg", capacity=1, device="cuda"
+    )
+    try:
+        for _ in range(2):  # the process stays up and answers each request
+            with pytest.raises(ModelServerError) as info:
+                server.call("stats", timeout=60)
+            assert info.value.kind == "device"
+            assert "CUDA is not available" in info.value.message
+        assert server.starts == 1
+    finally:
+        server.close()
+    assert "cannot serve" in (tmp_path / "inference.log").read_text()
