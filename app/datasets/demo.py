@@ -10,6 +10,7 @@ import json
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,30 @@ def coco_to_yolo(coco_root: Path, root: Path, classes: tuple[str, ...]) -> Path:
     return root
 
 
+def hf_features(classes: Sequence[str]) -> Any:
+    """The `datasets.Features` of a detection dataset as the seed's dataset class reads it: `image_id`,
+    `image`, `width`, `height` and `objects` with `bbox` (4 floats) and `category` (a ClassLabel of
+    `classes`). Needs the `datasets` package (imported here only)."""
+    from datasets import ClassLabel, Features, Value
+    from datasets import Image as ImageFeature
+    from datasets import Sequence as SequenceFeature
+
+    return Features(
+        {
+            "image_id": Value("int64"),
+            "image": ImageFeature(),
+            "width": Value("int32"),
+            "height": Value("int32"),
+            "objects": SequenceFeature(
+                {
+                    "bbox": SequenceFeature(Value("float32"), length=4),
+                    "category": ClassLabel(names=list(classes)),
+                }
+            ),
+        }
+    )
+
+
 def coco_to_hf(coco_root: Path, root: Path, classes: tuple[str, ...], bbox_format: str = "xywh") -> Path:
     """Convert a generated COCO dataset to a Hugging Face dataset folder under `root`.
 
@@ -167,20 +192,9 @@ def coco_to_hf(coco_root: Path, root: Path, classes: tuple[str, ...], bbox_forma
     readable with `datasets.load_dataset(root, split=...)`; samples as the seed's dataset class reads
     them, with boxes in `bbox_format` pixels. Needs the `datasets` package (imported here only).
     """
-    from datasets import ClassLabel, Dataset, Features, Sequence, Value
-    from datasets import Image as ImageFeature
+    from datasets import Dataset
 
-    features = Features(
-        {
-            "image_id": Value("int64"),
-            "image": ImageFeature(),
-            "width": Value("int32"),
-            "height": Value("int32"),
-            "objects": Sequence(
-                {"bbox": Sequence(Value("float32"), length=4), "category": ClassLabel(names=list(classes))}
-            ),
-        }
-    )
+    features = hf_features(classes)
     names = {"valid": "validation"}
     (root / "data").mkdir(parents=True, exist_ok=True)
     for split, data in _coco_splits(coco_root):

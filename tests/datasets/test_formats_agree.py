@@ -23,6 +23,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from app.datasets.demo import hf_features
 from app.datasets.formats import DatasetOptions, detect_format, prepare_dataset, validate_dataset
 from app.datasets.problems import ERROR_CODES, WARNING_CODES
 
@@ -151,22 +152,11 @@ def write_yolo(data: Data, root: Path) -> Path:
 
 def write_hf(data: Data, root: Path) -> Path:
     """Parquet files as `datasets` writes them, boxes in xywh pixels, categories a ClassLabel."""
-    from datasets import ClassLabel, Dataset, Features, Sequence, Value
-    from datasets import Image as ImageFeature
+    from datasets import Dataset
 
     images = root / ".images"
     draw_images(data, images)
-    features = Features(
-        {
-            "image_id": Value("int64"),
-            "image": ImageFeature(),
-            "width": Value("int32"),
-            "height": Value("int32"),
-            "objects": Sequence(
-                {"bbox": Sequence(Value("float32"), length=4), "category": ClassLabel(names=list(CLASSES))}
-            ),
-        }
-    )
+    features = hf_features(CLASSES)
     (root / "data").mkdir(parents=True)
     for split, pictures in splits(data):
         rows: dict[str, list[Any]] = {"image_id": [], "image": [], "width": [], "height": [], "objects": []}
