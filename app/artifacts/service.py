@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session
 
 from app.artifacts.schemas import Artifact, ArtifactList, ExportOut
 from app.errors import NotFound
+from app.inference import call_model_server
 from app.jobs import files
 from app.jobs.service import get_job
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
-from app.prediction.service import best_checkpoint, call_model_server
+from app.prediction.service import best_checkpoint
 from app.settings import Settings
 
 EXPORT_TIMEOUT_SECONDS = 600.0

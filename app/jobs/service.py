@@ -18,10 +18,11 @@ from app.datasets.service import resolve_spec
 from app.db import utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.jobs import files, lifecycle
-from app.jobs.models import Job, JobEvent, JobStatus, Metric
+from app.jobs.models import FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress
 from app.paths import is_inside
 from app.settings import Settings
+from app.weights.service import JobCheckpoint
 
 
 def _field_error(loc: Sequence[str | int], message: str) -> InvalidInput:
@@ -187,3 +188,34 @@ def jobs_using_dataset(session: Session, *, settings: Settings, dataset_id: str,
         ):
             users.append(job_id)
     return users
+
+
+def jobs_using_weights(session: Session, *, weights_id: str) -> list[str]:
+    """Queued or running jobs that start from registered weights.
+
+    The jobs side of `app.weights.service.WeightsUsers`.
+    """
+    return [
+        job_id
+        for job_id, spec in session.execute(
+            select(Job.id, Job.spec).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
+        )
+        if ((spec or {}).get("init_from") or {}).get("weights_id") == weights_id
+    ]
+
+
+def checkpoint_to_promote(session: Session, *, job_id: str) -> JobCheckpoint:
+    """A finished job's best checkpoint, to register as weights: 422 for an unknown job, 409 while it
+    is queued or running or when it has no best checkpoint.
+
+    The jobs side of `app.weights.service.JobCheckpoints`.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise InvalidInput.field(["body", "from_job"], f"job {job_id!r} does not exist")
+    if job.status not in FINISHED_STATUSES:
+        raise Conflict(f"job {job_id!r} is {job.status}; promote it once it has finished")
+    checkpoint = files.best_checkpoint(job)
+    if checkpoint is None:
+        raise Conflict(f"job {job_id!r} has no best checkpoint to promote (status {job.status})")
+    return JobCheckpoint(job_id=job.id, job_name=job.name, path=checkpoint)

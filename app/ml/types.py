@@ -72,6 +72,23 @@ class TrainingResult:
     device: str
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the inference process found in a weights file (`app.ml.weights.inspect_checkpoint`).
+
+    `layout`: where the weights were in the file, as super-gradients reads them: `ema_net` (preferred
+    by SG when present), `net` (SG's training checkpoints) or `state_dict` (a bare state dict).
+    `class_names`: the names the file carries (SG's `processing_params`), COCO's for an 80-class file
+    that carries none, else None. `processing_params`: the file carries SG's preprocessing.
+    """
+
+    model: ModelName
+    num_classes: int
+    class_names: list[str] | None
+    layout: str
+    processing_params: bool
+
+
 class TrainingCancelled(Exception):
     """Raised from inside a training callback to stop within one batch (SG's flag waits an epoch)."""
 

@@ -13,16 +13,15 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
-from app.errors import AppError, Conflict, InvalidInput, ServiceUnavailable, UnsupportedMediaType
+from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
+from app.inference import call_model_server, model_server
 from app.jobs import files
 from app.jobs.models import Job
 from app.jobs.service import get_job
-from app.ml.model_server import ModelServer, ModelServerError, ModelServerUnavailable, get_model_server
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
@@ -89,25 +88,6 @@ def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # What PIL raises for truncated data, broken headers and unsupported modes.
         raise InvalidInput(f"{upload.name}: the image cannot be decoded ({exc})") from exc
-
-
-def model_server(settings: Settings) -> ModelServer:
-    """The API process's inference process handle."""
-    return get_model_server(home=settings.home, capacity=settings.predict_cache_size, device=settings.device)
-
-
-def call_model_server(settings: Settings, op: str, *, timeout: float, **payload: Any) -> dict[str, Any]:
-    """One request to the inference process, its failures mapped to the API's errors."""
-    try:
-        return model_server(settings).call(op, timeout=timeout, **payload)
-    except ModelServerUnavailable as exc:
-        raise ServiceUnavailable(str(exc)) from exc
-    except ModelServerError as exc:
-        if exc.kind == "load":
-            raise Conflict(f"the checkpoint cannot be loaded: {exc.message}") from exc
-        if exc.kind in ("export", "device"):
-            raise ServiceUnavailable(exc.message) from exc
-        raise InvalidInput(f"inference failed: {exc.message}") from exc
 
 
 def predict(

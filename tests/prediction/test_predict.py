@@ -59,7 +59,7 @@ import json, os, sys
 import numpy as np
 from PIL import Image
 from app.ml.inference import load_model
-model, names, _ = load_model("yolo_nas_s", __import__("pathlib").Path({checkpoint!r}))
+model, names = load_model("yolo_nas_s", __import__("pathlib").Path({checkpoint!r}))
 image = np.asarray(Image.open({str(image_path)!r}).convert("RGB"))
 p = model.predict(image, conf={conf}, iou={iou}, fuse_model=False, fp16=False).prediction
 h, w = image.shape[:2]
