@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 ModelName = Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
+# Datasets super-gradients published YOLO-NAS weights for, as its `pretrained_weights=` names them.
+PretrainedName = Literal["coco", "objects365"]
 
 # What PPYoloELoss and DetectionMetrics_050 produce; `metric_to_watch` must be one of these.
 LOSS_COMPONENTS: tuple[str, ...] = (

@@ -20,7 +20,7 @@ from typing import get_args
 
 from app.db import session_scope
 from app.errors import InvalidInput
-from app.ml.types import ModelName
+from app.ml.types import ModelName, PretrainedName
 from app.settings import Settings
 from app.weights import service
 from app.weights.models import Weights, WeightsSource
@@ -28,10 +28,10 @@ from app.weights.models import Weights, WeightsSource
 logger = logging.getLogger(__name__)
 
 # Datasets super-gradients published YOLO-NAS weights for (`pretrained_weights=`).
-PUBLISHED_DATASETS: tuple[str, ...] = ("coco", "objects365")
+PUBLISHED_DATASETS: tuple[str, ...] = get_args(PretrainedName)
 
 _lock = threading.Lock()
-# File name -> (size, mtime_ns, sha256) when this process last hashed it: an unchanged file is not
+# File path -> (size, mtime_ns, sha256) when this process last hashed it: an unchanged file is not
 # hashed again on every job that asks for it.
 _seen: dict[str, tuple[int, int, str]] = {}
 
@@ -55,7 +55,7 @@ def _register(
 ) -> Weights:
     stat = path.stat()
     signature = (stat.st_size, stat.st_mtime_ns)
-    seen = _seen.get(path.name)
+    seen = _seen.get(str(path))
     if seen is not None and seen[:2] == signature:
         with session_scope(settings.database_url) as session:
             weights = service.find_by_sha(session, seen[2])
@@ -80,7 +80,7 @@ def _register(
         )
     finally:
         staged.path.unlink(missing_ok=True)
-    _seen[path.name] = (*signature, weights.sha256)
+    _seen[str(path)] = (*signature, weights.sha256)
     if created:
         logger.info("registered %s from the weights folder as weights %s", path.name, weights.id)
     return weights

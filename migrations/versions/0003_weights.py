@@ -38,8 +38,14 @@ def upgrade() -> None:
     with op.batch_alter_table("weights", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_weights_created_at"), ["created_at"], unique=False)
 
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("started_from", sa.JSON(), nullable=True))
+
 
 def downgrade() -> None:
+
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("started_from")
 
     with op.batch_alter_table("weights", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_weights_created_at"))
