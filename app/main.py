@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.artifacts.router import router as artifacts_router
+from app.artifacts.router import weights_router as weights_artifacts_router
 from app.datasets.router import router as datasets_router
 from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
@@ -69,6 +70,7 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(weights_router)
     app.include_router(artifacts_router)
+    app.include_router(weights_artifacts_router)
     app.include_router(prediction_router)
     install_openapi(app)
     return app

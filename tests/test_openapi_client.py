@@ -470,7 +470,15 @@ def test_predict(api: Api, trained: Trained, service: Service) -> None:
     api.problem("export_job", 409, job.id)
 
 
-@operations("create_weights", "list_weights", "get_weights", "delete_weights")
+@operations(
+    "create_weights",
+    "list_weights",
+    "get_weights",
+    "delete_weights",
+    "export_weights",
+    "download_weights_artifact",
+    "predict",
+)
 def test_weights(api: Api, trained: Trained, standins: Path) -> None:
     form = _body_type(api.generated, "create_weights", "to_multipart")
     data = (standins / "s5_named.pth").read_bytes()
@@ -490,6 +498,20 @@ def test_weights(api: Api, trained: Trained, standins: Path) -> None:
     promoted = api("create_weights", body=promote.from_dict({"from_job": trained.job_id}))  # type: ignore[attr-defined]
     assert promoted.status_code in (200, 201), promoted.content
     assert promoted.parsed.classes == ["circle", "square", "triangle"]
+
+    # Promoted weights predict and export as their job does.
+    predict_form = _body_type(api.generated, "predict", "to_multipart")
+    image = _file(api.generated, _png(), "a.png", "image/png")
+    result = api.ok(
+        "predict", 200, "PredictResponse", body=predict_form(weights_id=promoted.parsed.id, files=[image])
+    )
+    assert result.weights_id == promoted.parsed.id and result.classes == ["circle", "square", "triangle"]
+    export = api.ok("export_weights", 200, "ExportOut", promoted.parsed.id)
+    assert export.weights_id == promoted.parsed.id and export.artifact.size > 0
+    onnx = api("download_weights_artifact", promoted.parsed.id, export.artifact.name)
+    assert onnx.status_code == 200 and len(onnx.parsed.payload.read()) == export.artifact.size
+    api.problem("download_weights_artifact", 404, promoted.parsed.id, "no-such-file")
+    api.problem("export_weights", 404, "no-such-weights")
 
     page = api.ok("list_weights", 200, "WeightsPage", limit=200)
     assert {weights.id, promoted.parsed.id} <= {w.id for w in page.items}

@@ -219,6 +219,8 @@ def test_operation_ids_are_short_and_every_error_is_declared(service: Service) -
         "list_weights",
         "get_weights",
         "delete_weights",
+        "export_weights",
+        "download_weights_artifact",
         "predict",
         "get_predict_stats",
         "healthz",
