@@ -2,17 +2,50 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from app.artifacts.router import router as artifacts_router
+from app.artifacts.router import weights_router as weights_artifacts_router
 from app.datasets.router import router as datasets_router
 from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
-from app.jobs.service import jobs_using_dataset
+from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
 from app.openapi import install_openapi, operation_id
 from app.prediction.router import router as prediction_router
-from app.settings import get_settings
+from app.settings import Settings, get_settings
+from app.weights import folder
+from app.weights.router import router as weights_router
+from app.weights.service import model_server_inspector
+
+logger = logging.getLogger(__name__)
+
+
+def _scan_weights_folder(settings: Settings) -> None:
+    try:
+        registered = folder.sync_folder(settings, model_server_inspector(settings))
+        logger.info(
+            "weights folder %s: %d published file(s) registered", settings.weights_dir, len(registered)
+        )
+    except Exception:  # a start-up nicety: a job asking for the file registers it (or says why not)
+        logger.exception("scanning the weights folder %s failed", settings.weights_dir)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    # Published weights files put in the folder are registered at start, in the background: checking
+    # one loads it in the inference process (seconds), and the API answers meanwhile.
+    if folder.has_published_files(settings):
+        threading.Thread(
+            target=_scan_weights_folder, args=(settings,), name="weights-folder", daemon=True
+        ).start()
+    yield
 
 
 def create_app() -> FastAPI:
@@ -24,14 +57,20 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="Fine-tune YOLO-NAS object detectors with super-gradients over HTTP.",
         generate_unique_id_function=operation_id,
+        lifespan=_lifespan,
     )
     # Datasets never import jobs; deleting one asks the jobs area who uses it through this.
     app.state.dataset_users = jobs_using_dataset
+    # Likewise weights: who starts from them, and a job's best checkpoint to promote.
+    app.state.weights_users = jobs_using_weights
+    app.state.job_checkpoints = checkpoint_to_promote
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
+    app.include_router(weights_router)
     app.include_router(artifacts_router)
+    app.include_router(weights_artifacts_router)
     app.include_router(prediction_router)
     install_openapi(app)
     return app

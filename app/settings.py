@@ -16,9 +16,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SGJOBS_", env_file=".env", extra="ignore")
 
     home: Path = Field(default=Path("var"), description="SQLite file, job directories and logs.")
-    # The four below default to places under `home` (filled in by `_derive_defaults`).
+    # The five below default to places under `home` (filled in by `_derive_defaults`).
     datasets_dir: Path = Field(default=Path(), description="Dataset paths in specs resolve here only.")
     jobs_dir: Path = Field(default=Path(), description="One directory per job.")
+    weights_dir: Path = Field(
+        default=Path(), description="Registered weights, and the published files scanned at start."
+    )
     database_url: str = Field(default="", description="SQLAlchemy URL; default: SQLite in home.")
     broker_url: str = Field(default="", description="Celery broker; default: SQLite in home.")
     task_queue: str = "sgjobs"
@@ -50,6 +53,10 @@ class Settings(BaseSettings):
     upload_max_members: int = Field(default=500_000, ge=1)
     upload_max_ratio: float = Field(default=200.0, gt=1, description="Uncompressed / compressed size.")
 
+    # Weights uploads (`POST /weights`). A YOLO-NAS-L training checkpoint with its optimizer state is
+    # about 0.8 GB; 4 GiB leaves room without letting one request fill the disk.
+    weights_max_bytes: int = Field(default=4 * 2**30, ge=1024, description="Largest checkpoint upload.")
+
     # API.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -65,6 +72,7 @@ class Settings(BaseSettings):
         data = {**data, "home": home}
         data["datasets_dir"] = Path(data.get("datasets_dir") or home / "datasets").expanduser().resolve()
         data["jobs_dir"] = Path(data.get("jobs_dir") or home / "jobs").expanduser().resolve()
+        data["weights_dir"] = Path(data.get("weights_dir") or home / "weights").expanduser().resolve()
         data["database_url"] = data.get("database_url") or f"sqlite:///{home / 'sgjobs.db'}"
         data["broker_url"] = data.get("broker_url") or f"sqla+sqlite:///{home / 'broker.db'}"
         return data
@@ -79,14 +87,15 @@ class Settings(BaseSettings):
             "SGJOBS_HOME": str(self.home),
             "SGJOBS_DATASETS_DIR": str(self.datasets_dir),
             "SGJOBS_JOBS_DIR": str(self.jobs_dir),
+            "SGJOBS_WEIGHTS_DIR": str(self.weights_dir),
             "SGJOBS_DATABASE_URL": self.database_url,
             "SGJOBS_BROKER_URL": self.broker_url,
             "SGJOBS_TASK_QUEUE": self.task_queue,
         }
 
     def ensure_dirs(self) -> None:
-        """Create the home, datasets and jobs directories."""
-        for path in (self.home, self.datasets_dir, self.jobs_dir):
+        """Create the home, datasets, jobs and weights directories."""
+        for path in (self.home, self.datasets_dir, self.jobs_dir, self.weights_dir):
             path.mkdir(parents=True, exist_ok=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from app.settings import Settings
 from app.testing import BACKENDS, Backend, backend_resources, serve
 from tests.support import Service
+from tests.weights.standins import build_standins
 
 PG_ADMIN_URL = os.environ.get("SGJOBS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SGJOBS_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -76,3 +78,9 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 running.log_file,
                 client,
             )
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoint files built from real super-gradients models, good and bad (`tests.weights.standins`)."""
+    return build_standins(tmp_path_factory.mktemp("standins"))

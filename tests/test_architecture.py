@@ -67,9 +67,29 @@ def test_datasets_never_imports_jobs() -> None:
     assert offenders == []
 
 
+def test_weights_never_imports_jobs_or_the_areas_that_use_it() -> None:
+    # jobs may use weights (a job starts from them), never the reverse; prediction and artifacts use jobs.
+    areas = ("app.jobs", "app.prediction", "app.artifacts")
+    offenders = [
+        f"{p}: {n}"
+        for p in _app_modules("weights")
+        for n in _imports(p)
+        if any(n == a or n.startswith(a + ".") for a in areas)
+    ]
+    assert offenders == []
+
+
 def test_the_ml_backend_imports_no_area_of_the_service() -> None:
     # app/ml is the super-gradients backend: it gets plain data in and reports through a protocol.
-    areas = ("app.jobs", "app.datasets", "app.prediction", "app.artifacts", "app.health", "app.main")
+    areas = (
+        "app.jobs",
+        "app.datasets",
+        "app.weights",
+        "app.prediction",
+        "app.artifacts",
+        "app.health",
+        "app.main",
+    )
     offenders = [
         f"{p}: {n}"
         for p in _app_modules("ml")

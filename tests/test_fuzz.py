@@ -13,9 +13,10 @@ engine, and its report names each failing operation and check with a curl comman
 it; the JSON report and a pytest file replaying the failures are kept under the test's tmp_path.
 
 Path parameters get real ids half of the time (a trained job, a job cancelled before it ran, a
-registered dataset), so the fuzz reaches real objects and not only 404s. It cannot keep the worker
-busy: a job spec must name an existing dataset folder or a registered dataset, which generated specs
-do not (they get 422); the test checks that no generated spec was accepted (and cancels any).
+registered dataset, registered weights), so the fuzz reaches real objects and not only 404s. It
+cannot keep the worker busy: a job spec must name an existing dataset folder or a registered
+dataset, which generated specs do not (they get 422); the test checks that no generated spec was
+accepted (and cancels any).
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ checks.positive_data_acceptance.expected-statuses = [
   "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx",
 ]
 
+# The file must be a YOLO-NAS checkpoint (any other bytes are a valid `format: binary` part), and a
+# promoted job must exist.
+[[operations]]
+include-name = "POST /weights"
+checks.positive_data_acceptance.expected-statuses = [
+  "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx",
+]
+
 # The files must be images the server can decode (415 for another media type, 422 for a broken or
 # oversized image); any other bytes are valid `format: binary` parts.
 [[operations]]
@@ -119,15 +128,20 @@ values = $jobs
 [dictionaries.datasets]
 values = $datasets
 
+[dictionaries.weights]
+values = $weights
+
 [parameters]
 "path.job_id" = { dictionary = "jobs", probability = 0.5 }
 "path.dataset_id" = { dictionary = "datasets", probability = 0.5 }
+"path.weights_id" = { dictionary = "weights", probability = 0.5 }
 """
 )
 
 
-def _real_objects(service: Service, tmp_path: Path) -> tuple[list[str], list[str]]:
-    """A trained job (shared with the other tests), a job cancelled before it ran, a registered dataset."""
+def _real_objects(service: Service, tmp_path: Path) -> tuple[list[str], list[str], list[str]]:
+    """A trained job (shared with the other tests), a job cancelled before it ran, a registered
+    dataset, and the trained job's checkpoint registered as weights."""
     trained = trained_job(service)["id"]
     cancelled = service.submit(tiny_spec(DATASET, name="fuzz-cancelled"))["id"]
     service.client.post(f"/jobs/{cancelled}/cancel")
@@ -137,7 +151,9 @@ def _real_objects(service: Service, tmp_path: Path) -> tuple[list[str], list[str
         "/datasets", files={"file": ("fuzz.zip", zip_folder(root), "application/zip")}, data={"name": "fuzz"}
     )
     assert response.status_code == 201, response.text
-    return [trained, cancelled], [response.json()["id"]]
+    weights = service.client.post("/weights", json={"from_job": trained}, timeout=300)
+    assert weights.status_code in (200, 201), weights.text
+    return [trained, cancelled], [response.json()["id"]], [weights.json()["id"]]
 
 
 def _summary(report_dir: Path) -> str:
@@ -154,10 +170,15 @@ def _summary(report_dir: Path) -> str:
 
 
 def test_fuzz_the_whole_schema(service: Service, tmp_path: Path) -> None:
-    jobs, datasets = _real_objects(service, tmp_path)
+    jobs, datasets, weights = _real_objects(service, tmp_path)
     config = tmp_path / "schemathesis.toml"
     config.write_text(
-        CONFIG.substitute(max_examples=MAX_EXAMPLES, jobs=json.dumps(jobs), datasets=json.dumps(datasets))
+        CONFIG.substitute(
+            max_examples=MAX_EXAMPLES,
+            jobs=json.dumps(jobs),
+            datasets=json.dumps(datasets),
+            weights=json.dumps(weights),
+        )
     )
     before = {j["id"] for j in service.client.get("/jobs", params={"limit": 200}).json()["items"]}
     report_dir = tmp_path / "report"

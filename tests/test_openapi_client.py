@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
 from tests.prediction.helpers import trained_job
 from tests.support import Service, tiny_spec, zip_folder
+from tests.weights.standins import FIVE_CLASSES
 
 pytestmark = pytest.mark.slow  # needs a trained job (shared with tests/prediction: about 30 s on a CPU)
 
@@ -246,6 +247,17 @@ def _body_type(generated: Generated, operation_id: str, method: str) -> type:
     raise AssertionError(f"{operation_id}: no body type with {method} in {candidates}")
 
 
+def _json_body_type(generated: Generated, operation_id: str) -> type:
+    """The generated JSON request-body class of an operation that also takes multipart."""
+    import typing
+
+    hints = typing.get_type_hints(generated.operations[operation_id].sync_detailed)
+    for candidate in typing.get_args(hints["body"]) or (hints["body"],):
+        if isinstance(candidate, type) and attrs.has(candidate) and not hasattr(candidate, "to_multipart"):
+            return candidate
+    raise AssertionError(f"{operation_id}: no JSON body type in {hints['body']}")
+
+
 def _spec(generated: Generated, dataset: dict[str, Any], name: str) -> Any:
     spec = tiny_spec("unused", name=name, dataset=dataset)
     return _body_type(generated, "create_job", "to_dict").from_dict(spec)  # type: ignore[attr-defined]
@@ -456,3 +468,61 @@ def test_predict(api: Api, trained: Trained, service: Service) -> None:
         "predict", 409, body=body_type(job_id=job.id, files=[_file(api.generated, png, "a.png", "image/png")])
     )
     api.problem("export_job", 409, job.id)
+
+
+@operations(
+    "create_weights",
+    "list_weights",
+    "get_weights",
+    "delete_weights",
+    "export_weights",
+    "download_weights_artifact",
+    "predict",
+)
+def test_weights(api: Api, trained: Trained, standins: Path) -> None:
+    form = _body_type(api.generated, "create_weights", "to_multipart")
+    data = (standins / "s5_named.pth").read_bytes()
+
+    def checkpoint() -> Any:
+        return _file(api.generated, data, "s5.pth", "application/octet-stream")
+
+    created = api("create_weights", body=form(file=checkpoint(), name="client-s5"))
+    # 201, or 200 when another test registered the same file first: the same model either way.
+    assert created.status_code in (200, 201), created.content
+    weights = created.parsed
+    assert isinstance(weights, api.generated.model("WeightsOut")), created.content
+    assert weights.classes == FIVE_CLASSES and weights.num_classes == 5
+    assert api.ok("create_weights", 200, "WeightsOut", body=form(file=checkpoint())).id == weights.id
+
+    promote = _json_body_type(api.generated, "create_weights")
+    promoted = api("create_weights", body=promote.from_dict({"from_job": trained.job_id}))  # type: ignore[attr-defined]
+    assert promoted.status_code in (200, 201), promoted.content
+    assert promoted.parsed.classes == ["circle", "square", "triangle"]
+
+    # Promoted weights predict and export as their job does.
+    predict_form = _body_type(api.generated, "predict", "to_multipart")
+    image = _file(api.generated, _png(), "a.png", "image/png")
+    result = api.ok(
+        "predict", 200, "PredictResponse", body=predict_form(weights_id=promoted.parsed.id, files=[image])
+    )
+    assert result.weights_id == promoted.parsed.id and result.classes == ["circle", "square", "triangle"]
+    export = api.ok("export_weights", 200, "ExportOut", promoted.parsed.id)
+    assert export.weights_id == promoted.parsed.id and export.artifact.size > 0
+    onnx = api("download_weights_artifact", promoted.parsed.id, export.artifact.name)
+    assert onnx.status_code == 200 and len(onnx.parsed.payload.read()) == export.artifact.size
+    api.problem("download_weights_artifact", 404, promoted.parsed.id, "no-such-file")
+    api.problem("export_weights", 404, "no-such-weights")
+
+    page = api.ok("list_weights", 200, "WeightsPage", limit=200)
+    assert {weights.id, promoted.parsed.id} <= {w.id for w in page.items}
+    assert api.ok("get_weights", 200, "WeightsOut", weights.id).sha256 == weights.sha256
+
+    junk = _file(api.generated, b"not a checkpoint", "junk.pth", "application/octet-stream")
+    assert "checkpoint" in api.problem("create_weights", 422, body=form(file=junk)).detail
+    api.problem("create_weights", 422, body=promote.from_dict({"from_job": "no-such-job"}))  # type: ignore[attr-defined]
+    api.problem("list_weights", 422, limit=0)
+
+    delete = api("delete_weights", weights.id)
+    assert delete.status_code == 204 and delete.content == b""
+    api.problem("get_weights", 404, weights.id)
+    api.problem("delete_weights", 404, weights.id)

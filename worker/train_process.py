@@ -12,6 +12,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app.datasets import service as datasets
 from app.datasets.formats import prepare_dataset
 from app.db import session_scope
@@ -22,6 +24,8 @@ from app.jobs.schemas import JobSpec
 from app.ml.params import TrainingConfig
 from app.ml.types import TrainingCancelled
 from app.settings import Settings, get_settings
+from app.weights import service as weights
+from app.weights.models import Weights
 from worker.outcome import record_outcome, write_result
 from worker.reporter import DbReporter
 
@@ -30,6 +34,29 @@ logger = logging.getLogger("sgjobs.train")
 
 def _is_oom(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class InitCheckpointGone(Exception):
+    """What the job was to start from is gone since it was queued (the message says what)."""
+
+
+def _init_checkpoint(
+    session: Session, settings: Settings, spec: JobSpec, started_from: dict[str, Any]
+) -> tuple[Path | None, str]:
+    """The checkpoint file the job starts from (None: random weights) and how to name its source."""
+    if spec.init_from is not None and spec.init_from.job_id is not None:
+        source = service.get_job(session, job_id=spec.init_from.job_id)
+        checkpoint = files.init_checkpoint(source)
+        if checkpoint is None:
+            raise InitCheckpointGone(f"job {source.id} has no checkpoint any more")
+        return checkpoint, f"job {source.id}"
+    weights_id = started_from.get("weights_id")
+    if weights_id is None:
+        return None, ""
+    path = weights.weights_file(settings, weights_id)
+    if session.get(Weights, weights_id) is None or not path.is_file():
+        raise InitCheckpointGone(f"weights {weights_id} are no longer registered (or their file is gone)")
+    return path, f"weights {weights_id} ({started_from.get('name') or weights_id})"
 
 
 def train(settings: Settings, job_id: str) -> dict[str, Any]:
@@ -44,17 +71,15 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             )
         except InvalidInput as exc:  # the dataset was deleted or moved since the job was queued
             resolved = exc
-        init_checkpoint: Path | None = None
-        init_job = spec.init_from.job_id if spec.init_from is not None else None
-        if init_job is not None:
-            source = service.get_job(session, job_id=init_job)
-            init_checkpoint = files.init_checkpoint(source)
-            if init_checkpoint is None:
-                return {
-                    "status": JobStatus.failed,
-                    "reason": FailureReason.invalid_checkpoint,
-                    "message": f"job {source.id} has no checkpoint any more",
-                }
+        started_from = dict(job.started_from or {})
+        try:
+            init_checkpoint, init_label = _init_checkpoint(session, settings, spec, started_from)
+        except InitCheckpointGone as exc:
+            return {
+                "status": JobStatus.failed,
+                "reason": FailureReason.invalid_checkpoint,
+                "message": str(exc),
+            }
     reporter = DbReporter(
         database_url=settings.database_url,
         job_id=job_id,
@@ -91,14 +116,25 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             try:
                 classes = checkpoint_num_classes(init_checkpoint)
             except Exception as exc:
-                message = f"cannot start from {init_checkpoint.name} of job {init_job}: {exc}"
+                message = f"cannot start from {init_checkpoint.name} of {init_label}: {exc}"
                 reporter.event(message, level="error")
                 return {
                     "status": JobStatus.failed,
                     "reason": FailureReason.invalid_checkpoint,
                     "message": message,
                 }
-            reporter.event(f"starting from {init_checkpoint.name} ({classes} classes) of job {init_job}")
+            head = (
+                f"; its head is re-initialised for {len(prepared.class_names)} classes"
+                if classes != len(prepared.class_names)
+                else ""
+            )
+            reporter.event(f"starting from {init_checkpoint.name} ({classes} classes) of {init_label}{head}")
+            with session_scope(settings.database_url) as session:
+                lifecycle.set_started_from(
+                    session,
+                    job_id=job_id,
+                    started_from={**started_from, "checkpoint": init_checkpoint.name, "num_classes": classes},
+                )
         config = TrainingConfig(
             model=spec.model,
             job_dir=job_dir,

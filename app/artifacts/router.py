@@ -14,6 +14,7 @@ from app.artifacts.schemas import ArtifactList, ExportOut
 from app.openapi import problems
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
+weights_router = APIRouter(prefix="/weights", tags=["artifacts"])
 
 ArtifactName = Annotated[str, Path(min_length=1, max_length=1000, description="As in the listing.")]
 
@@ -48,3 +49,29 @@ async def export_job(job_id: ObjectId, session: SessionDep, settings: SettingsDe
     `artifact.url`. A second call returns the existing file. 409 while the job has no checkpoint."""
     # Export takes seconds: off the event loop, so other requests keep being answered.
     return await run_in_threadpool(service.export_onnx, session, settings=settings, job_id=job_id)
+
+
+@weights_router.get(
+    "/{weights_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The file.",
+        },
+        **problems(404, 422, 503),
+    },
+)
+def download_weights_artifact(
+    weights_id: ObjectId, name: ArtifactName, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    """Download registered weights' checkpoint (`weights.pth`) or ONNX export (`export/model.onnx`)."""
+    path = service.weights_artifact_path(session, settings=settings, weights_id=weights_id, name=name)
+    return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+
+
+@weights_router.post("/{weights_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
+async def export_weights(weights_id: ObjectId, session: SessionDep, settings: SettingsDep) -> ExportOut:
+    """Export registered weights to ONNX (with their preprocessing and NMS), as `POST
+    /jobs/{id}/export` does for a job; download it from `artifact.url`."""
+    return await run_in_threadpool(service.export_weights, session, settings=settings, weights_id=weights_id)

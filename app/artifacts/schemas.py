@@ -24,7 +24,8 @@ class ExportOut(BaseModel):
     """The exported ONNX model: one uint8 RGB image [1, 3, H, W] in; num_predictions, boxes
     (x1, y1, x2, y2 in the H x W input's pixels), scores and classes out."""
 
-    job_id: str
+    job_id: str | None = Field(default=None, description="The exported job (or null).")
+    weights_id: str | None = Field(default=None, description="The exported weights (or null).")
     artifact: Artifact
     cached: bool = Field(description="An existing export of the same checkpoint was returned.")
     seconds: float

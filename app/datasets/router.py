@@ -11,7 +11,6 @@ import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.api import ObjectId, SessionDep, SettingsDep
 from app.datasets import service
@@ -26,10 +25,11 @@ from app.datasets.schemas import (
     report_model,
 )
 from app.db import get_sessionmaker
-from app.errors import InvalidInput, UnsupportedMediaType
+from app.errors import InvalidInput
 from app.openapi import form_body, problems
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
+from app.uploads import receive_file
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -47,7 +47,6 @@ RAW_TYPES = frozenset(
         "application/octet-stream",
     }
 )
-MAX_FORM_FIELD = 1024
 
 
 class UploadForm(BaseModel):
@@ -88,104 +87,20 @@ def _too_large(settings: Settings) -> ArchiveTooLarge:
     )
 
 
-class _Form:
-    """Streaming multipart parsing: the `file` part goes to disk chunk by chunk, small fields to memory."""
-
-    def __init__(self, boundary: bytes) -> None:
-        self.fields: dict[str, bytearray] = {}
-        self.pending: list[bytes] = []  # file bytes parsed but not yet written
-        self.file_seen = False
-        self._header_field = b""
-        self._header_value = b""
-        self._headers: dict[bytes, bytes] = {}
-        self._current: str | None = None
-        self.parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._part_begin,
-                "on_header_field": self._field,
-                "on_header_value": self._value,
-                "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_done,
-                "on_part_data": self._data,
-            },
-        )
-
-    def _part_begin(self) -> None:
-        self._headers, self._current = {}, None
-
-    def _field(self, data: bytes, start: int, end: int) -> None:
-        self._header_field += data[start:end]
-
-    def _value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _header_end(self) -> None:
-        self._headers[self._header_field.lower()] = self._header_value
-        self._header_field, self._header_value = b"", b""
-
-    def _headers_done(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        name = params.get(b"name", b"").decode("utf-8", "replace")
-        if name == "file":
-            if self.file_seen:
-                raise InvalidInput("send one file per upload")
-            self.file_seen = True
-        self._current = name
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        if self._current == "file":
-            self.pending.append(bytes(data[start:end]))
-        elif self._current:
-            value = self.fields.setdefault(self._current, bytearray())
-            value += data[start:end]
-            if len(value) > MAX_FORM_FIELD:
-                raise InvalidInput(f"form field {self._current!r} is too long")
-
-
 async def _receive(request: Request, target: FilePath, settings: Settings) -> dict[str, str]:
     """Stream the request body to `target` (the archive); returns the small form fields, if any."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.upload_max_bytes + 64 * 1024:
-        raise _too_large(settings)  # refused before a byte is read
-    content_type, params = parse_options_header(request.headers.get("content-type", ""))
-    kind = content_type.decode("latin-1").lower()
-    form: _Form | None = None
-    if kind == "multipart/form-data":
-        boundary = params.get(b"boundary")
-        if not boundary:
-            raise InvalidInput("multipart upload without a boundary")
-        form = _Form(boundary)
-    elif kind not in RAW_TYPES:
-        raise UnsupportedMediaType(
+    received = await receive_file(
+        request,
+        target,
+        max_bytes=settings.upload_max_bytes,
+        too_large=lambda: _too_large(settings),
+        raw_types=RAW_TYPES,
+        unsupported=(
             "send the archive as multipart/form-data (field 'file') or as the raw body with "
             "content-type application/zip, application/x-tar, application/gzip or application/octet-stream"
-        )
-    written = 0
-    async with await anyio.open_file(target, "wb") as out:
-        async for chunk in request.stream():
-            pieces = [chunk]
-            if form is not None:
-                try:
-                    form.parser.write(chunk)
-                except InvalidInput:
-                    raise
-                except Exception as exc:  # python-multipart's parse errors
-                    raise InvalidInput(f"the multipart body does not parse: {exc}") from exc
-                pieces, form.pending = form.pending, []
-            for piece in pieces:
-                written += len(piece)
-                if written > settings.upload_max_bytes:
-                    raise _too_large(settings)
-                await out.write(piece)
-    if form is not None:
-        form.parser.finalize()
-        if not form.file_seen:
-            raise InvalidInput("the multipart upload has no 'file' field")
-        return {k: v.decode("utf-8", "replace") for k, v in form.fields.items()}
-    if written == 0:
-        raise InvalidInput("the upload is empty")
-    return {}
+        ),
+    )
+    return received.fields
 
 
 def _register(settings: Settings, archive: FilePath, name: str | None, bbox_format: str | None) -> Dataset:

@@ -97,6 +97,11 @@ def set_classes(session: Session, *, job_id: str, classes: Sequence[str]) -> Non
     session.execute(update(Job).where(Job.id == job_id).values(classes=list(classes)))
 
 
+def set_started_from(session: Session, *, job_id: str, started_from: dict[str, Any]) -> None:
+    """Record what the training loaded (`app.jobs.schemas.StartedFrom`)."""
+    session.execute(update(Job).where(Job.id == job_id).values(started_from=started_from))
+
+
 def record_progress(
     session: Session,
     *,

@@ -52,6 +52,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    # What `spec.init_from` resolved to when the job was created (`app.jobs.schemas.StartedFrom`).
+    started_from: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     job_dir: Mapped[str | None] = mapped_column(Text)
     artifacts: Mapped[dict[str, str] | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(200))

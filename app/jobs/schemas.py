@@ -5,22 +5,49 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.datasets.schemas import DatasetSpec
 from app.jobs.models import FailureReason, JobStatus
 from app.ml.params import TrainingSpec
-from app.ml.types import ModelName
+from app.ml.types import ModelName, PretrainedName
 from app.schemas import ID_MAX_LENGTH, ID_PATTERN, PRINTABLE_PATTERN, Page, StrictModel
 
 
 class InitFrom(StrictModel):
-    job_id: str = Field(
+    """Where the weights start: exactly one of another job's checkpoint, registered weights, or
+    super-gradients' published weights (their file in the weights folder). The number of classes may
+    differ from the dataset's (the head is re-initialised); the architecture must be the job's."""
+
+    job_id: str | None = Field(
+        default=None,
         min_length=1,
         max_length=ID_MAX_LENGTH,
         pattern=ID_PATTERN,
-        description="A succeeded job whose best checkpoint to start from.",
+        description="A finished job whose best checkpoint (else latest) to start from.",
     )
+    weights_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ID_MAX_LENGTH,
+        pattern=ID_PATTERN,
+        description="Registered weights (POST /weights) to start from.",
+    )
+    pretrained: PretrainedName | None = Field(
+        default=None,
+        description="Published weights, as SG's pretrained_weights: the file <model>_<name>.pth "
+        "(e.g. yolo_nas_s_coco.pth) in the server's weights folder.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InitFrom:
+        given = [name for name in ("job_id", "weights_id", "pretrained") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of job_id, weights_id or pretrained"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
 
 
 class JobSpec(StrictModel):
@@ -65,6 +92,19 @@ class JobError(BaseModel):
     message: str
 
 
+class StartedFrom(BaseModel):
+    """What the job's weights started from; `checkpoint` and `num_classes` (the checkpoint's, whose
+    head is re-initialised when the dataset has another count) are filled in when training starts."""
+
+    job_id: str | None = Field(default=None, description="The job whose checkpoint it started from.")
+    weights_id: str | None = Field(default=None, description="The registered weights it started from.")
+    pretrained: str | None = Field(default=None, description="The published weights asked for (`coco`).")
+    name: str | None = Field(default=None, description="The weights' name.")
+    sha256: str | None = Field(default=None, description="The weights file's SHA-256.")
+    checkpoint: str | None = Field(default=None, description="The file the training loaded.")
+    num_classes: int | None = Field(default=None, description="The checkpoint's number of classes.")
+
+
 class JobOut(BaseModel):
     """A job as the API shows it."""
 
@@ -83,6 +123,7 @@ class JobOut(BaseModel):
     device: str | None
     job_dir: str | None
     artifacts: dict[str, str] = Field(description="Files the job left, by kind (see /jobs/{id}/artifacts).")
+    started_from: StartedFrom | None = Field(description="Where the weights started; null: random weights.")
     spec: JobSpec
 
 

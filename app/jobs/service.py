@@ -18,18 +18,83 @@ from app.datasets.service import resolve_spec
 from app.db import utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.jobs import files, lifecycle
-from app.jobs.models import Job, JobEvent, JobStatus, Metric
-from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress
+from app.jobs.models import FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
+from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress, StartedFrom
 from app.paths import is_inside
 from app.settings import Settings
+from app.weights import folder
+from app.weights import service as weights
+from app.weights.models import Weights
+from app.weights.service import Inspector, JobCheckpoint
 
 
 def _field_error(loc: Sequence[str | int], message: str) -> InvalidInput:
     return InvalidInput.field(["body", *loc], message)
 
 
-def create_job(session: Session, *, spec: JobSpec, settings: Settings) -> Job:
-    """Validate what the spec points at (dataset layout, init job) and insert a queued job."""
+def _resolve_init(
+    session: Session, *, spec: JobSpec, settings: Settings, inspector: Inspector | None
+) -> StartedFrom | None:
+    """What `spec.init_from` names, checked now (it exists, it has a checkpoint, it is the same
+    architecture); 422 on the field at fault. Published weights are registered if need be."""
+    init = spec.init_from
+    if init is None:
+        return None
+    if init.job_id is not None:
+        source = session.get(Job, init.job_id)
+        if source is None:
+            raise _field_error(["init_from", "job_id"], f"job {init.job_id!r} does not exist")
+        if source.model != spec.model:
+            raise _field_error(
+                ["init_from", "job_id"],
+                f"job {source.id!r} trained {source.model}; a {spec.model} cannot start from its checkpoint",
+            )
+        if files.init_checkpoint(source) is None:
+            raise _field_error(
+                ["init_from", "job_id"],
+                f"job {source.id!r} has no checkpoint to start from (status {source.status})",
+            )
+        return StartedFrom(job_id=source.id, name=source.name)
+    if init.weights_id is not None:
+        found = session.get(Weights, init.weights_id)
+        if found is None:
+            raise _field_error(["init_from", "weights_id"], f"weights {init.weights_id!r} are not registered")
+        loc = ["init_from", "weights_id"]
+    else:
+        assert init.pretrained is not None
+        try:
+            found = folder.ensure_published(
+                settings,
+                model=spec.model,
+                dataset=init.pretrained,
+                inspector=inspector or weights.model_server_inspector(settings),
+            )
+        except InvalidInput as exc:
+            raise exc.under("body", "init_from") from exc
+        loc = ["init_from", "pretrained"]
+    if found.model != spec.model:
+        raise _field_error(
+            loc, f"weights {found.id!r} are a {found.model} checkpoint; a {spec.model} cannot start from them"
+        )
+    if not weights.weights_file(settings, found.id).is_file():
+        raise _field_error(loc, f"the file of weights {found.id!r} is missing from the weights store")
+    return StartedFrom(
+        weights_id=found.id,
+        pretrained=init.pretrained,
+        name=found.name,
+        sha256=found.sha256,
+        num_classes=found.num_classes,
+    )
+
+
+def create_job(
+    session: Session, *, spec: JobSpec, settings: Settings, inspector: Inspector | None = None
+) -> Job:
+    """Validate what the spec points at (dataset layout, init job or weights) and insert a queued job.
+
+    `init_from.pretrained` registers the published file from the weights folder on first use, which
+    `inspector` checks (default: the inference process).
+    """
     try:
         resolved = resolve_spec(session, settings=settings, spec=spec.dataset)
     except InvalidInput as exc:
@@ -43,25 +108,13 @@ def create_job(session: Session, *, spec: JobSpec, settings: Settings) -> Job:
         spec = spec.model_copy(
             update={"dataset": spec.dataset.model_copy(update={"format": resolved.options.format})}
         )
-    if spec.init_from is not None:
-        source = session.get(Job, spec.init_from.job_id)
-        if source is None:
-            raise _field_error(["init_from", "job_id"], f"job {spec.init_from.job_id!r} does not exist")
-        if source.model != spec.model:
-            raise _field_error(
-                ["init_from", "job_id"],
-                f"job {source.id!r} trained {source.model}; a {spec.model} cannot start from its checkpoint",
-            )
-        if files.init_checkpoint(source) is None:
-            raise _field_error(
-                ["init_from", "job_id"],
-                f"job {source.id!r} has no checkpoint to start from (status {source.status})",
-            )
+    started_from = _resolve_init(session, spec=spec, settings=settings, inspector=inspector)
     job = Job(
         name=spec.name,
         status=JobStatus.queued,
         model=spec.model,
         spec=spec.model_dump(mode="json"),
+        started_from=started_from.model_dump(mode="json", exclude_none=True) if started_from else None,
         max_epochs=spec.training.max_epochs,
         best_metric_name=spec.training.metric_to_watch,
         created_at=utcnow(),
@@ -166,6 +219,7 @@ def to_out(job: Job) -> JobOut:
         device=job.device,
         job_dir=job.job_dir,
         artifacts=job.artifacts or {},
+        started_from=StartedFrom.model_validate(job.started_from) if job.started_from else None,
         spec=job.spec,
     )
 
@@ -187,3 +241,34 @@ def jobs_using_dataset(session: Session, *, settings: Settings, dataset_id: str,
         ):
             users.append(job_id)
     return users
+
+
+def jobs_using_weights(session: Session, *, weights_id: str) -> list[str]:
+    """Queued or running jobs that start from registered weights.
+
+    The jobs side of `app.weights.service.WeightsUsers`.
+    """
+    return [
+        job_id
+        for job_id, started_from in session.execute(
+            select(Job.id, Job.started_from).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
+        )
+        if (started_from or {}).get("weights_id") == weights_id
+    ]
+
+
+def checkpoint_to_promote(session: Session, *, job_id: str) -> JobCheckpoint:
+    """A finished job's best checkpoint, to register as weights: 422 for an unknown job, 409 while it
+    is queued or running or when it has no best checkpoint.
+
+    The jobs side of `app.weights.service.JobCheckpoints`.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise InvalidInput.field(["body", "from_job"], f"job {job_id!r} does not exist")
+    if job.status not in FINISHED_STATUSES:
+        raise Conflict(f"job {job_id!r} is {job.status}; promote it once it has finished")
+    checkpoint = files.best_checkpoint(job)
+    if checkpoint is None:
+        raise Conflict(f"job {job_id!r} has no best checkpoint to promote (status {job.status})")
+    return JobCheckpoint(job_id=job.id, job_name=job.name, path=checkpoint)

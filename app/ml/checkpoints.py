@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-# The head's class-prediction conv; its output channels are the number of classes (YOLO-NAS S/M/L).
-CLS_PRED_KEY = "heads.head1.cls_pred.weight"
+from app.ml.architectures import CLS_PRED_KEY
+
+MODULE_PREFIX = "module."
 
 
 def _numpy_globals() -> list[Any]:
@@ -54,15 +55,27 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return ckpt
 
 
+def model_state(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The weights super-gradients loads from a checkpoint dict, and where they were: `ema_net` when
+    the file has one (`models.get(checkpoint_path=...)` prefers it), else `net`, else the dict itself
+    (a bare state dict). A DDP `module.` prefix on every key is dropped, as SG drops it."""
+    layout = "ema_net" if "ema_net" in ckpt else "net" if "net" in ckpt else "state_dict"
+    state = ckpt[layout] if layout != "state_dict" else ckpt
+    if not isinstance(state, dict):
+        raise ValueError(f"'{layout}' holds a {type(state).__name__}, not a state dict")
+    if state and all(isinstance(k, str) and k.startswith(MODULE_PREFIX) for k in state):
+        state = {k[len(MODULE_PREFIX) :]: v for k, v in state.items()}
+    return layout, state
+
+
 def checkpoint_num_classes(path: Path | str) -> int:
     """Number of classes of the YOLO-NAS head stored in the checkpoint at `path`.
 
-    Accepts SG training checkpoints (`net` key) and bare state dicts; keys may carry a DDP `module.`
-    prefix. Raises ValueError when the file holds no YOLO-NAS classification head.
+    Accepts SG training checkpoints (`net`, `ema_net`) and bare state dicts; keys may carry a DDP
+    `module.` prefix. Raises ValueError when the file holds no YOLO-NAS classification head.
     """
-    ckpt = load_checkpoint(path)
-    state = ckpt.get("net", ckpt)
-    for key, value in state.items():
-        if key.endswith(CLS_PRED_KEY) and isinstance(value, torch.Tensor):
-            return int(value.shape[0])
+    _, state = model_state(load_checkpoint(path))
+    value = state.get(CLS_PRED_KEY)
+    if isinstance(value, torch.Tensor) and value.dim() >= 1:
+        return int(value.shape[0])
     raise ValueError(f"{path}: no '{CLS_PRED_KEY}' tensor; not a YOLO-NAS checkpoint")

@@ -83,10 +83,12 @@ def export_onnx(
     conf: float = DEFAULT_CONF,
     iou: float = DEFAULT_IOU,
     device: str = "cpu",
+    class_names: list[str] | None = None,
 ) -> ExportResult:
     """Write `output` (an ONNX file taking one uint8 RGB image [1, 3, H, W] at the training input size
     and answering num_detections, boxes, scores, classes), unless it exists and is newer than
-    `checkpoint`. Written to a temporary name first, so a reader never sees half a file."""
+    `checkpoint`. Written to a temporary name first, so a reader never sees half a file.
+    `class_names`: for a file that carries no processing params (see `load_model`)."""
     if output.is_file() and output.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
         dims, dtype, outputs = _describe(output)
         return ExportResult(str(output), output.stat().st_size, True, 0.0, dims, dtype, outputs)
@@ -95,7 +97,7 @@ def export_onnx(
     from super_gradients.conversion import ExportTargetBackend
 
     start = time.perf_counter()
-    model, _ = load_model(model_name, checkpoint, device)
+    model, _ = load_model(model_name, checkpoint, device, class_names)
     output.parent.mkdir(parents=True, exist_ok=True)
     # SG infers the format from the extension: keep ".onnx" last.
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")

@@ -33,18 +33,28 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class ModelKey:
-    """A checkpoint file as it is now: a rewritten file (a running job's new best) is a new model."""
+    """A checkpoint file as it is now: a rewritten file (a running job's new best) is a new model.
+
+    `class_names`: the names to use when the file carries none (registered weights, see `load_model`).
+    """
 
     model: str
     checkpoint: str
     mtime_ns: int
     size: int
+    class_names: tuple[str, ...] | None = None
 
     @classmethod
-    def of(cls, model: str, checkpoint: Path) -> ModelKey:
+    def of(cls, model: str, checkpoint: Path, class_names: list[str] | None = None) -> ModelKey:
         """The key of `checkpoint` as found on disk now."""
         stat = checkpoint.stat()
-        return cls(model=model, checkpoint=str(checkpoint), mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+        return cls(
+            model=model,
+            checkpoint=str(checkpoint),
+            mtime_ns=stat.st_mtime_ns,
+            size=stat.st_size,
+            class_names=tuple(class_names) if class_names is not None else None,
+        )
 
 
 @dataclass
@@ -89,36 +99,50 @@ class PredictOutcome:
     seconds: float
 
 
-def load_model(model_name: str, checkpoint: Path, device: str = "cpu") -> tuple[Any, list[str]]:
+def load_model(
+    model_name: str,
+    checkpoint: Path,
+    device: str = "cpu",
+    class_names: list[str] | tuple[str, ...] | None = None,
+) -> tuple[Any, list[str]]:
     """Build `model_name` with the weights and processing params (class names, preprocessing) of
     `checkpoint`, in eval mode on `device`; returns it and its class names. Raises ModelLoadError
-    when the file cannot be used."""
+    when the file cannot be used.
+
+    A file that carries no processing params (super-gradients' published COCO weights, a bare state
+    dict) gets `class_names` and SG's own YOLO-NAS preprocessing for pretrained weights, as
+    `models.get(..., pretrained_weights="coco")` would give it.
+    """
     from super_gradients.training import models
 
-    from app.ml.checkpoints import checkpoint_num_classes, load_checkpoint, sg_safe_globals
+    from app.ml.architectures import CLS_PRED_KEY
+    from app.ml.checkpoints import load_checkpoint, model_state, sg_safe_globals
 
     try:
         ckpt = load_checkpoint(checkpoint)
         processing = dict(ckpt.get("processing_params") or {})
+        num_classes = int(model_state(ckpt)[1][CLS_PRED_KEY].shape[0])
         del ckpt  # the optimizer state is as large as the model; do not hold both
-        num_classes = checkpoint_num_classes(checkpoint)
         with sg_safe_globals():
             model = models.get(
                 model_name, num_classes=num_classes, checkpoint_path=str(checkpoint), pretrained_weights=None
             )
     except Exception as exc:  # torch/SG raise many types for a bad file
         raise ModelLoadError(f"cannot load checkpoint {checkpoint.name}: {exc}") from exc
-    class_names = [str(name) for name in processing.get("class_names") or []]
-    if not class_names or processing.get("image_processor") is None:
+    if processing.get("image_processor") is None and class_names:
+        from super_gradients.training.processing.processing import default_yolo_nas_coco_processing_params
+
+        processing = {**default_yolo_nas_coco_processing_params(), "class_names": list(class_names)}
+        model.set_dataset_processing_params(**processing)
+    names = [str(name) for name in processing.get("class_names") or []]
+    if not names or processing.get("image_processor") is None:
         raise ModelLoadError(f"checkpoint {checkpoint.name} carries no class names or preprocessing")
-    if len(class_names) != num_classes:
-        raise ModelLoadError(
-            f"checkpoint {checkpoint.name}: {len(class_names)} names for {num_classes} classes"
-        )
+    if len(names) != num_classes:
+        raise ModelLoadError(f"checkpoint {checkpoint.name}: {len(names)} names for {num_classes} classes")
     model.eval()
     if device != "cpu":
         model = model.to(device)
-    return model, class_names
+    return model, names
 
 
 def build_pipeline(model: Any, *, conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU) -> Any:
@@ -237,7 +261,7 @@ class InferenceEngine:
             evicted, _ = self._models.popitem(last=False)
             logger.info("evicted %s", evicted.checkpoint)
         start = time.perf_counter()
-        model, class_names = load_model(key.model, Path(key.checkpoint), self.device)
+        model, class_names = load_model(key.model, Path(key.checkpoint), self.device, key.class_names)
         pipeline = build_pipeline(model)
         loaded = LoadedModel(
             key=key,

@@ -37,9 +37,10 @@ STARTUP_TIMEOUT_SECONDS = 120.0
 
 
 class ModelServerError(Exception):
-    """The inference process answered with an error. `kind`: load | export | device | internal.
+    """The inference process answered with an error. `kind`: load | export | device | invalid | internal.
 
     `device`: the configured device cannot be used (e.g. "cuda" without CUDA); every request gets it.
+    `invalid`: a weights file sent for inspection is not a usable YOLO-NAS checkpoint.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -173,11 +174,12 @@ def _handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
 
     from app.ml.export import ExportError, export_onnx
     from app.ml.inference import ModelKey, ModelLoadError
+    from app.ml.weights import CheckpointRejected, inspect_checkpoint
 
     op = request["op"]
     try:
         if op == "predict":
-            key = ModelKey.of(request["model"], Path(request["checkpoint"]))
+            key = ModelKey.of(request["model"], Path(request["checkpoint"]), request.get("class_names"))
             outcome = engine.predict(
                 key,
                 request["images"],
@@ -194,11 +196,17 @@ def _handle(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
                 conf=request["conf"],
                 iou=request["iou"],
                 device=engine.device,
+                class_names=request.get("class_names"),
             )
             return {"ok": True, "result": asdict(result)}
+        if op == "inspect":
+            # Unpickling someone's file happens here, never in the API process (weights_only=True).
+            return {"ok": True, "result": asdict(inspect_checkpoint(Path(request["path"])))}
         if op == "stats":
             return {"ok": True, "result": {**engine.stats(), "pid": os.getpid()}}
         return {"ok": False, "kind": "internal", "message": f"unknown op {op!r}"}
+    except CheckpointRejected as exc:
+        return {"ok": False, "kind": "invalid", "message": str(exc)}
     except ModelLoadError as exc:
         return {"ok": False, "kind": "load", "message": str(exc)}
     except ExportError as exc:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 ModelName = Literal["yolo_nas_s", "yolo_nas_m", "yolo_nas_l"]
+# Datasets super-gradients published YOLO-NAS weights for, as its `pretrained_weights=` names them.
+PretrainedName = Literal["coco", "objects365"]
 
 # What PPYoloELoss and DetectionMetrics_050 produce; `metric_to_watch` must be one of these.
 LOSS_COMPONENTS: tuple[str, ...] = (
@@ -70,6 +72,23 @@ class TrainingResult:
     best_metric_value: float | None
     epochs_completed: int
     device: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the inference process found in a weights file (`app.ml.weights.inspect_checkpoint`).
+
+    `layout`: where the weights were in the file, as super-gradients reads them: `ema_net` (preferred
+    by SG when present), `net` (SG's training checkpoints) or `state_dict` (a bare state dict).
+    `class_names`: the names the file carries (SG's `processing_params`), COCO's for an 80-class file
+    that carries none, else None. `processing_params`: the file carries SG's preprocessing.
+    """
+
+    model: ModelName
+    num_classes: int
+    class_names: list[str] | None
+    layout: str
+    processing_params: bool
 
 
 class TrainingCancelled(Exception):

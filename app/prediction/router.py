@@ -32,11 +32,19 @@ MAX_FORM_FIELDS = 16
 class PredictForm(BaseModel):
     """The multipart form of /predict (parsed by hand, to enforce the size limit while reading)."""
 
-    job_id: str = Field(
+    job_id: str | None = Field(
+        default=None,
         min_length=1,
         max_length=ID_MAX_LENGTH,
         pattern=ID_PATTERN,
-        description="The job whose best model predicts.",
+        description="The job whose best model predicts (or give weights_id).",
+    )
+    weights_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ID_MAX_LENGTH,
+        pattern=ID_PATTERN,
+        description="Registered weights that predict (or give job_id).",
     )
     files: list[bytes] = Field(description="One or more images (JPEG, PNG, BMP, WebP, TIFF, ...).")
     conf: float = Field(default=DEFAULT_CONF, ge=0, le=1, description="Score threshold.")
@@ -90,6 +98,15 @@ def _text(form: FormData, name: str) -> str | None:
     return value
 
 
+def _object_id(form: FormData, name: str) -> str | None:
+    value = _text(form, name)
+    if not value:
+        return None
+    if len(value) > ID_MAX_LENGTH or not re.fullmatch(ID_PATTERN, value):
+        raise _field_error(name, "is not an id (letters, digits, '-' and '_')")
+    return value
+
+
 def _threshold(form: FormData, name: str, default: float) -> float:
     raw = _text(form, name)
     if raw is None or raw == "":
@@ -131,20 +148,20 @@ def _image_format(form: FormData, request: Request) -> str | None:
     },
 )
 async def predict(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
-    """Detect objects in one or more images with a job's best model.
+    """Detect objects in one or more images with a job's best model or registered weights.
 
-    Multipart fields: `job_id`, `files` (repeatable), optional `conf` and `iou` in [0, 1],
+    Multipart fields: `job_id` or `weights_id` (exactly one), `files` (repeatable), optional `conf`
+    and `iou` in [0, 1],
     `format` = json (default) or image (one image only: it comes back with the boxes drawn, JPEG by
     default, PNG with `image_format=png` or `Accept: image/png`). Boxes are [x1, y1, x2, y2] in the
     original image's pixels.
     """
     form = await _read_form(request, settings)
     try:
-        job_id = _text(form, "job_id")
-        if not job_id:
-            raise _field_error("job_id", "is required")
-        if len(job_id) > ID_MAX_LENGTH or not re.fullmatch(ID_PATTERN, job_id):
-            raise _field_error("job_id", "is not a job id (letters, digits, '-' and '_')")
+        job_id = _object_id(form, "job_id")
+        weights_id = _object_id(form, "weights_id")
+        if (job_id is None) == (weights_id is None):
+            raise _field_error("job_id", "give exactly one of job_id (a job's best model) or weights_id")
         conf = _threshold(form, "conf", DEFAULT_CONF)
         iou = _threshold(form, "iou", DEFAULT_IOU)
         image_format = _image_format(form, request)
@@ -167,6 +184,7 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep) 
         session,
         settings=settings,
         job_id=job_id,
+        weights_id=weights_id,
         uploads=uploads,
         conf=conf,
         iou=iou,

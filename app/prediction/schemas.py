@@ -26,7 +26,8 @@ class ImagePrediction(BaseModel):
 class PredictResponse(BaseModel):
     """Detections per image, in upload order, and whether the model was already loaded."""
 
-    job_id: str
+    job_id: str | None = Field(description="The job whose best model predicted (or null).")
+    weights_id: str | None = Field(description="The registered weights that predicted (or null).")
     model: str
     classes: list[str]
     conf: float

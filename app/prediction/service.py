@@ -1,9 +1,11 @@
-"""Prediction: find a job's best checkpoint, check and decode the uploads, ask the inference process.
+"""Prediction: find a job's best checkpoint (or registered weights), check and decode the uploads, ask
+the inference process.
 
 The images are checked and decoded here, in the API process, with PIL: the size in the header is
 checked against the pixel limit before anything is decoded (decompression bombs), and every error
 names its file. Only decoded RGB arrays reach the inference process (`app.ml.model_server`), which
-loads checkpoints only from paths this module found through the job, never from the request.
+loads checkpoints only from paths this module found through the job or the weights registry, never
+from the request.
 """
 
 from __future__ import annotations
@@ -13,19 +15,19 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
-from app.errors import AppError, Conflict, InvalidInput, ServiceUnavailable, UnsupportedMediaType
+from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
+from app.inference import call_model_server, model_server
 from app.jobs import files
 from app.jobs.models import Job
 from app.jobs.service import get_job
-from app.ml.model_server import ModelServer, ModelServerError, ModelServerUnavailable, get_model_server
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
+from app.weights import service as weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,55 +93,69 @@ def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
         raise InvalidInput(f"{upload.name}: the image cannot be decoded ({exc})") from exc
 
 
-def model_server(settings: Settings) -> ModelServer:
-    """The API process's inference process handle."""
-    return get_model_server(home=settings.home, capacity=settings.predict_cache_size, device=settings.device)
+@dataclass(frozen=True)
+class Predictor:
+    """The checkpoint that predicts and what to call it: a job's best, or registered weights (whose
+    file may carry no class names: `class_names` are then used)."""
+
+    model: str
+    checkpoint: Path
+    job_id: str | None = None
+    weights_id: str | None = None
+    class_names: list[str] | None = None
 
 
-def call_model_server(settings: Settings, op: str, *, timeout: float, **payload: Any) -> dict[str, Any]:
-    """One request to the inference process, its failures mapped to the API's errors."""
-    try:
-        return model_server(settings).call(op, timeout=timeout, **payload)
-    except ModelServerUnavailable as exc:
-        raise ServiceUnavailable(str(exc)) from exc
-    except ModelServerError as exc:
-        if exc.kind == "load":
-            raise Conflict(f"the checkpoint cannot be loaded: {exc.message}") from exc
-        if exc.kind in ("export", "device"):
-            raise ServiceUnavailable(exc.message) from exc
-        raise InvalidInput(f"inference failed: {exc.message}") from exc
+def predictor(
+    session: Session, *, settings: Settings, job_id: str | None, weights_id: str | None
+) -> Predictor:
+    """The job's best checkpoint (404, 409 without one) or the registered weights' file (404, 409
+    when it is gone)."""
+    if weights_id is not None:
+        found = weights.get_weights(session, weights_id=weights_id)
+        return Predictor(
+            model=found.model,
+            checkpoint=weights.existing_file(settings, found),
+            weights_id=found.id,
+            class_names=found.classes,
+        )
+    assert job_id is not None
+    job = get_job(session, job_id=job_id)
+    return Predictor(model=job.model, checkpoint=best_checkpoint(job), job_id=job.id)
 
 
 def predict(
     session: Session,
     *,
     settings: Settings,
-    job_id: str,
+    job_id: str | None = None,
+    weights_id: str | None = None,
     uploads: list[Upload],
     conf: float = DEFAULT_CONF,
     iou: float = DEFAULT_IOU,
     image_format: str | None = None,
 ) -> PredictResponse | Rendered:
-    """Detections for every upload with the job's best model, as one batch. With `image_format`
-    ("jpeg" or "png") and one upload, that image with its boxes drawn instead."""
-    job = get_job(session, job_id=job_id)
-    checkpoint = best_checkpoint(job)
+    """Detections for every upload with the job's best model or the registered weights (one of
+    `job_id` and `weights_id`), as one batch. With `image_format` ("jpeg" or "png") and one upload,
+    that image with its boxes drawn instead."""
+    source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id)
     # Every image is checked before any inference: one bad file fails the request, naming it.
     images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
     result = call_model_server(
         settings,
         "predict",
         timeout=PREDICT_TIMEOUT_SECONDS,
-        model=job.model,
-        checkpoint=str(checkpoint),
+        model=source.model,
+        checkpoint=str(source.checkpoint),
+        class_names=source.class_names,
         images=images,
         conf=conf,
         iou=iou,
         image_format=image_format,
     )
     response = PredictResponse(
-        job_id=job.id,
-        model=job.model,
+        job_id=source.job_id,
+        weights_id=source.weights_id,
+        model=source.model,
         classes=result["class_names"],
         conf=conf,
         iou=iou,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import Service, make_shapes
+from tests.support import Service
+from tests.worker.helpers import LEARN_EPOCHS, learned_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
 
@@ -14,27 +15,9 @@ MIN_MAP = 0.3
 
 
 def test_training_on_shapes_reaches_a_useful_map(service: Service) -> None:
-    make_shapes(service.datasets_dir, "learn-shapes", splits=(("train", 48), ("valid", 16)), seed=11)
-    job = service.submit(
-        {
-            "name": "learning",
-            "model": "yolo_nas_s",
-            "dataset": {"format": "coco", "path": "learn-shapes"},
-            "input_size": [96, 96],
-            "training": {
-                "max_epochs": 22,
-                "batch_size": 8,
-                "initial_lr": 2e-3,
-                "lr_warmup_epochs": 1,
-                "average_best_models": False,
-                "seed": 0,
-            },
-        }
-    )
-    done = service.wait(job["id"], timeout=1500)
-    assert done["status"] == "succeeded", service.events(job["id"])
-    maps = [p["value"] for p in service.metrics(job["id"], name="Valid_mAP@0.50")]
-    assert len(maps) == 22
+    done = learned_job(service)  # shared with tests/weights/test_learning.py
+    maps = [p["value"] for p in service.metrics(done["id"], name="Valid_mAP@0.50")]
+    assert len(maps) == LEARN_EPOCHS
     assert done["best_metric"]["value"] == pytest.approx(max(maps))
     assert max(maps) > MIN_MAP, maps
     # It learned rather than got lucky once: the last epochs are good too.

@@ -1,0 +1,1 @@
+"""Weights: registered YOLO-NAS checkpoints a job can start from and /predict can use."""
