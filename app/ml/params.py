@@ -74,4 +74,7 @@ class TrainingConfig:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     num_workers: int = 0
     init_checkpoint: Path | None = None
+    # A checkpoint of this job's earlier attempt to continue from (SG's resume), chosen by
+    # `app.ml.checkpoints.pick_resume_checkpoint`.
+    resume_from: Path | None = None
     device: str = "auto"

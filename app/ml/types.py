@@ -95,6 +95,18 @@ class TrainingCancelled(Exception):
     """Raised from inside a training callback to stop within one batch (SG's flag waits an epoch)."""
 
 
+class LeaseLost(Exception):
+    """This attempt no longer holds the job's lease (it expired, or the job moved on): stop writing.
+
+    Raised by the reporter and by checkpoint saves; the training process then exits without
+    writing anything more into the job, its files included.
+    """
+
+
+class DiskFull(Exception):
+    """A checkpoint could not be written for lack of space; the previous checkpoint is intact."""
+
+
 class Reporter(Protocol):
     """How the training backend talks to the service. Implementations batch and throttle writes."""
 
@@ -112,3 +124,10 @@ class Reporter(Protocol):
 
     def flush(self) -> None:
         """Write everything buffered now."""
+
+    def holds_lease(self) -> bool:
+        """Renew this attempt's lease now (one round trip); False once the job has moved on.
+
+        Asked before a checkpoint is put in place, so a paused or partitioned process never
+        replaces the files of the attempt that took over.
+        """

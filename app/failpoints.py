@@ -1,0 +1,89 @@
+"""Named fault-injection points for the chaos tests (the idea of fail-rs / FreeBSD's fail points).
+
+A failpoint is a place in the training process where a fault can be injected on request: the
+real code runs, and at that point it fails the way the world would make it fail (a full disk, a
+kill in the middle of a write, a crash of the whole worker). They are off unless `SGJOBS_FAILPOINTS`
+holds a JSON object, for example
+
+    {"checkpoint_write": {"action": "enospc", "job_name": "full-disk"}}
+
+Keys are point names (`POINTS`); each value says what to do (`action`, see `ACTIONS`) and may
+narrow where: `job_name` (the job spec's name), `epoch`, `batch`, `attempt` (equal to), `times`
+(fire at most that many times per process). The variable is read once per process; the training
+process sets its context (job name, attempt) with `set_context` before training.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from functools import lru_cache
+from typing import Any
+
+ENV_VAR = "SGJOBS_FAILPOINTS"
+
+POINTS = (
+    # After part of a checkpoint's temporary file is written, before it is put in place.
+    "checkpoint_write",
+    # At the end of a training batch (after its progress is reported).
+    "train_batch",
+)
+ACTIONS = (
+    "enospc",  # raise OSError(ENOSPC), as a full disk would
+    "kill",  # SIGKILL this process
+    "kill_worker",  # SIGKILL this process and its parent (the worker that supervises it)
+    "crash",  # raise RuntimeError
+)
+
+_context: dict[str, Any] = {}
+_fired: dict[str, int] = {}
+
+
+class FailpointError(ValueError):
+    """SGJOBS_FAILPOINTS names an unknown point or action."""
+
+
+@lru_cache(maxsize=1)
+def _config() -> dict[str, dict[str, Any]]:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return {}
+    config = json.loads(raw)
+    if not isinstance(config, dict):
+        raise FailpointError(f"{ENV_VAR} must be a JSON object of point name -> settings")
+    for name, spec in config.items():
+        if name not in POINTS:
+            raise FailpointError(f"{ENV_VAR}: unknown failpoint {name!r}; known: {', '.join(POINTS)}")
+        if not isinstance(spec, dict) or spec.get("action") not in ACTIONS:
+            raise FailpointError(f"{ENV_VAR}: {name}.action must be one of {', '.join(ACTIONS)}")
+    return config
+
+
+def set_context(**context: Any) -> None:
+    """Say which job and attempt this process runs (matched against `job_name` and `attempt`)."""
+    _context.update(context)
+
+
+def hit(name: str, **where: Any) -> None:
+    """Inject the configured fault if `name` is armed and its conditions match; else nothing."""
+    spec = _config().get(name)
+    if spec is None:
+        return
+    facts = {**_context, **where}
+    for key in ("job_name", "epoch", "batch", "attempt"):
+        if key in spec and facts.get(key) != spec[key]:
+            return
+    fired = _fired.get(name, 0)
+    if "times" in spec and fired >= int(spec["times"]):
+        return
+    _fired[name] = fired + 1
+    action = spec["action"]
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (failpoint {name})")
+    if action == "crash":
+        raise RuntimeError(f"failpoint {name}: injected crash")
+    if action == "kill_worker":
+        os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
