@@ -29,11 +29,20 @@ class Settings(BaseSettings):
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     dataloader_workers: int = Field(default=0, ge=0, le=64)
+    # The supervising worker renews its job's lease this often (the training process renews it too,
+    # with every write it makes).
     heartbeat_seconds: float = Field(default=5.0, gt=0)
-    # A running job whose heartbeat is older than this is failed as "worker lost".
-    stale_after_seconds: float = Field(default=120.0, gt=0)
-    # Queued jobs whose message may have been lost are sent again after this long.
-    requeue_after_seconds: float = Field(default=600.0, gt=0)
+    # A running job's attempt holds a lease this long past its last renewal (database clock). An
+    # attempt whose lease expired is lost: its job is resumed by another attempt (or failed as
+    # "worker_lost" after max_restarts), and nothing the old attempt writes lands any more.
+    lease_seconds: float = Field(default=120.0, gt=0)
+    # The most automatic restarts a job spec may ask for (`max_restarts`, default 2).
+    max_restarts_limit: int = Field(default=10, ge=0, le=1000)
+    # Each worker's sweeper runs this often: leases, lost messages, its own presence.
+    sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    # A queued job is sent again when a worker has been idle this long and the job's last send is
+    # older than this: an idle worker would have received its message, so the message is lost.
+    resend_after_seconds: float = Field(default=30.0, gt=0)
     # A training process that reports nothing (no batch, metric or event) this long is killed.
     stall_timeout_seconds: float = Field(default=3600.0, gt=0)
     # How long a training process may take to stop after a cancel before it is killed.

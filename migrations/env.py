@@ -8,6 +8,7 @@ from sqlalchemy.engine import create_engine
 
 import app.datasets.models
 import app.jobs.models
+import app.workers.models
 import app.weights.models  # noqa: F401  (registers the tables)
 from app.db import Base
 from app.settings import get_settings

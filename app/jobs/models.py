@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
@@ -28,7 +28,12 @@ class FailureReason(enum.StrEnum):
     out_of_memory = "out_of_memory"
     worker_lost = "worker_lost"
     invalid_checkpoint = "invalid_checkpoint"
+    disk_full = "disk_full"
     internal = "internal"
+
+
+# The CHECK constraint on jobs.status; migration 0004 creates it from this same text.
+STATUS_CHECK = "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')"
 
 
 class Job(Base):
@@ -59,12 +64,22 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     device: Mapped[str | None] = mapped_column(String(32))
 
+    # The running attempt: incremented by each claim. Every write a training makes is conditional on
+    # its attempt number and on `lease_expires_at` (a database time) being in the future.
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Attempts lost (worker killed, lease expired) and resumed automatically; at most max_restarts.
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    max_restarts: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
+
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     training_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (CheckConstraint(STATUS_CHECK, name="status"),)
 
 
 class JobEvent(Base):

@@ -57,6 +57,12 @@ class JobSpec(StrictModel):
     input_size: tuple[int, int] = Field(default=(640, 640), description="Height, width; multiples of 32.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     init_from: InitFrom | None = None
+    max_restarts: int = Field(
+        default=2,
+        ge=0,
+        description="Lost attempts (worker killed, machine gone) resumed automatically from the last "
+        "checkpoint before the job fails as worker_lost; at most the server's SGJOBS_MAX_RESTARTS_LIMIT.",
+    )
 
     @field_validator("input_size")
     @classmethod
@@ -117,6 +123,9 @@ class JobOut(BaseModel):
     best_metric: BestMetric
     error: JobError | None
     cancel_requested: bool
+    attempt: int = Field(description="Attempts claimed so far (1 for a job that ran once; 0: never ran).")
+    restarts: int = Field(description="Lost attempts resumed automatically (at most spec.max_restarts).")
+    worker: str | None = Field(description="The worker of the current (or last) attempt.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

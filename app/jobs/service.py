@@ -108,6 +108,11 @@ def create_job(
         spec = spec.model_copy(
             update={"dataset": spec.dataset.model_copy(update={"format": resolved.options.format})}
         )
+    if spec.max_restarts > settings.max_restarts_limit:
+        raise InvalidInput.field(
+            ["body", "max_restarts"],
+            f"at most {settings.max_restarts_limit} (SGJOBS_MAX_RESTARTS_LIMIT on this server)",
+        )
     started_from = _resolve_init(session, spec=spec, settings=settings, inspector=inspector)
     job = Job(
         name=spec.name,
@@ -116,6 +121,7 @@ def create_job(
         spec=spec.model_dump(mode="json"),
         started_from=started_from.model_dump(mode="json", exclude_none=True) if started_from else None,
         max_epochs=spec.training.max_epochs,
+        max_restarts=spec.max_restarts,
         best_metric_name=spec.training.metric_to_watch,
         created_at=utcnow(),
     )
@@ -213,6 +219,9 @@ def to_out(job: Job) -> JobOut:
         if job.error_reason
         else None,
         cancel_requested=job.cancel_requested_at is not None,
+        attempt=job.attempt,
+        restarts=job.restarts,
+        worker=job.worker,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
