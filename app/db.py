@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event, func, literal
+from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event, literal
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -57,7 +57,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class db_now(FunctionElement[datetime]):  # noqa: N801  (an SQL function, named like one)
+class db_now(FunctionElement[datetime]):
     """The database's clock, optionally `seconds` ahead: `db_now()`, `db_now(lease_seconds)`.
 
     Leases and heartbeats are written and compared in this one clock, so hosts whose clocks

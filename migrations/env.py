@@ -6,10 +6,6 @@ from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import create_engine
 
-import app.datasets.models
-import app.jobs.models
-import app.workers.models
-import app.weights.models  # noqa: F401  (registers the tables)
 from app.db import Base
 from app.settings import get_settings
 

@@ -38,6 +38,4 @@ def last_seen(session: Session) -> tuple[datetime | None, float | None]:
 
 def forget_older_than(session: Session, *, seconds: float) -> int:
     """Drop rows of workers not seen for `seconds` (crashed without saying goodbye)."""
-    return session.execute(
-        delete(Worker).where(Worker.seen_at < db_now(-seconds))
-    ).rowcount  # type: ignore[attr-defined]
+    return session.execute(delete(Worker).where(Worker.seen_at < db_now(-seconds))).rowcount  # type: ignore[attr-defined]
