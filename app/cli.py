@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 from app.process import die_with_parent
 from app.queue import prepare_broker
@@ -83,25 +85,79 @@ def cmd_worker(_: argparse.Namespace) -> int:
     return 0  # pragma: no cover  (execv does not return)
 
 
+class WorkerKeeper:
+    """Runs the worker as a child process and starts it again when it dies (with backoff), until
+    `stop()`: a worker killed by the out-of-memory killer or a crash does not leave jobs waiting."""
+
+    # A worker that ran this long before dying is restarted at once; a crash loop backs off.
+    HEALTHY_SECONDS = 60.0
+    MAX_BACKOFF_SECONDS = 30.0
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._thread = threading.Thread(target=self._keep, name="sgjobs-worker-keeper", daemon=True)
+
+    def start(self) -> WorkerKeeper:
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self.process = subprocess.Popen(
+                _worker_argv(), start_new_session=True, preexec_fn=die_with_parent()
+            )
+            self._started = time.monotonic()
+        print(f"worker started (pid {self.process.pid})", flush=True)
+
+    def _keep(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            proc = self.process
+            if proc is None or proc.poll() is None:
+                self._stopping.wait(0.5)
+                continue
+            if time.monotonic() - self._started > self.HEALTHY_SECONDS:
+                backoff = 1.0
+            logger.warning("the worker exited with %s; starting it again in %.0f s", proc.returncode, backoff)
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(2 * backoff, self.MAX_BACKOFF_SECONDS)
+            self.restarts += 1
+            self._spawn()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM: the worker hands its running job back (another worker, or this service's next
+        start, resumes it from its last checkpoint), then exits; SIGKILL after `timeout`."""
+        with self._lock:
+            self._stopping.set()
+            proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Migrate, start one worker as a child process and the API in this one; stop both together."""
+    """Migrate, keep one worker running as a child process and the API in this one; stop both together."""
     settings = get_settings()
     cmd_migrate(args)
     prepare_broker(settings)
-    worker = subprocess.Popen(_worker_argv(), start_new_session=True, preexec_fn=die_with_parent())
-    print(f"worker started (pid {worker.pid}); datasets directory: {settings.datasets_dir}", flush=True)
+    keeper = WorkerKeeper().start()
+    print(f"datasets directory: {settings.datasets_dir}", flush=True)
     try:
         _run_api(args.host or settings.host, args.port or settings.port)
     finally:
-        if worker.poll() is None:
-            # Cold shutdown: a warm one would wait for a training to finish. The job is failed as
-            # "worker lost" by the next worker's sweeper (or the redelivered message is skipped).
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+        keeper.stop()
     return 0
 
 

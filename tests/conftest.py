@@ -29,6 +29,9 @@ SERVICE_SETTINGS: dict[str, object] = {
     "heartbeat_seconds": 1,
     "report_interval_seconds": 0.2,
     "cancel_grace_seconds": 60,
+    "sweep_interval_seconds": 1,
+    "resend_after_seconds": 5,
+    "lease_seconds": 30,
 }
 
 

@@ -10,6 +10,7 @@ from celery import Celery, signals
 
 from app.queue import celery_config
 from app.settings import get_settings
+from worker.state import STATE
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,31 @@ celery_app = create_celery()
 
 
 @signals.worker_ready.connect
-def _start_sweeper(**_: Any) -> None:
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
     # Imported here so that `celery -A worker.celery_app` does not pay for it at import time.
     from worker.sweeper import run_forever
 
+    STATE.name = getattr(sender, "hostname", None)
     threading.Thread(target=run_forever, name="sgjobs-sweeper", daemon=True).start()
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_on_shutdown(sig: str = "", how: str = "", **_: Any) -> None:
+    # SIGTERM (a deploy, a spot reclaim) or SIGINT: the running attempt is handed back at once for
+    # another worker to resume, instead of the warm shutdown waiting hours for the training to end.
+    logger.info("worker shutting down (%s, %s): handing the running job back", sig, how)
+    STATE.stopping.set()
+
+
+@signals.worker_shutdown.connect
+def _say_goodbye(**_: Any) -> None:
+    from app.db import session_scope
+    from app.workers import service as workers
+
+    if STATE.name is None:
+        return
+    try:
+        with session_scope(get_settings().database_url) as session:
+            workers.gone(session, name=STATE.name)
+    except Exception as exc:
+        logger.warning("could not remove this worker's row: %s", exc)

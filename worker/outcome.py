@@ -19,22 +19,29 @@ from app.jobs import files, lifecycle
 from app.jobs.models import FailureReason, JobStatus
 from app.settings import Settings
 
+# What the supervisor returns when the job moved on from its attempt (nothing recorded).
+LEASE_LOST = "lease_lost"
+# The exit status of a training process that stopped because the job moved on (EX_TEMPFAIL).
+LEASE_LOST_EXIT = 75
 
-def write_result(job_dir: Path, result: dict[str, Any]) -> None:
-    """Write the result file atomically (enum values as their strings)."""
+
+def write_result(job_dir: Path, attempt: int, result: dict[str, Any]) -> None:
+    """Write the result file atomically (enum values as their strings), marked with its attempt."""
     path = files.result_file(job_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: (v.value if hasattr(v, "value") else v) for k, v in result.items()}))
+    tmp = path.with_name(f"{path.name}.{attempt}.tmp")
+    record = {k: (v.value if hasattr(v, "value") else v) for k, v in result.items()}
+    tmp.write_text(json.dumps({**record, "attempt": attempt}))
     os.replace(tmp, path)
 
 
-def read_result(job_dir: Path) -> dict[str, Any] | None:
-    """The result file's record, or None when there is none (or it cannot be read)."""
+def read_result(job_dir: Path, attempt: int) -> dict[str, Any] | None:
+    """The result file's record for `attempt`, or None when there is none (another attempt's file, or
+    one that cannot be read)."""
     try:
         data = json.loads(files.result_file(job_dir).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and data.get("attempt") == attempt else None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -49,16 +56,45 @@ def record_outcome(
     settings: Settings,
     *,
     job_id: str,
+    attempt: int,
     job_dir: Path,
     returncode: int,
     killed_for_cancel: bool,
     stalled_for: float | None = None,
 ) -> str:
-    """Finish the job from its result file, else from how its process ended; returns the status.
+    """Finish the attempt from its result file, else from how its process ended; returns the job's
+    status ("queued" when a lost attempt is to be resumed, "lease_lost" when the job had moved on).
 
-    Also removes SG's training scratch and records the job's artifacts.
+    A process killed by a signal without a result (the out-of-memory killer, a crash of the machine's
+    driver, a kill) is a lost attempt: resumed from the last checkpoint while restarts remain. On a
+    final status, removes SG's training scratch and records the job's artifacts; every write is
+    conditional on the attempt still holding the job.
     """
-    result = read_result(job_dir)
+    result = read_result(job_dir, attempt)
+    if result is None and returncode == LEASE_LOST_EXIT:
+        return LEASE_LOST
+    if result is None and returncode < 0 and stalled_for is None and not killed_for_cancel:
+        try:
+            signame = signal.Signals(-returncode).name
+        except ValueError:
+            signame = f"signal {-returncode}"
+        oom = returncode == -signal.SIGKILL
+        why = f"the training process was killed by {signame}" + (
+            " (most likely the out-of-memory killer; lower training.batch_size or input_size)" if oom else ""
+        )
+        with session_scope(settings.database_url) as session:
+            moved = lifecycle.lose_attempt(
+                session,
+                job_id=job_id,
+                attempt=attempt,
+                why=why,
+                reason=FailureReason.out_of_memory if oom else FailureReason.worker_lost,
+            )
+        if moved is None:
+            return LEASE_LOST
+        if moved != JobStatus.queued:
+            _record_files(settings, job_id=job_id, attempt=attempt, job_dir=job_dir)
+        return moved.value
     files.remove_training_scratch(job_dir)
     artifacts = files.collect_artifacts(job_dir)
     status: JobStatus
@@ -81,12 +117,6 @@ def record_outcome(
     elif killed_for_cancel:
         status = JobStatus.cancelled
         message = f"the training did not stop within {settings.cancel_grace_seconds:g} s and was killed"
-    elif returncode == -signal.SIGKILL:
-        status, reason = JobStatus.failed, FailureReason.out_of_memory
-        message = (
-            "the training process was killed (SIGKILL), most likely by the out-of-memory killer; "
-            "lower training.batch_size or input_size"
-        )
     else:
         status, reason = JobStatus.failed, FailureReason.internal
         last = _tail(files.console_log(job_dir))
@@ -101,5 +131,13 @@ def record_outcome(
             artifacts=artifacts,
             best_value=best,
             device=device,
+            attempt=attempt,
         )
     return status.value
+
+
+def _record_files(settings: Settings, *, job_id: str, attempt: int, job_dir: Path) -> None:
+    """After a lost attempt ended the job: drop SG's scratch, record the files it left."""
+    files.remove_training_scratch(job_dir)
+    with session_scope(settings.database_url) as session:
+        lifecycle.set_artifacts(session, job_id=job_id, artifacts=files.collect_artifacts(job_dir))

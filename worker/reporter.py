@@ -1,8 +1,13 @@
-"""The training process's link to the database: batched metric writes and a cheap cancel flag.
+"""The training process's link to the database: batched, fenced metric writes and a cheap cancel flag.
 
 A background thread writes whatever the training produced every `interval` seconds, in one
 transaction, and reads the cancel flag in the same round trip; the training loop itself only
 appends to a list and reads a boolean, so it never waits on the database.
+
+Every transaction first renews this attempt's lease (`lifecycle.renew`); when the job has moved on
+(the lease expired and another attempt took over, it was handed back or finished) nothing is
+written, and the training stops at its next batch with `LeaseLost`. A row the database refuses
+(a name it cannot store) is dropped with an event instead of blocking every later write.
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from app import failpoints
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
-from app.ml.types import MetricPoint, greater_is_better
+from app.jobs.models import Metric
+from app.ml.types import LeaseLost, MetricPoint, greater_is_better
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +38,22 @@ class DbReporter:
         *,
         database_url: str,
         job_id: str,
+        attempt: int,
+        lease_seconds: float,
         interval: float,
         watch: str | None = None,
+        best: float | None = None,
     ) -> None:
         self._database_url = database_url
         self._job_id = job_id
+        self._attempt = attempt
+        self._lease_seconds = lease_seconds
         self._interval = interval
+        self._lost = threading.Event()
         # SG logs validation scalars as "Valid_<title>"; this one feeds the job's best_metric.
         self._watch = f"Valid_{watch}" if watch else None
         self._greater = greater_is_better(watch) if watch else True
-        self._best: float | None = None
+        self._best: float | None = best
         self._best_dirty = False
         self._lock = threading.Lock()
         self._points: list[MetricPoint] = []
@@ -84,12 +100,15 @@ class DbReporter:
     def progress(self, *, epoch: int, max_epochs: int, batch: int, batches_per_epoch: int) -> None:
         with self._lock:
             self._progress = {"epoch": epoch, "batch": batch, "batches_per_epoch": batches_per_epoch}
+        failpoints.hit("train_batch", epoch=epoch, batch=batch)
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         with self._lock:
             self._events.append({"message": message, "level": level, "data": data, "time": utcnow()})
 
     def should_stop(self) -> bool:
+        if self._lost.is_set():
+            raise LeaseLost(f"attempt {self._attempt} of job {self._job_id} no longer holds its lease")
         # Normally the writer thread keeps the flag fresh. When it lags (a slow database, a starved
         # thread on a loaded machine), read the flag here, so a cancel still stops the next batch.
         if not self._cancel.is_set() and time.monotonic() - self._checked_at > 2 * self._interval:
@@ -102,7 +121,35 @@ class DbReporter:
                 logger.exception("could not read the cancel flag; will retry")
         return self._cancel.is_set()
 
+    @property
+    def lost(self) -> bool:
+        """True once the job has moved on from this attempt."""
+        return self._lost.is_set()
+
+    def holds_lease(self) -> bool:
+        """Write what is buffered and renew the lease now; retried while the database is away, for
+        up to one lease period (after that another attempt may have taken over)."""
+        deadline = time.monotonic() + self._lease_seconds
+        delay = 0.5
+        while not self._lost.is_set():
+            if self._flush():
+                return True
+            if time.monotonic() + delay > deadline:
+                logger.warning("could not renew the lease for %.0f s; not writing", self._lease_seconds)
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+        return False
+
     def flush(self) -> None:
+        """Write everything buffered now (kept for the next try if the database is away)."""
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Write everything buffered in one fenced transaction; False when it could not (kept for
+        the next try) or when the job has moved on (dropped)."""
+        if self._lost.is_set():
+            return False
         with self._lock:
             points, self._points = self._points, []
             events, self._events = self._events, []
@@ -110,26 +157,117 @@ class DbReporter:
             best_dirty, self._best_dirty = self._best_dirty, False
         try:
             with session_scope(self._database_url) as session:
-                lifecycle.add_metrics(session, job_id=self._job_id, points=points)
-                for e in events:
-                    lifecycle.add_event(session, job_id=self._job_id, **e)
-                if progress is not None:
-                    lifecycle.record_progress(session, job_id=self._job_id, **progress)
-                if best_dirty:
-                    lifecycle.record_best(session, job_id=self._job_id, value=self._best)
-                if lifecycle.cancel_requested(session, job_id=self._job_id):
-                    self._cancel.set()
+                if not self._write(session, points, events, progress, best_dirty):
+                    return False
             self._checked_at = time.monotonic()
+            return True
+        except (OperationalError, InterfaceError):
+            # The database is away: keep the data for the next attempt rather than lose it.
+            logger.warning("could not write training progress (database unreachable); will retry")
+        except DBAPIError as exc:
+            # The database refused a row (too long, a character it cannot store): find and drop it.
+            logger.warning("a row was refused (%s); writing row by row", exc.orig)
+            try:
+                self._write_row_by_row(points, events, progress, best_dirty)
+                self._checked_at = time.monotonic()
+                return True
+            except (OperationalError, InterfaceError):
+                logger.warning("could not write training progress (database unreachable); will retry")
         except Exception:
-            # Keep the data for the next attempt rather than lose it to a transient DB error.
             logger.exception("could not write training progress; will retry")
-            with self._lock:
-                self._points[:0] = points
-                self._events[:0] = events
-                if self._progress is None:
-                    self._progress = progress
-                self._best_dirty = self._best_dirty or best_dirty
+        with self._lock:
+            self._points[:0] = points
+            self._events[:0] = events
+            if self._progress is None:
+                self._progress = progress
+            self._best_dirty = self._best_dirty or best_dirty
+        return False
+
+    def _fence(self, session: Session) -> bool:
+        if lifecycle.renew(
+            session, job_id=self._job_id, attempt=self._attempt, lease_seconds=self._lease_seconds
+        ):
+            return True
+        logger.warning("job %s moved on from attempt %d: writing nothing more", self._job_id, self._attempt)
+        self._lost.set()
+        return False
+
+    def _write(
+        self,
+        session: Session,
+        points: list[MetricPoint],
+        events: list[dict[str, Any]],
+        progress: dict[str, int] | None,
+        best_dirty: bool,
+    ) -> bool:
+        if not self._fence(session):
+            return False
+        lifecycle.add_metrics(session, job_id=self._job_id, points=[_storable(p) for p in points])
+        for e in events:
+            lifecycle.add_event(session, job_id=self._job_id, **_storable_event(e))
+        if progress is not None:
+            lifecycle.record_progress(session, job_id=self._job_id, **progress)
+        if best_dirty:
+            lifecycle.record_best(session, job_id=self._job_id, value=self._best)
+        if lifecycle.cancel_requested(session, job_id=self._job_id):
+            self._cancel.set()
+        return True
+
+    def _write_row_by_row(
+        self,
+        points: list[MetricPoint],
+        events: list[dict[str, Any]],
+        progress: dict[str, int] | None,
+        best_dirty: bool,
+    ) -> None:
+        """One transaction per row; a refused row is dropped and said so in an event."""
+        with session_scope(self._database_url) as session:
+            if not self._write(session, [], [], progress, best_dirty):
+                return
+        dropped: list[str] = []
+        rows: list[tuple[list[MetricPoint], list[dict[str, Any]]]] = [([p], []) for p in points]
+        rows += [([], [e]) for e in events]
+        for row_points, row_events in rows:
+            try:
+                with session_scope(self._database_url) as session:
+                    if not self._write(session, row_points, row_events, None, False):
+                        return
+            except (OperationalError, InterfaceError):
+                raise
+            except DBAPIError as exc:
+                what = (
+                    f"metric {row_points[0].name!r}" if row_points else f"event {row_events[0]['message']!r}"
+                )
+                dropped.append(f"{what[:300]}: {str(exc.orig).splitlines()[0][:300]}")
+        if dropped:
+            with session_scope(self._database_url) as session:
+                if self._fence(session):
+                    lifecycle.add_event(
+                        session,
+                        job_id=self._job_id,
+                        level="warning",
+                        message=f"dropped {len(dropped)} row(s) the database refused",
+                        data={"dropped": dropped[:50]},
+                    )
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self.flush()
+
+
+# What the database can store: no NUL (PostgreSQL refuses it in text), names within the column.
+_NAME_LENGTH = Metric.__table__.c.name.type.length  # type: ignore[attr-defined]
+
+
+def _clean(text: str, limit: int | None = None) -> str:
+    text = text.replace("\x00", "\ufffd")
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _storable(point: MetricPoint) -> MetricPoint:
+    name = _clean(point.name, _NAME_LENGTH)
+    return point if name == point.name else replace(point, name=name)
+
+
+def _storable_event(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "message": _clean(str(event["message"]))}

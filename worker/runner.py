@@ -1,8 +1,12 @@
-"""Runs one training in a child process and supervises it: heartbeats, stalls, cancels.
+"""Runs one attempt of a training in a child process and supervises it: lease, stalls, cancels, stop.
 
-A child process per job keeps super-gradients' import side effects (stdout, logging, excepthook,
+A child process per attempt keeps super-gradients' import side effects (stdout, logging, excepthook,
 the process-global device) and its memory out of the worker, and lets a stuck job be killed. How it
 ended is recorded by `worker.outcome`.
+
+The supervisor never gives up on a live child: while the database is away it keeps the child and
+retries with backoff, and it returns (letting the worker take the next job) only once the child has
+exited, so one worker never runs two trainings.
 """
 
 from __future__ import annotations
@@ -11,101 +15,170 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from app.db import session_scope
-from app.jobs import files, lifecycle
-from app.jobs.models import FailureReason, JobStatus
+from app.jobs import dispatch, files, lifecycle
+from app.jobs.models import JobStatus
 from app.ml.sg_setup import sg_environment
 from app.process import die_with_parent
 from app.settings import Settings
-from worker.outcome import record_outcome
+from worker.outcome import LEASE_LOST, record_outcome
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# The per-job training process; the job id is appended.
+# The per-job training process; the job id and the attempt number are appended.
 TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
+# How often the supervisor looks at its child and at a shutdown request.
+POLL_SECONDS = 0.5
+# The longest wait between two tries while the database is unreachable.
+MAX_BACKOFF_SECONDS = 30.0
+
+HANDED_BACK = "handed_back"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
 
 
-def run_training_process(settings: Settings, *, job_id: str, job_dir: Path) -> str:
-    """Train a claimed job in a child process, supervise it, and record the outcome. Returns the status."""
+def _retrying(what: str, fn: Callable[[], T], stop_after: float | None = None) -> T:
+    """Call `fn` until it succeeds (it fails while the database is away), with backoff."""
+    delay, started = 1.0, time.monotonic()
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if stop_after is not None and time.monotonic() - started > stop_after:
+                raise
+            logger.warning("could not %s (%s); retrying in %.0f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
+
+
+def run_training_process(
+    settings: Settings,
+    *,
+    job_id: str,
+    attempt: int,
+    job_dir: Path,
+    shutdown: threading.Event | None = None,
+) -> str:
+    """Train a claimed attempt in a child process, supervise it, and record the outcome.
+
+    Returns the job's status, `HANDED_BACK` when `shutdown` was set (the worker is stopping: the job
+    goes back to the queue at once, for another worker to resume), or `LEASE_LOST` when the job moved
+    on from this attempt (nothing is recorded then).
+    """
     job_dir.mkdir(parents=True, exist_ok=True)
-    files.result_file(job_dir).unlink(missing_ok=True)
     env = {**os.environ, **settings.as_env(), **sg_environment(files.sg_log_dir(job_dir))}
     killed_for_cancel = False
     stalled_for: float | None = None
+    with open(files.console_log(job_dir), "ab") as console:
+        proc = subprocess.Popen(
+            [*TRAIN_COMMAND, job_id, str(attempt)],
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=job_dir,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
+    cancel_seen: float | None = None
+    marker: tuple[object, ...] | None = None
+    marker_since = time.monotonic()
+    next_beat = time.monotonic() + settings.heartbeat_seconds
+    backoff = settings.heartbeat_seconds
     try:
-        with open(files.console_log(job_dir), "ab") as console:
-            proc = subprocess.Popen(
-                [*TRAIN_COMMAND, job_id],
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=job_dir,
-                start_new_session=True,
-                preexec_fn=die_with_parent(),
-            )
-            cancel_seen: float | None = None
-            marker: tuple[object, ...] | None = None
-            marker_since = time.monotonic()
-            while True:
-                try:
-                    returncode = proc.wait(timeout=settings.heartbeat_seconds)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
+        while True:
+            try:
+                returncode = proc.wait(timeout=POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if shutdown is not None and shutdown.is_set():
+                return _hand_back(settings, proc, job_id=job_id, attempt=attempt)
+            if time.monotonic() < next_beat:
+                continue
+            try:
                 with session_scope(settings.database_url) as session:
-                    cancel = lifecycle.heartbeat(session, job_id=job_id)
-                    current = lifecycle.activity_marker(session, job_id=job_id)
-                if current != marker:
-                    marker, marker_since = current, time.monotonic()
-                elif time.monotonic() - marker_since > settings.stall_timeout_seconds:
-                    # Alive but silent (a deadlocked data loader, a hung device): never leave it running.
-                    stalled_for = time.monotonic() - marker_since
-                    logger.warning("job %s made no progress for %.0f s; killing it", job_id, stalled_for)
-                    _stop(proc)
-                    returncode = proc.returncode
-                    break
-                if cancel and cancel_seen is None:
-                    cancel_seen = time.monotonic()
-                if cancel_seen is not None and time.monotonic() - cancel_seen > settings.cancel_grace_seconds:
-                    # The child checks for cancels itself; this is for a child stuck outside training.
-                    logger.warning(
-                        "job %s did not stop %ss after cancel; killing it",
-                        job_id,
-                        settings.cancel_grace_seconds,
+                    held, cancel = lifecycle.heartbeat(
+                        session, job_id=job_id, attempt=attempt, lease_seconds=settings.lease_seconds
                     )
-                    killed_for_cancel = True
-                    _stop(proc)
-                    returncode = proc.returncode
-                    break
-    except BaseException as exc:
-        with session_scope(settings.database_url) as session:
-            lifecycle.finish(
-                session,
-                job_id=job_id,
-                status=JobStatus.failed,
-                reason=FailureReason.internal,
-                message=f"the worker could not supervise the training: {exc}",
-                artifacts=files.collect_artifacts(job_dir),
-            )
-        raise
-    return record_outcome(
-        settings,
-        stalled_for=stalled_for,
-        job_id=job_id,
-        job_dir=job_dir,
-        returncode=returncode,
-        killed_for_cancel=killed_for_cancel,
+                    current = lifecycle.activity_marker(session, job_id=job_id)
+            except Exception as exc:
+                # Keep the child: its own writes wait for the database too, and its checkpoints
+                # are still worth having. Never take another job while it runs.
+                logger.warning("job %s: database unreachable (%s); retrying in %.0f s", job_id, exc, backoff)
+                next_beat = time.monotonic() + backoff
+                backoff = min(2 * backoff, MAX_BACKOFF_SECONDS)
+                continue
+            next_beat = time.monotonic() + settings.heartbeat_seconds
+            backoff = settings.heartbeat_seconds
+            if not held:
+                logger.warning("job %s moved on from attempt %d; stopping its training", job_id, attempt)
+                _stop(proc)
+                return LEASE_LOST
+            if current != marker:
+                marker, marker_since = current, time.monotonic()
+            elif time.monotonic() - marker_since > settings.stall_timeout_seconds:
+                # Alive but silent (a deadlocked data loader, a hung device): never leave it running.
+                stalled_for = time.monotonic() - marker_since
+                logger.warning("job %s made no progress for %.0f s; killing it", job_id, stalled_for)
+                _stop(proc)
+                returncode = proc.returncode
+                break
+            if cancel and cancel_seen is None:
+                cancel_seen = time.monotonic()
+            if cancel_seen is not None and time.monotonic() - cancel_seen > settings.cancel_grace_seconds:
+                # The child checks for cancels itself; this is for a child stuck outside training.
+                logger.warning(
+                    "job %s did not stop %ss after cancel; killing it", job_id, settings.cancel_grace_seconds
+                )
+                killed_for_cancel = True
+                _stop(proc)
+                returncode = proc.returncode
+                break
+    finally:
+        if proc.poll() is None:  # an error in this loop: never leave the child unsupervised
+            _stop(proc)
+    status = _retrying(
+        f"record the outcome of job {job_id}",
+        lambda: record_outcome(
+            settings,
+            job_id=job_id,
+            attempt=attempt,
+            job_dir=job_dir,
+            returncode=returncode,
+            killed_for_cancel=killed_for_cancel,
+            stalled_for=stalled_for,
+        ),
     )
+    if status == JobStatus.queued:
+        dispatch.send(settings, job_id=job_id)
+    return status
+
+
+def _hand_back(settings: Settings, proc: subprocess.Popen[bytes], *, job_id: str, attempt: int) -> str:
+    logger.info("worker stopping: handing job %s (attempt %d) back", job_id, attempt)
+    _stop(proc, grace=5.0)
+
+    def hand_back() -> bool:
+        with session_scope(settings.database_url) as session:
+            return lifecycle.hand_back(session, job_id=job_id, attempt=attempt, why="the worker is stopping")
+
+    # Bounded: past one lease the sweeper of another worker resumes the job anyway.
+    handed = _retrying(f"hand job {job_id} back", hand_back, stop_after=settings.lease_seconds)
+    if handed:
+        dispatch.send(settings, job_id=job_id)
+    return HANDED_BACK

@@ -1,57 +1,70 @@
 """Keeps the promise that an accepted job is never lost and never stuck.
 
-Runs in each worker: fails running jobs whose worker stopped sending heartbeats, and sends again
-queued jobs whose broker message may be lost (never sent because the broker was down, or sent long
-ago). A duplicate message is harmless: the claim is a conditional update.
+Runs in each worker, every `sweep_interval_seconds`:
+- writes the worker's presence (read by `/readyz`);
+- ends running attempts whose lease expired (database clock): the job is queued again to resume
+  from its last checkpoint, or failed as `worker_lost` after `max_restarts`;
+- sends queued jobs whose message is missing: never sent, or, when this worker has been idle for
+  `resend_after_seconds` (so the broker has nothing for it), sent longer ago than that. Sends are
+  claimed in the database (`app.jobs.dispatch`), so several sweepers do not fill the queue;
+- prunes old per-batch metric points of finished jobs (`batch_metrics_retention_days`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from datetime import timedelta
+from dataclasses import dataclass, field
 
-from app import queue
-from app.db import session_scope, utcnow
-from app.jobs import lifecycle
+from app.db import session_scope
+from app.jobs import dispatch, lifecycle
+from app.jobs.models import JobStatus
 from app.settings import Settings, get_settings
+from app.workers import service as workers
+from worker.state import STATE, WorkerState
 
 logger = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_SECONDS = 15.0
+# Rows of workers not seen for this long are dropped (they crashed without saying goodbye).
+FORGET_WORKERS_AFTER_SECONDS = 24 * 3600.0
 
 
-def sweep_once(settings: Settings) -> tuple[list[str], list[str]]:
-    """One pass; returns (failed job ids, re-sent job ids)."""
-    now = utcnow()
+@dataclass
+class SweepResult:
+    """What one pass did."""
+
+    moved: dict[str, JobStatus] = field(default_factory=dict)  # expired leases: job -> new status
+    sent: list[str] = field(default_factory=list)
+
+
+def sweep_once(settings: Settings, state: WorkerState = STATE) -> SweepResult:
+    """One pass (see the module docstring)."""
+    result = SweepResult()
     with session_scope(settings.database_url) as session:
-        failed = lifecycle.fail_stale(
-            session, now=now, stale_after=timedelta(seconds=settings.stale_after_seconds)
+        if state.name is not None:
+            workers.seen(session, name=state.name, job_id=state.job_id)
+            workers.forget_older_than(session, seconds=FORGET_WORKERS_AFTER_SECONDS)
+        result.moved = lifecycle.expire_leases(session)
+    idle = state.idle_for() >= settings.resend_after_seconds
+    with session_scope(settings.database_url) as session:
+        candidates = lifecycle.send_candidates(
+            session, resend_after=settings.resend_after_seconds if idle else None
         )
-        candidates = lifecycle.requeue_candidates(
-            session, now=now, older_than=timedelta(seconds=settings.requeue_after_seconds)
-        )
-    resent = []
     for job_id in candidates:
-        try:
-            queue.send_train_job(settings, job_id)
-        except Exception as exc:
-            logger.warning("could not re-send job %s: %s", job_id, exc)
-            continue
-        with session_scope(settings.database_url) as session:
-            lifecycle.mark_enqueued(session, job_id=job_id)
-        resent.append(job_id)
-    if failed or resent:
-        logger.info("sweeper: failed stale jobs %s, re-sent queued jobs %s", failed, resent)
-    return failed, resent
+        if dispatch.send(
+            settings, job_id=job_id, resend_after=settings.resend_after_seconds if idle else None
+        ):
+            result.sent.append(job_id)
+    if result.moved or result.sent:
+        logger.info("sweeper: leases expired %s, sent queued jobs %s", result.moved, result.sent)
+    return result
 
 
-def run_forever() -> None:
-    """Sweep at start-up and then every few seconds, forever (a daemon thread)."""
+def run_forever(state: WorkerState = STATE) -> None:
+    """Sweep at start-up and then every `sweep_interval_seconds`, until the worker stops (a thread)."""
     settings = get_settings()
-    while True:
+    while not state.stopping.is_set():
         try:
-            sweep_once(settings)
+            sweep_once(settings, state)
         except Exception:
             logger.exception("sweeper pass failed")
-        time.sleep(SWEEP_INTERVAL_SECONDS)
+        state.stopping.wait(settings.sweep_interval_seconds)

@@ -1,7 +1,10 @@
-"""Entry point of the per-job training process: `python -m worker.train_process JOB_ID`.
+"""Entry point of the per-attempt training process: `python -m worker.train_process JOB_ID ATTEMPT`.
 
-Validates the dataset first (seconds, before super-gradients is even imported), then trains, and
-writes how it ended to its result file in the job directory (`worker.outcome`) and records it.
+Validates the dataset first (seconds, before super-gradients is even imported), then trains (from
+the newest valid checkpoint of an earlier attempt, if there is one), and writes how it ended to its
+result file in the job directory (`worker.outcome`) and records it. Every write is fenced by the
+attempt's lease; once the job has moved on, the process exits with `LEASE_LOST_EXIT` and writes
+nothing more.
 """
 
 from __future__ import annotations
@@ -9,11 +12,14 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app import failpoints
 from app.datasets import service as datasets
 from app.datasets.formats import prepare_dataset
 from app.db import session_scope
@@ -22,11 +28,11 @@ from app.jobs import files, lifecycle, service
 from app.jobs.models import FailureReason, JobStatus
 from app.jobs.schemas import JobSpec
 from app.ml.params import TrainingConfig
-from app.ml.types import TrainingCancelled
+from app.ml.types import DiskFull, LeaseLost, TrainingCancelled
 from app.settings import Settings, get_settings
 from app.weights import service as weights
 from app.weights.models import Weights
-from worker.outcome import record_outcome, write_result
+from worker.outcome import LEASE_LOST_EXIT, record_outcome, write_result
 from worker.reporter import DbReporter
 
 logger = logging.getLogger("sgjobs.train")
@@ -59,12 +65,22 @@ def _init_checkpoint(
     return path, f"weights {weights_id} ({started_from.get('name') or weights_id})"
 
 
-def train(settings: Settings, job_id: str) -> dict[str, Any]:
+@contextmanager
+def fenced(settings: Settings, job_id: str, attempt: int) -> Iterator[Session]:
+    """A transaction that writes for `attempt` only while it holds the job; else LeaseLost."""
+    with session_scope(settings.database_url) as session:
+        if not lifecycle.renew(session, job_id=job_id, attempt=attempt, lease_seconds=settings.lease_seconds):
+            raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
+        yield session
+
+
+def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
     """Prepare the dataset and train; returns the result record (status, reason, message, ...)."""
     job_dir = settings.jobs_dir / job_id
     with session_scope(settings.database_url) as session:
         job = service.get_job(session, job_id=job_id)
         spec = JobSpec.model_validate(job.spec)
+        failpoints.set_context(job_name=spec.name, attempt=attempt)
         try:
             resolved: datasets.ResolvedDataset | InvalidInput = datasets.resolve_spec(
                 session, settings=settings, spec=spec.dataset
@@ -80,11 +96,25 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
                 "reason": FailureReason.invalid_checkpoint,
                 "message": str(exc),
             }
+    # Imported only now (torch): the newest checkpoint of an earlier attempt that loads, if any.
+    from app.ml.checkpoints import pick_resume_checkpoint
+
+    resume = pick_resume_checkpoint(job_dir)
+    best: float | None = None
+    if resume is not None:
+        with fenced(settings, job_id, attempt) as session:
+            lifecycle.supersede_from_epoch(
+                session, job_id=job_id, epoch=resume.next_epoch, metric_to_watch=spec.training.metric_to_watch
+            )
+            best = service.get_job(session, job_id=job_id).best_metric_value
     reporter = DbReporter(
         database_url=settings.database_url,
         job_id=job_id,
+        attempt=attempt,
+        lease_seconds=settings.lease_seconds,
         interval=settings.report_interval_seconds,
         watch=spec.training.metric_to_watch,
+        best=best,
     ).start()
     try:
         try:
@@ -106,10 +136,18 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             f"dataset ready: {len(prepared.class_names)} classes, {prepared.train.num_images} training and "
             f"{prepared.val.num_images} validation images"
         )
-        with session_scope(settings.database_url) as session:
+        with fenced(settings, job_id, attempt) as session:
             lifecycle.set_classes(session, job_id=job_id, classes=prepared.class_names)
         if reporter.should_stop():
             raise TrainingCancelled("cancelled before training started")
+        if resume is not None:
+            skipped = f"; skipped {', '.join(resume.skipped)}" if resume.skipped else ""
+            reporter.event(
+                f"attempt {attempt} resumes from {resume.path.name} at epoch {resume.next_epoch + 1}"
+                f"/{spec.training.max_epochs}{skipped}",
+                data={"attempt": attempt, "checkpoint": resume.path.name, "next_epoch": resume.next_epoch},
+            )
+            init_checkpoint = None  # the resumed checkpoint has the weights and everything else
         if init_checkpoint is not None:
             from app.ml.checkpoints import checkpoint_num_classes
 
@@ -129,7 +167,7 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
                 else ""
             )
             reporter.event(f"starting from {init_checkpoint.name} ({classes} classes) of {init_label}{head}")
-            with session_scope(settings.database_url) as session:
+            with fenced(settings, job_id, attempt) as session:
                 lifecycle.set_started_from(
                     session,
                     job_id=job_id,
@@ -145,6 +183,7 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             training=spec.training,
             num_workers=settings.dataloader_workers,
             init_checkpoint=init_checkpoint,
+            resume_from=resume.path if resume is not None else None,
             device=settings.device,
         )
         # Imported only now: super-gradients takes seconds to import and rewires this process.
@@ -157,9 +196,14 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
             "best_value": result.best_metric_value if result.best_metric_value is not None else reporter.best,
             "epochs": result.epochs_completed,
         }
+    except LeaseLost:
+        raise
     except TrainingCancelled as exc:
         reporter.event(f"training stopped: {exc}", data={"stopped": True})
         return {"status": JobStatus.cancelled, "best_value": reporter.best}
+    except DiskFull as exc:
+        reporter.event(f"training stopped: {exc}", level="error")
+        return {"status": JobStatus.failed, "reason": FailureReason.disk_full, "message": str(exc)}
     except Exception as exc:
         traceback.print_exc()
         # The traceback also goes on the job, so a failure can be understood from the API alone.
@@ -181,21 +225,26 @@ def train(settings: Settings, job_id: str) -> dict[str, Any]:
         }
     finally:
         reporter.close()
+        if reporter.lost:
+            raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one job; always leaves a result file unless the process itself is killed."""
+    """Run one attempt; leaves a result file unless the process is killed or the job moved on."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m worker.train_process JOB_ID", file=sys.stderr)
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m worker.train_process JOB_ID ATTEMPT", file=sys.stderr)
         return 2
-    job_id = args[0]
+    job_id, attempt = args[0], int(args[1])
     settings = get_settings()
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = train(settings, job_id)
+        result = train(settings, job_id, attempt)
+    except LeaseLost as exc:
+        logger.warning("%s: stopping without writing anything more", exc)
+        return LEASE_LOST_EXIT
     except Exception as exc:
         traceback.print_exc()
         result = {
@@ -203,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             "reason": FailureReason.internal,
             "message": f"{type(exc).__name__}: {exc}",
         }
-    write_result(job_dir, result)
+    write_result(job_dir, attempt, result)
     # Record the outcome now rather than after this process exits: tearing down torch and
     # super-gradients takes seconds, and a cancelled job should show as cancelled at once. The
     # supervising worker records it again after the exit, which the conditional update makes a no-op.
     try:
-        record_outcome(settings, job_id=job_id, job_dir=job_dir, returncode=0, killed_for_cancel=False)
+        record_outcome(
+            settings, job_id=job_id, attempt=attempt, job_dir=job_dir, returncode=0, killed_for_cancel=False
+        )
     except Exception:
         traceback.print_exc()
     return 0

@@ -8,10 +8,10 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
 from app import queue
 from app.api import SessionDep, SettingsDep
+from app.workers import service as workers
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,8 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Whether the database and the broker can be reached; `checks` names each and its state."""
+    """Whether the database and the broker can be reached and a worker was seen recently; `checks`
+    names each and its state."""
 
     status: Literal["ok", "unavailable"]
     checks: dict[str, str]
@@ -38,14 +39,26 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "The database or the broker is unreachable."}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "The database or the broker is unreachable, or no worker was seen recently.",
+        }
+    },
 )
 async def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
-    """Database and broker reachable (503 otherwise, naming which)."""
+    """Database and broker reachable, and a worker seen within one lease (503 otherwise, naming which:
+    queued jobs would wait for nobody)."""
     checks: dict[str, str] = {}
     try:
-        await run_in_threadpool(lambda: session.execute(text("SELECT 1")))
+        _, ago = await run_in_threadpool(workers.last_seen, session)
         checks["database"] = "ok"
+        if ago is None:
+            checks["workers"] = "error: no worker has been seen (start one: sgjobs worker)"
+        elif ago > settings.lease_seconds:
+            checks["workers"] = f"error: no worker seen for {ago:.0f} s"
+        else:
+            checks["workers"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {exc.__class__.__name__}"
     ok = await run_in_threadpool(queue.broker_reachable, settings)

@@ -3,21 +3,30 @@
 Functions take a session and keyword arguments and never commit: the task boundary does. Every state
 change is a conditional UPDATE on the current status, so a duplicate Celery delivery, a cancel racing
 a claim, or a sweeper racing a finishing worker cannot move a job twice.
+
+Attempts and leases: each claim starts a new attempt (`jobs.attempt` + 1) holding a lease that ends
+at a database time (`app.db.db_now`). The attempt renews it with every write (`renew`), and every
+write an attempt makes runs in a transaction that first renews it: an UPDATE conditional on
+`status = 'running' AND attempt = <its number>`, which also locks the row, so a sweeper moving the
+job on (`expire_leases`) and a late write of the old attempt are serialized, and the loser changes
+nothing. A lost attempt (`lose_attempt`) is queued again and resumed from its last checkpoint, up to
+the job's `max_restarts`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, func, insert, select, update
+from sqlalchemy import CursorResult, Executable, delete, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
-from app.db import utcnow
+from app.db import db_now, utcnow
 from app.jobs.models import FINISHED_STATUSES, FailureReason, Job, JobEvent, JobStatus, Metric
-from app.ml.types import MetricPoint
+from app.ml.types import MetricPoint, greater_is_better
 
 
 def _changed(session: Session, statement: Executable) -> int:
@@ -53,31 +62,97 @@ def request_stop(session: Session, *, job_id: str) -> bool:
 
 
 def mark_enqueued(session: Session, *, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=db_now()))
 
 
-def claim(session: Session, *, job_id: str, worker: str, job_dir: Path) -> bool:
-    """queued -> running. False when someone else has it or it was cancelled meanwhile."""
-    now = utcnow()
-    claimed = _changed(
-        session,
+def claim_send(session: Session, *, job_id: str, resend_after: float | None = None) -> bool:
+    """Take the right to send a queued job's message: never sent (`enqueued_at` NULL), or, with
+    `resend_after`, last sent longer ago than that. One conditional UPDATE, so of several sweepers
+    only one sends; the caller commits before sending and calls `unsend` if sending fails."""
+    due: ColumnElement[bool] = Job.enqueued_at.is_(None)
+    if resend_after is not None:
+        due = due | (Job.enqueued_at < db_now(-resend_after))
+    return bool(
+        _changed(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued, due)
+            .values(enqueued_at=db_now()),
+        )
+    )
+
+
+def unsend(session: Session, *, job_id: str) -> None:
+    """The message could not be sent: leave the job for the next sweep."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued).values(enqueued_at=None)
+    )
+
+
+def send_candidates(session: Session, *, resend_after: float | None) -> list[str]:
+    """Queued jobs whose message is missing: never sent (older than a few seconds, so the API's own
+    send after its commit goes first), or, with `resend_after` (the asking worker is idle), sent
+    longer ago than that."""
+    never_sent = Job.enqueued_at.is_(None) & (
+        (Job.created_at < db_now(-5)) | (Job.attempt > 0) | (Job.restarts > 0)
+    )
+    due: ColumnElement[bool] = never_sent
+    if resend_after is not None:
+        due = due | (Job.enqueued_at < db_now(-resend_after))
+    return list(
+        session.scalars(
+            select(Job.id).where(Job.status == JobStatus.queued, due).order_by(Job.created_at)
+        ).all()
+    )
+
+
+def claim(session: Session, *, job_id: str, worker: str, job_dir: Path, lease_seconds: float) -> int | None:
+    """queued -> running as a new attempt holding a lease; returns its number, None when someone
+    else has the job or it was cancelled meanwhile."""
+    attempt = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
         .values(
-            status=JobStatus.running, started_at=now, heartbeat_at=now, worker=worker, job_dir=str(job_dir)
-        ),
+            status=JobStatus.running,
+            attempt=Job.attempt + 1,
+            lease_expires_at=db_now(lease_seconds),
+            heartbeat_at=db_now(),
+            started_at=func.coalesce(Job.started_at, db_now()),
+            worker=worker,
+            job_dir=str(job_dir),
+        )
+        .returning(Job.attempt)
+    ).scalar_one_or_none()
+    if attempt is None:
+        return None
+    add_event(
+        session,
+        job_id=job_id,
+        kind="state",
+        message=f"attempt {attempt} running on {worker}",
+        data={"attempt": attempt, "worker": worker},
     )
-    if claimed:
-        add_event(session, job_id=job_id, kind="state", message=f"running on {worker}")
-    return bool(claimed)
+    return int(attempt)
 
 
-def heartbeat(session: Session, *, job_id: str) -> bool:
-    """Refresh the heartbeat of a running job; True when a cancel has been requested."""
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(heartbeat_at=utcnow())
+def renew(session: Session, *, job_id: str, attempt: int, lease_seconds: float) -> bool:
+    """Extend the lease of a running attempt; False when the job has moved on (another attempt,
+    finished, handed back). Run first in every transaction that writes for an attempt: the UPDATE
+    locks the row, so nothing that moves the job on can interleave with the writes after it."""
+    return bool(
+        _changed(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
+            .values(lease_expires_at=db_now(lease_seconds), heartbeat_at=db_now()),
+        )
     )
-    return cancel_requested(session, job_id=job_id)
+
+
+def heartbeat(session: Session, *, job_id: str, attempt: int, lease_seconds: float) -> tuple[bool, bool]:
+    """The supervisor's renewal: (still holds the lease, cancel requested)."""
+    held = renew(session, job_id=job_id, attempt=attempt, lease_seconds=lease_seconds)
+    return held, held and cancel_requested(session, job_id=job_id)
 
 
 def activity_marker(session: Session, *, job_id: str) -> tuple[object, ...]:
@@ -95,6 +170,11 @@ def cancel_requested(session: Session, *, job_id: str) -> bool:
 
 def set_classes(session: Session, *, job_id: str, classes: Sequence[str]) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(classes=list(classes)))
+
+
+def set_artifacts(session: Session, *, job_id: str, artifacts: dict[str, str]) -> None:
+    """Record the files a finished job left (`app.jobs.files.collect_artifacts`)."""
+    session.execute(update(Job).where(Job.id == job_id).values(artifacts=artifacts))
 
 
 def set_started_from(session: Session, *, job_id: str, started_from: dict[str, Any]) -> None:
@@ -176,8 +256,10 @@ def finish(
     artifacts: dict[str, str] | None = None,
     best_value: float | None = None,
     device: str | None = None,
+    attempt: int | None = None,
 ) -> bool:
-    """running -> succeeded | failed | cancelled, once."""
+    """running -> succeeded | failed | cancelled, once; with `attempt`, only if that attempt still
+    holds the job."""
     assert status in FINISHED_STATUSES
     values: dict[str, Any] = {
         "status": status,
@@ -191,10 +273,11 @@ def finish(
         values["best_metric_value"] = best_value
     if device is not None:
         values["device"] = device
-    done = _changed(
-        session,
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values),
-    )
+    statement = update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+    if attempt is not None:
+        statement = statement.where(Job.attempt == attempt)
+    values["lease_expires_at"] = None
+    done = _changed(session, statement.values(**values))
     if done:
         text = status.value if message is None else f"{status.value}: {message}"
         add_event(
@@ -207,39 +290,122 @@ def finish(
     return bool(done)
 
 
-def fail_stale(session: Session, *, now: datetime, stale_after: timedelta) -> list[str]:
-    """Fail running jobs whose worker stopped sending heartbeats (it died or lost the machine)."""
-    cutoff = now - stale_after
-    ids = list(
-        session.scalars(
-            select(Job.id).where(Job.status == JobStatus.running, Job.heartbeat_at < cutoff)
-        ).all()
-    )
-    failed = []
-    for job_id in ids:
-        if finish(
+def lose_attempt(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    why: str,
+    reason: FailureReason = FailureReason.worker_lost,
+) -> JobStatus | None:
+    """A running attempt is lost (`why`): queue the job again to resume from its last checkpoint
+    while restarts remain, else fail it with `reason` (cancelled instead if a cancel was pending).
+    Returns the new status, None when that attempt did not hold the job any more."""
+    job = session.execute(
+        select(Job.worker, Job.restarts, Job.max_restarts, Job.cancel_requested_at).where(
+            Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt
+        )
+    ).one_or_none()
+    if job is None:
+        return None
+    worker, restarts, max_restarts, cancel_at = job
+    data = {"attempt": attempt, "worker": worker, "restarts": restarts, "max_restarts": max_restarts}
+    if cancel_at is not None:
+        done = finish(
             session,
             job_id=job_id,
-            status=JobStatus.failed,
-            reason=FailureReason.worker_lost,
-            message=f"the worker stopped reporting for over {int(stale_after.total_seconds())} s "
-            "(it was stopped or its machine went away); submit the job again",
-        ):
-            failed.append(job_id)
-    return failed
-
-
-def requeue_candidates(session: Session, *, now: datetime, older_than: timedelta) -> list[str]:
-    """Queued jobs never sent, or sent long ago: their broker message may be lost."""
-    cutoff = now - older_than
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(Job.status == JobStatus.queued)
-            .where(
-                (Job.enqueued_at.is_(None) & (Job.created_at < now - timedelta(seconds=5)))
-                | (Job.enqueued_at < cutoff)
-            )
-            .order_by(Job.created_at)
-        ).all()
+            attempt=attempt,
+            status=JobStatus.cancelled,
+            message=f"attempt {attempt} on {worker} was lost ({why}) while cancelling",
+        )
+        return JobStatus.cancelled if done else None
+    if restarts < max_restarts:
+        requeued = _changed(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
+            .values(
+                status=JobStatus.queued, restarts=Job.restarts + 1, lease_expires_at=None, enqueued_at=None
+            ),
+        )
+        if not requeued:
+            return None
+        add_event(
+            session,
+            job_id=job_id,
+            kind="state",
+            level="warning",
+            message=f"attempt {attempt} on {worker} lost: {why}; queued to resume from its last checkpoint "
+            f"(restart {restarts + 1} of {max_restarts})",
+            data={**data, "restarts": restarts + 1},
+        )
+        return JobStatus.queued
+    done = finish(
+        session,
+        job_id=job_id,
+        attempt=attempt,
+        status=JobStatus.failed,
+        reason=reason,
+        message=f"attempt {attempt} on {worker} was lost ({why}) and the job was already restarted "
+        f"{restarts} time(s) (max_restarts {max_restarts}); each attempt is in the job's events",
     )
+    return JobStatus.failed if done else None
+
+
+def expire_leases(session: Session) -> dict[str, JobStatus]:
+    """Running attempts whose lease ended (database clock) are lost; returns job id -> new status."""
+    expired = session.execute(
+        select(Job.id, Job.attempt, Job.lease_expires_at).where(
+            Job.status == JobStatus.running,
+            Job.lease_expires_at.is_(None) | (Job.lease_expires_at < db_now()),
+        )
+    ).all()
+    moved = {}
+    for job_id, attempt, lease in expired:
+        when = f"at {lease:%H:%M:%S} UTC" if lease is not None else ""
+        status = lose_attempt(
+            session,
+            job_id=job_id,
+            attempt=attempt,
+            why=f"its lease expired {when} (the worker was killed, paused or cut off)".replace("  ", " "),
+        )
+        if status is not None:
+            moved[job_id] = status
+    return moved
+
+
+def hand_back(session: Session, *, job_id: str, attempt: int, why: str) -> bool:
+    """A worker that stops (a deploy, a spot reclaim) gives its running attempt back: queued again
+    at once, to resume elsewhere; not counted as a restart."""
+    worker = session.scalar(
+        select(Job.worker).where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
+    )
+    handed = _changed(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
+        .values(status=JobStatus.queued, lease_expires_at=None, enqueued_at=None),
+    )
+    if handed:
+        add_event(
+            session,
+            job_id=job_id,
+            kind="state",
+            message=f"attempt {attempt} handed back by {worker} ({why}); "
+            "queued to resume from its last checkpoint",
+            data={"attempt": attempt, "worker": worker, "handed_back": True},
+        )
+    return bool(handed)
+
+
+def supersede_from_epoch(session: Session, *, job_id: str, epoch: int, metric_to_watch: str) -> int:
+    """Before an attempt resumes at `epoch`, delete the points the lost attempt wrote for that
+    epoch and later (per-batch points of the partial epoch, and per-epoch points written before
+    its checkpoint was): every series then ends with one point per epoch. The best metric is
+    recomputed from what is left. Returns the points deleted."""
+    deleted = _changed(session, delete(Metric).where(Metric.job_id == job_id, Metric.epoch >= epoch))
+    name = f"Valid_{metric_to_watch}"
+    best = func.max(Metric.value) if greater_is_better(metric_to_watch) else func.min(Metric.value)
+    value = session.scalar(select(best).where(Metric.job_id == job_id, Metric.name == name))
+    session.execute(update(Job).where(Job.id == job_id).values(best_metric_value=value))
+    return deleted

@@ -79,3 +79,26 @@ def checkpoint_num_classes(path: Path | str) -> int:
     if isinstance(value, torch.Tensor) and value.dim() >= 1:
         return int(value.shape[0])
     raise ValueError(f"{path}: no '{CLS_PRED_KEY}' tensor; not a YOLO-NAS checkpoint")
+
+
+# PROVISIONAL (replaced by the ml branch): the newest loadable ckpt_latest.pth of this job.
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    next_epoch: int
+    best_value: float | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+def pick_resume_checkpoint(job_dir: Path) -> ResumePoint | None:
+    found = sorted((job_dir / "checkpoints").rglob("ckpt_latest.pth"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(found):
+        try:
+            ckpt = load_checkpoint(path)
+        except Exception:
+            continue
+        return ResumePoint(path=path, next_epoch=int(ckpt["epoch"]) + 1)
+    return None

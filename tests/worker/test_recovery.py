@@ -37,33 +37,61 @@ def dataset(service: Service) -> str:
     return "recovery"
 
 
-def test_running_job_whose_worker_went_silent_is_failed_as_worker_lost(
-    service: Service, service_settings: Settings, dataset: str
+def _running(settings: Settings, dataset: str, **values: object) -> str:
+    """A job that attempt 1 holds (lease one minute ahead unless given)."""
+    now = utcnow()
+    defaults: dict[str, object] = {
+        "status": "running",
+        "attempt": 1,
+        "worker": "w1",
+        "started_at": now,
+        "heartbeat_at": now,
+        "lease_expires_at": now + timedelta(minutes=1),
+    }
+    return _insert_job(settings, dataset, **{**defaults, **values})
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(service: Service) -> str:
+    """A dataset whose annotations are unreadable: a job on it fails within seconds, no training."""
+    root = make_shapes(service.datasets_dir, "recovery-bad", splits=(("train", 3), ("valid", 2)))
+    (root / "train" / "_annotations.coco.json").write_text("[]")
+    return "recovery-bad"
+
+
+def test_running_job_whose_lease_expired_is_queued_again_then_failed_after_max_restarts(
+    service: Service, service_settings: Settings, bad_dataset: str
 ) -> None:
     long_ago = utcnow() - timedelta(hours=1)
-    job_id = _insert_job(
-        service_settings, dataset, status="running", started_at=long_ago, heartbeat_at=long_ago
-    )
-    failed, _ = sweep_once(service_settings)
-    assert job_id in failed
-    job = service.job(job_id)
+    lost = _running(service_settings, bad_dataset, lease_expires_at=long_ago, restarts=2)
+    resumable = _running(service_settings, bad_dataset, lease_expires_at=long_ago)
+    held = _running(service_settings, bad_dataset)
+    moved = sweep_once(service_settings).moved
+    assert moved == {lost: JobStatus.failed, resumable: JobStatus.queued}
+    job = service.job(lost)
     assert job["status"] == "failed" and job["error"]["reason"] == "worker_lost"
-    assert "submit the job again" in job["error"]["message"]
-    # A second pass (or a late result from the lost worker) does not move it again.
-    assert job_id not in sweep_once(service_settings)[0]
+    assert "max_restarts 2" in job["error"]["message"] and "attempt 1 on w1" in job["error"]["message"]
+    events = service.client.get(f"/jobs/{resumable}/events").json()["items"]
+    requeued = [e for e in events if (e.get("data") or {}).get("restarts") == 1]
+    assert requeued and "lease expired" in requeued[0]["message"], events
+    # The resumed attempt is a new one (and fails on the bad dataset, as it should).
+    done = service.wait(resumable, timeout=120)
+    assert done["restarts"] == 1 and done["attempt"] == 2 and done["error"]["reason"] == "dataset_error"
+    # Neither a second pass nor a late write of the lost attempt moves them again.
+    assert lost not in sweep_once(service_settings).moved
     with session_scope(service_settings.database_url) as session:
-        assert not lifecycle.finish(session, job_id=job_id, status=JobStatus.succeeded)
+        assert not lifecycle.finish(session, job_id=lost, status=JobStatus.succeeded, attempt=1)
+        assert not lifecycle.renew(session, job_id=resumable, attempt=1, lease_seconds=60)
+        assert lifecycle.renew(session, job_id=held, attempt=1, lease_seconds=60)
+        assert lifecycle.finish(session, job_id=held, status=JobStatus.cancelled, attempt=1)
 
 
 def test_queued_job_whose_message_was_never_sent_is_sent_and_runs(
-    service: Service, service_settings: Settings, tmp_path: Path
+    service: Service, service_settings: Settings, bad_dataset: str
 ) -> None:
     # A dataset that fails fast shows the job was picked up without spending a training.
-    root = make_shapes(service.datasets_dir, "recovery-bad", splits=(("train", 3), ("valid", 2)))
-    (root / "train" / "_annotations.coco.json").write_text("[]")
-    job_id = _insert_job(service_settings, "recovery-bad", created_at=utcnow() - timedelta(minutes=5))
-    _, resent = sweep_once(service_settings)
-    assert job_id in resent
+    job_id = _insert_job(service_settings, bad_dataset, created_at=utcnow() - timedelta(minutes=5))
+    assert job_id in sweep_once(service_settings).sent
     done = service.wait(job_id, timeout=120)
     assert done["status"] == "failed" and done["error"]["reason"] == "dataset_error"
 
@@ -90,27 +118,59 @@ def test_duplicate_delivery_of_a_finished_job_does_nothing(
     assert service.job(job_id) == before
 
 
-def test_training_process_killed_by_the_kernel_fails_as_out_of_memory(
-    service: Service, service_settings: Settings, dataset: str, tmp_path: Path
+def test_training_process_killed_by_the_kernel_is_resumed_then_fails_as_out_of_memory(
+    service: Service, service_settings: Settings, bad_dataset: str, tmp_path: Path
 ) -> None:
-    job_id = _insert_job(
-        service_settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow()
+    resumable = _running(service_settings, bad_dataset)
+    assert (
+        record_outcome(
+            service_settings,
+            job_id=resumable,
+            attempt=1,
+            job_dir=tmp_path,
+            returncode=-9,
+            killed_for_cancel=False,
+        )
+        == "queued"
     )
-    assert record_outcome(
-        service_settings, job_id=job_id, job_dir=tmp_path, returncode=-9, killed_for_cancel=False
-    ) == ("failed")
-    job = service.job(job_id)
+    events = service.client.get(f"/jobs/{resumable}/events").json()["items"]
+    assert any("killed by SIGKILL" in e["message"] and "restart 1 of 2" in e["message"] for e in events)
+    exhausted = _running(service_settings, bad_dataset, restarts=2)
+    assert (
+        record_outcome(
+            service_settings,
+            job_id=exhausted,
+            attempt=1,
+            job_dir=tmp_path,
+            returncode=-9,
+            killed_for_cancel=False,
+        )
+        == "failed"
+    )
+    job = service.job(exhausted)
     assert job["error"]["reason"] == "out_of_memory" and "batch_size" in job["error"]["message"]
+    # The outcome of an attempt that no longer holds the job changes nothing.
+    assert (
+        record_outcome(
+            service_settings,
+            job_id=exhausted,
+            attempt=1,
+            job_dir=tmp_path,
+            returncode=-9,
+            killed_for_cancel=False,
+        )
+        == "lease_lost"
+    )
 
 
 def test_training_process_that_crashes_fails_as_internal_with_its_last_output(
     service: Service, service_settings: Settings, dataset: str, tmp_path: Path
 ) -> None:
-    job_id = _insert_job(
-        service_settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow()
-    )
+    job_id = _running(service_settings, dataset)
     (tmp_path / "console.log").write_text("Traceback (most recent call last):\nSegmentation fault\n")
-    record_outcome(service_settings, job_id=job_id, job_dir=tmp_path, returncode=139, killed_for_cancel=False)
+    record_outcome(
+        service_settings, job_id=job_id, attempt=1, job_dir=tmp_path, returncode=139, killed_for_cancel=False
+    )
     job = service.job(job_id)
     assert job["error"]["reason"] == "internal"
     assert "code 139" in job["error"]["message"] and "Segmentation fault" in job["error"]["message"]
@@ -120,13 +180,20 @@ def test_training_process_that_crashes_fails_as_internal_with_its_last_output(
 def test_result_file_decides_the_outcome(
     service: Service, service_settings: Settings, dataset: str, tmp_path: Path
 ) -> None:
-    job_id = _insert_job(
-        service_settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow()
+    job_id = _running(service_settings, dataset)
+    # Another attempt's result is not this one's.
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"status": "succeeded", "attempt": 7}))
+    record_outcome(
+        service_settings, job_id=job_id, attempt=1, job_dir=tmp_path, returncode=139, killed_for_cancel=False
     )
+    assert service.job(job_id)["status"] == "failed"
+    job_id = _running(service_settings, dataset)
     (tmp_path / RESULT_FILE).write_text(
-        json.dumps({"status": "succeeded", "best_value": 0.75, "device": "cuda"})
+        json.dumps({"status": "succeeded", "best_value": 0.75, "device": "cuda", "attempt": 1})
     )
-    record_outcome(service_settings, job_id=job_id, job_dir=tmp_path, returncode=0, killed_for_cancel=False)
+    record_outcome(
+        service_settings, job_id=job_id, attempt=1, job_dir=tmp_path, returncode=0, killed_for_cancel=False
+    )
     job = service.job(job_id)
     assert job["status"] == "succeeded" and job["best_metric"]["value"] == 0.75 and job["device"] == "cuda"
 
@@ -147,8 +214,8 @@ def test_training_process_that_makes_no_progress_is_killed_and_failed(
 ) -> None:
     monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
     settings = service_settings.model_copy(update={"heartbeat_seconds": 0.2, "stall_timeout_seconds": 1.5})
-    job_id = _insert_job(settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow())
-    assert runner.run_training_process(settings, job_id=job_id, job_dir=tmp_path) == "failed"
+    job_id = _running(settings, dataset)
+    assert runner.run_training_process(settings, job_id=job_id, attempt=1, job_dir=tmp_path) == "failed"
     job = service.job(job_id)
     assert job["error"]["reason"] == "internal"
     assert "no progress" in job["error"]["message"] and "stuck" in job["error"]["message"]
@@ -163,8 +230,8 @@ def test_training_process_that_ignores_a_cancel_is_killed_after_the_grace_period
 ) -> None:
     monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
     settings = service_settings.model_copy(update={"heartbeat_seconds": 0.2, "cancel_grace_seconds": 0.5})
-    job_id = _insert_job(settings, dataset, status="running", started_at=utcnow(), heartbeat_at=utcnow())
+    job_id = _running(settings, dataset)
     assert service.client.post(f"/jobs/{job_id}/cancel").status_code == 202
-    assert runner.run_training_process(settings, job_id=job_id, job_dir=tmp_path) == "cancelled"
+    assert runner.run_training_process(settings, job_id=job_id, attempt=1, job_dir=tmp_path) == "cancelled"
     job = service.job(job_id)
     assert job["status"] == "cancelled" and job["error"] is None
