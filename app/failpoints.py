@@ -2,14 +2,14 @@
 
 A failpoint is a place in the training process where a fault can be injected on request: the
 real code runs, and at that point it fails the way the world would make it fail (a full disk, a
-kill in the middle of a write, a crash of the whole worker). They are off unless `SGJOBS_FAILPOINTS`
-holds a JSON object, for example
+kill in the middle of a write, a crash of the whole worker). They are off unless the `failpoints` setting
+(`SGJOBS_FAILPOINTS`) holds a JSON object, for example
 
     {"checkpoint_write": {"action": "enospc", "job_name": "full-disk"}}
 
 Keys are point names (`POINTS`); each value says what to do (`action`, see `ACTIONS`) and may
 narrow where: `job_name` (the job spec's name), `epoch`, `batch`, `attempt` (equal to), `times`
-(fire at most that many times per process). The variable is read once per process; the training
+(fire at most that many times per process). The setting is read once per process; the training
 process sets its context (job name, attempt) with `set_context` before training.
 """
 
@@ -22,7 +22,7 @@ import signal
 from functools import lru_cache
 from typing import Any
 
-ENV_VAR = "SGJOBS_FAILPOINTS"
+ENV_VAR = "SGJOBS_FAILPOINTS"  # the `failpoints` setting, named in error messages
 
 POINTS = (
     # After part of a checkpoint's temporary file is written, before it is put in place.
@@ -35,6 +35,7 @@ ACTIONS = (
     "kill",  # SIGKILL this process
     "kill_worker",  # SIGKILL this process and its parent (the worker that supervises it)
     "crash",  # raise RuntimeError
+    "abort",  # SIGABRT this process, as a failed assertion in native code would
 )
 
 _context: dict[str, Any] = {}
@@ -47,7 +48,9 @@ class FailpointError(ValueError):
 
 @lru_cache(maxsize=1)
 def _config() -> dict[str, dict[str, Any]]:
-    raw = os.environ.get(ENV_VAR, "").strip()
+    from app.settings import get_settings
+
+    raw = get_settings().failpoints.strip()
     if not raw:
         return {}
     config = json.loads(raw)
@@ -86,4 +89,4 @@ def hit(name: str, **where: Any) -> None:
         raise RuntimeError(f"failpoint {name}: injected crash")
     if action == "kill_worker":
         os.kill(os.getppid(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGABRT if action == "abort" else signal.SIGKILL)

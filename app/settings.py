@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # about 0.8 GB; 4 GiB leaves room without letting one request fill the disk.
     weights_max_bytes: int = Field(default=4 * 2**30, ge=1024, description="Largest checkpoint upload.")
 
+    # Fault injection for the chaos tests (`app.failpoints`): a JSON object; empty in production.
+    failpoints: str = Field(default="", description="Test-only: faults to inject (see app/failpoints.py).")
+
     # API.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

@@ -7,7 +7,7 @@ POSTs a job (time taken just before the POST) and follows it to its first `Batch
 point, whose `time` is stamped at the end of the first batch in the training process; then it
 cancels the job and waits for it to end. The total is split with the job's events:
 
-* queue + claim: POST until the "running on <worker>" event (written by the worker's claim);
+* queue + claim: POST until the "attempt 1 running on <worker>" event (written by the worker's claim);
 * dataset: until the "dataset ready" event (training process start, dataset validation/indexing);
 * SG import + model: until the "training <model> on <device>" event (imported, datasets and
   model built, right before Trainer.train);
@@ -44,7 +44,7 @@ from bench.harness import job_spec as make_job_spec
 DEFAULTS = Size(images=96, val_images=16, input_size=64, epochs=2, batch_size=8, repeats=3)
 SMOKE = Size(images=16, val_images=8, input_size=64, epochs=2, batch_size=8, repeats=1)
 PHASES: tuple[tuple[str, str], ...] = (
-    ("queue_claim_s", "running on "),
+    ("queue_claim_s", "attempt 1 running on "),
     ("dataset_s", "dataset ready"),
     ("sg_import_model_s", "training "),
 )
