@@ -126,8 +126,12 @@ def run_training_process(
             next_beat = time.monotonic() + settings.heartbeat_seconds
             backoff = settings.heartbeat_seconds
             if not held:
+                # The child finds out at its next write and exits without writing; give it that time.
                 logger.warning("job %s moved on from attempt %d; stopping its training", job_id, attempt)
-                _stop(proc)
+                try:
+                    proc.wait(timeout=max(5.0, 10 * settings.report_interval_seconds))
+                except subprocess.TimeoutExpired:
+                    _stop(proc)
                 return LEASE_LOST
             if current != marker:
                 marker, marker_since = current, time.monotonic()

@@ -121,7 +121,8 @@ def test_checkpoints_and_logs_are_in_the_job_directory(trained: dict[str, Any]) 
 def test_events_tell_the_story_including_box_warnings(service: Service, trained: dict[str, Any]) -> None:
     events = service.events(trained["id"])
     states = [e["message"] for e in events if e["kind"] == "state"]
-    assert states[0] == "queued" and states[1].startswith("attempt 1 running on ") and states[-1] == "succeeded"
+    assert states[0] == "queued" and states[1].startswith("attempt 1 running on ")
+    assert states[-1] == "succeeded"
     warnings = " ".join(e["message"] for e in events if e["level"] == "warning")
     assert "clipped" in warnings and "1 box" in warnings, warnings
     assert "zero" in warnings or "no area" in warnings, warnings
