@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from app import failpoints
@@ -164,17 +164,16 @@ class DbReporter:
         except (OperationalError, InterfaceError):
             # The database is away: keep the data for the next attempt rather than lose it.
             logger.warning("could not write training progress (database unreachable); will retry")
-        except DBAPIError as exc:
-            # The database refused a row (too long, a character it cannot store): find and drop it.
-            logger.warning("a row was refused (%s); writing row by row", exc.orig)
+        except Exception as exc:
+            # The database or the driver refused a row (a value it cannot store or serialize):
+            # find it and drop it, rather than retry the same batch forever.
+            logger.warning("a row was refused (%s); writing row by row", exc)
             try:
                 self._write_row_by_row(points, events, progress, best_dirty)
                 self._checked_at = time.monotonic()
                 return True
             except (OperationalError, InterfaceError):
                 logger.warning("could not write training progress (database unreachable); will retry")
-        except Exception:
-            logger.exception("could not write training progress; will retry")
         with self._lock:
             self._points[:0] = points
             self._events[:0] = events
@@ -234,11 +233,12 @@ class DbReporter:
                         return
             except (OperationalError, InterfaceError):
                 raise
-            except DBAPIError as exc:
+            except Exception as exc:
                 what = (
                     f"metric {row_points[0].name!r}" if row_points else f"event {row_events[0]['message']!r}"
                 )
-                dropped.append(f"{what[:300]}: {str(exc.orig).splitlines()[0][:300]}")
+                cause = getattr(exc, "orig", None) or exc
+                dropped.append(f"{what[:300]}: {(str(cause).splitlines() or [''])[0][:300]}")
         if dropped:
             with session_scope(self._database_url) as session:
                 if self._fence(session):
