@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # A running job's attempt holds a lease this long past its last renewal (database clock). An
     # attempt whose lease expired is lost: its job is resumed by another attempt (or failed as
     # "worker_lost" after max_restarts), and nothing the old attempt writes lands any more.
-    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
     # The most automatic restarts a job spec may ask for (`max_restarts`, default 2).
     max_restarts_limit: int = Field(default=10, ge=0, le=1000)
     # Each worker's sweeper runs this often: leases, lost messages, its own presence.

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -269,10 +269,18 @@ class Service:
 
 
 @contextmanager
-def running_service(backend: Backend, workdir: Path, datasets_dir: Path, device: str) -> Iterator[Service]:
-    """`sgjobs serve` (migrations, API on a free port, one worker) in a child process; stopped on exit."""
+def running_service(
+    backend: Backend,
+    workdir: Path,
+    datasets_dir: Path,
+    device: str,
+    settings: Mapping[str, object] | None = None,
+) -> Iterator[Service]:
+    """`sgjobs serve` (migrations, API on a free port, one worker) in a child process; stopped on exit.
+
+    `settings`: more service settings (by `Settings` field name); the rest stay at their defaults."""
     home = workdir / f"home-{backend.name}-{backend.queue[-6:]}"
-    settings = {"datasets_dir": datasets_dir, "device": device}
+    settings = {**(settings or {}), "datasets_dir": datasets_dir, "device": device}
     try:
         with (
             testing.serve(backend, home, cwd=REPO_ROOT, settings=settings) as running,
@@ -301,14 +309,18 @@ def workspace(opts: Options, label: str) -> Iterator[Path]:
 
 @contextmanager
 def services(
-    names: Sequence[str], workdir: Path, datasets_dir: Path, device: str
+    names: Sequence[str],
+    workdir: Path,
+    datasets_dir: Path,
+    device: str,
+    settings: Mapping[str, object] | None = None,
 ) -> Iterator[dict[str, Service]]:
     """One running service per backend name, all stopped (and their databases dropped) on exit."""
     with ExitStack() as stack:
         out: dict[str, Service] = {}
         for name in names:
             backend = stack.enter_context(backend_resources(name))
-            out[name] = stack.enter_context(running_service(backend, workdir, datasets_dir, device))
+            out[name] = stack.enter_context(running_service(backend, workdir, datasets_dir, device, settings))
         yield out
 
 

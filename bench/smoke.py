@@ -24,6 +24,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench.metric_freshness",
     "bench.job_start",
     "bench.control_plane",
+    "bench.recovery",
 )
 
 
