@@ -315,22 +315,51 @@ def test_sigterm_hands_the_job_back_for_another_worker(chaos: Chaos) -> None:
     _wait_for(lambda: len(chaos.workers()) == 2, "two workers", 60)
 
 
+def test_readyz_says_when_no_worker_was_seen_recently(chaos: Chaos) -> None:
+    workers = chaos.workers()
+    for proc in workers:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        _wait_for(
+            lambda: chaos.service.client.get("/readyz").status_code == 503,
+            "readyz to say no worker",
+            LEASE_SECONDS * 5,
+        )
+        body = chaos.service.client.get("/readyz").json()
+        assert body["checks"]["workers"].startswith("error: no worker seen for"), body
+        assert body["checks"]["database"] == "ok" and body["checks"]["broker"] == "ok"
+    finally:
+        for proc in workers:
+            proc.send_signal(signal.SIGCONT)
+    _wait_for(lambda: chaos.service.client.get("/readyz").status_code == 200, "readyz ok again", 30)
+
+
 @pytest.mark.backends("postgres")
-def test_postgres_connections_terminated_mid_training(chaos: Chaos) -> None:
+def test_postgres_connections_terminated_and_refused_mid_training(chaos: Chaos) -> None:
     import psycopg
 
     service = chaos.service
     job = service.submit(_spec("pg-terminate"))
     _in_epoch(chaos, job["id"], epoch=0)
     database = str(chaos.backend.database_url).rsplit("/", 1)[1]
+    terminate = (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()"
+    )
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        for _ in range(5):
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (database,),
-            )
+        for _ in range(3):
+            conn.execute(terminate, (database,))
             time.sleep(1.0)
+        # The database is down for the service (shorter than a lease): the API says 503, never 500.
+        conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        try:
+            conn.execute(terminate, (database,))
+            response = service.client.get(f"/jobs/{job['id']}")
+            assert response.status_code == 503, response.text
+            assert int(response.headers["Retry-After"]) > 0
+            assert response.headers["content-type"].startswith("application/problem+json")
+        finally:
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     done = service.wait(job["id"], timeout=300)
     assert done["status"] == "succeeded" and done["restarts"] == 0, (done, _states(service, job["id"]))
     _assert_one_point_per_epoch(service, job["id"], EPOCHS)
