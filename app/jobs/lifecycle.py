@@ -194,7 +194,7 @@ def record_progress(
         "epoch": epoch,
         "batch": batch,
         "batches_per_epoch": batches_per_epoch,
-        "heartbeat_at": utcnow(),
+        "heartbeat_at": db_now(),
     }
     session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values))
     # The ETA counts from the first reported batch, not from the claim (dataset and model set-up).
