@@ -41,8 +41,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # the worker touch the broker file at the same moment.
         config["broker_transport_options"] = {"connect_args": {"timeout": 30}}
     elif settings.broker_url.startswith(("redis://", "rediss://")):
-        # Longer than any training, so Redis does not hand a running job's message to another worker.
-        config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
+        config["broker_transport_options"] = {
+            "visibility_timeout": settings.broker_visibility_timeout_seconds
+        }
     return config
 
 

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="SQLAlchemy URL; default: SQLite in home.")
     broker_url: str = Field(default="", description="Celery broker; default: SQLite in home.")
     task_queue: str = "sgjobs"
+    # Redis hands an unacknowledged message to another worker after this long. A training's message
+    # is acknowledged when it ends; a redelivery of a running job's message finds it claimed and does
+    # nothing, so this only bounds how long a message lost with its worker waits in Redis.
+    broker_visibility_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")

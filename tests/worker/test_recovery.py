@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -235,3 +236,26 @@ def test_training_process_that_ignores_a_cancel_is_killed_after_the_grace_period
     assert runner.run_training_process(settings, job_id=job_id, attempt=1, job_dir=tmp_path) == "cancelled"
     job = service.job(job_id)
     assert job["status"] == "cancelled" and job["error"] is None
+
+
+def test_a_lost_message_is_sent_again_by_one_idle_sweeper_only(
+    service_settings: Settings, bad_dataset: str
+) -> None:
+    from worker.state import WorkerState
+
+    idle = WorkerState()
+    idle.idle_since = time.monotonic() - 3600
+    busy = WorkerState()
+    busy.busy("some-job")
+    # Sent a minute ago, but the broker lost it (nothing consumed it although a worker was idle).
+    job_id = _insert_job(
+        service_settings, bad_dataset, enqueued_at=utcnow() - timedelta(minutes=1), created_at=utcnow()
+    )
+    sent_before = utcnow() - timedelta(seconds=30)
+    assert job_id not in sweep_once(service_settings, busy).sent  # a busy worker cannot tell
+    sweep_once(service_settings, idle)  # sends it (unless the service's own idle sweeper just did)
+    second = sweep_once(service_settings, idle).sent  # another sweeper right after: nothing to do
+    assert job_id not in second
+    with session_scope(service_settings.database_url) as session:
+        enqueued_at = session.get(Job, job_id).enqueued_at  # type: ignore[union-attr]
+    assert enqueued_at is not None and enqueued_at > sent_before
