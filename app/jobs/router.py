@@ -133,12 +133,13 @@ def resume_job(
     job_id: ObjectId,
     session: SessionDep,
     settings: SettingsDep,
-    body: Annotated[ResumeRequest | None, Body()] = None,
+    # Optional, and an object when given: a nullable body would make generated clients send `null`.
+    body: Annotated[ResumeRequest, Body(default_factory=ResumeRequest)],
 ) -> JobOut:
     """Queue a cancelled or failed job again to continue from its last checkpoint, optionally with a
     larger `max_epochs`. 409 while it is queued or running, once it succeeded, or without a
     checkpoint."""
-    job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs if body else None)
+    job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs)
     session.commit()
     _send(session, settings, job.id)
     return service.to_out(job)

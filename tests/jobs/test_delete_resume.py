@@ -439,3 +439,16 @@ def test_a_cancelled_job_without_a_body_resumes_with_its_max_epochs(
         e["message"] for e in service.events(job_id)
     ]
     service.wait(job_id, timeout=180)
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [(None, 404), (b"", 404), (b"{}", 404), (b'{"max_epochs": null}', 404), (b"null", 422), (b"[]", 422)],
+)
+def test_the_resume_body_is_optional_and_an_object(
+    service: Service, content: bytes | None, status: int
+) -> None:
+    # An unknown job: a body that is accepted reaches the lookup (404), one that is not is a 422.
+    headers = {"content-type": "application/json"} if content is not None else {}
+    response = service.client.post("/jobs/nope/resume", content=content, headers=headers)
+    assert response.status_code == status, response.text
