@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # The training callback reads the cancel flag and writes buffered metrics at most this often.
     report_interval_seconds: float = Field(default=0.5, gt=0)
 
+    # Per-batch metric points (loss components and LR of every batch: most of the metrics table) of
+    # jobs that finished longer ago than this are deleted by the sweeper; per-epoch points stay.
+    # Empty or "none": kept forever.
+    batch_metrics_retention_days: float | None = Field(default=30.0, gt=0)
+
     # Prediction (`/predict`).
     predict_cache_size: int = Field(default=4, ge=1, le=64, description="Models held ready for /predict.")
     predict_max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
@@ -77,6 +82,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "info"
+
+    @field_validator("batch_metrics_retention_days", mode="before")
+    @classmethod
+    def _none_keeps_forever(cls, value: Any) -> Any:
+        # An environment variable cannot be null: an empty value (or "none") is how it says "forever".
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            return None
+        return value
 
     @model_validator(mode="before")
     @classmethod

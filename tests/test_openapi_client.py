@@ -29,9 +29,13 @@ import attrs
 import httpx
 import pytest
 from PIL import Image, ImageDraw
+from sqlalchemy import update
 
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
-from tests.prediction.helpers import trained_job
+from app.db import session_scope
+from app.jobs.models import Job
+from app.settings import Settings
+from tests.prediction.helpers import job_without_checkpoint, trained_job
 from tests.support import Service, tiny_spec, zip_folder
 from tests.weights.standins import FIVE_CLASSES
 
@@ -258,8 +262,8 @@ def _json_body_type(generated: Generated, operation_id: str) -> type:
     raise AssertionError(f"{operation_id}: no JSON body type in {hints['body']}")
 
 
-def _spec(generated: Generated, dataset: dict[str, Any], name: str) -> Any:
-    spec = tiny_spec("unused", name=name, dataset=dataset)
+def _spec(generated: Generated, dataset: dict[str, Any], name: str, **overrides: Any) -> Any:
+    spec = tiny_spec("unused", name=name, dataset=dataset, **overrides)
     return _body_type(generated, "create_job", "to_dict").from_dict(spec)  # type: ignore[attr-defined]
 
 
@@ -410,6 +414,54 @@ def test_cancel(api: Api, trained: Trained, service: Service) -> None:
     api.ok("cancel_job", 202, "JobOut", job.id)
     assert service.wait(job.id, timeout=300)["status"] == "cancelled"
     api.problem("cancel_job", 404, "no-such-job")
+
+
+@operations("create_job", "cancel_job", "resume_job", "delete_job", "get_job")
+def test_resume_and_delete(api: Api, trained: Trained, service: Service, service_settings: Settings) -> None:
+    problem = api.problem("resume_job", 409, trained.job_id)
+    assert "already succeeded" in problem.detail
+    api.problem("resume_job", 404, "no-such-job")
+    api.problem("delete_job", 404, "no-such-job")
+
+    # A job on a dataset the worker refuses at once (its annotations are broken), so that whatever
+    # reaches the worker ends in seconds; cancelled before it ran, it has no checkpoint.
+    broken = write_shapes_dataset(service.datasets_dir / "client-broken", SHAPES)
+    (broken / "train" / "_annotations.coco.json").write_text("[]")
+    spec = _spec(
+        api.generated, {"format": "coco", "path": "client-broken"}, "resume", training={"max_epochs": 2}
+    )
+    job = api.ok("create_job", 201, "JobOut", body=spec)
+    api.ok("cancel_job", 202, "JobOut", job.id)
+    service.wait(job.id, timeout=300)
+    assert "no checkpoint" in api.problem("resume_job", 409, job.id).detail
+
+    # With a (stand-in) checkpoint in its directory it can be resumed, with more epochs only.
+    job_dir = service_settings.jobs_dir / job.id
+    checkpoint = job_dir / "checkpoints" / "train" / "RUN_1" / "ckpt_latest.pth"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_bytes(b"stand-in")
+    with session_scope(service_settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job.id).values(job_dir=str(job_dir)))
+    request = api.generated.model("ResumeRequest")
+    problem = api.problem("resume_job", 422, job.id, body=request(max_epochs=1))
+    assert problem.errors and problem.errors[0].loc == ["body", "max_epochs"]
+    resumed = api.ok("resume_job", 202, "JobOut", job.id, body=request(max_epochs=3))
+    assert resumed.id == job.id and _status(resumed.status) == "queued"
+    assert resumed.progress.max_epochs == 3
+    assert service.wait(job.id, timeout=300)["status"] == "failed"
+
+    # Deleted: rows and directory; a second delete is a 404.
+    delete = api("delete_job", job.id)
+    assert delete.status_code == 204 and delete.content == b""
+    assert not job_dir.exists()
+    api.problem("get_job", 404, job.id)
+    api.problem("delete_job", 404, job.id)
+
+    # A queued job cannot be deleted until it is cancelled.
+    queued = job_without_checkpoint(service_settings)
+    assert "cancel it first" in api.problem("delete_job", 409, queued).detail
+    api.ok("cancel_job", 202, "JobOut", queued)
+    assert api("delete_job", queued).status_code == 204
 
 
 @operations("list_artifacts", "download_artifact", "export_job")

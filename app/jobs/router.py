@@ -5,16 +5,27 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import StringConstraints
+from sqlalchemy.orm import Session
 
 from app import queue
 from app.api import ObjectId, SessionDep, SettingsDep
 from app.jobs import lifecycle, service
 from app.jobs.models import JobStatus
-from app.jobs.schemas import EventOut, EventPage, JobOut, JobPage, JobSpec, MetricOut, MetricPage
+from app.jobs.schemas import (
+    EventOut,
+    EventPage,
+    JobOut,
+    JobPage,
+    JobSpec,
+    MetricOut,
+    MetricPage,
+    ResumeRequest,
+)
 from app.openapi import problems
 from app.schemas import MAX_OFFSET
+from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -34,6 +45,23 @@ def _cursor(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _send(session: Session, settings: Settings, job_id: str) -> None:
+    """Send a queued job, committed already, to the broker; commits the outcome.
+
+    Sent only after the commit, so the worker always finds the job. If the broker is down the job
+    stays queued and the worker's sweeper sends it later: an accepted job is never lost.
+    """
+    try:
+        queue.send_train_job(settings, job_id)
+        lifecycle.mark_enqueued(session, job_id=job_id)
+    except Exception as exc:
+        logger.warning("could not enqueue job %s: %s", job_id, exc)
+        lifecycle.add_event(
+            session, job_id=job_id, level="warning", message=f"broker unreachable, will retry: {exc}"
+        )
+    session.commit()
+
+
 @router.post(
     "", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=problems(400, 422, 503)
 )
@@ -41,17 +69,7 @@ def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Job
     """Validate a job spec and queue the job."""
     job = service.create_job(session, spec=spec, settings=settings)
     session.commit()
-    # Sent only after the commit, so the worker always finds the job. If the broker is down the job
-    # stays queued and the worker's sweeper sends it later: a 201 is never lost.
-    try:
-        queue.send_train_job(settings, job.id)
-        lifecycle.mark_enqueued(session, job_id=job.id)
-    except Exception as exc:
-        logger.warning("could not enqueue job %s: %s", job.id, exc)
-        lifecycle.add_event(
-            session, job_id=job.id, level="warning", message=f"broker unreachable, will retry: {exc}"
-        )
-    session.commit()
+    _send(session, settings, job.id)
     return service.to_out(job)
 
 
@@ -84,6 +102,46 @@ def cancel_job(job_id: ObjectId, session: SessionDep) -> JobOut:
     the job succeeded or failed."""
     job = service.request_cancel(session, job_id=job_id)
     session.commit()
+    return service.to_out(job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=problems(404, 409, 422, 503),
+)
+def delete_job(job_id: ObjectId, session: SessionDep, settings: SettingsDep) -> Response:
+    """Delete a finished job: its record, events, metrics and directory (weights promoted from it
+    stay). 409 while it is queued or running (cancel it first), or while a queued or running job
+    starts from its checkpoint (`job_ids` names them)."""
+    job_dir = service.delete_job(session, settings=settings, job_id=job_id)
+    # Rows first: if removing the files fails, files are left over, never rows pointing to nothing.
+    session.commit()
+    if job_dir is not None:
+        service.remove_job_dir(job_dir)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{job_id}/resume",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses=problems(400, 404, 409, 422, 503),
+)
+def resume_job(
+    job_id: ObjectId,
+    session: SessionDep,
+    settings: SettingsDep,
+    # Optional, and an object when given: a nullable body would make generated clients send `null`.
+    body: Annotated[ResumeRequest, Body(default_factory=ResumeRequest)],
+) -> JobOut:
+    """Queue a cancelled or failed job again to continue from its last checkpoint, optionally with a
+    larger `max_epochs`. 409 while it is queued or running, once it succeeded, or without a
+    checkpoint."""
+    job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs)
+    session.commit()
+    _send(session, settings, job.id)
     return service.to_out(job)
 
 

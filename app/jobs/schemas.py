@@ -73,6 +73,24 @@ class JobSpec(StrictModel):
         return value
 
 
+# TrainingSpec's bound on max_epochs, so a resumed job can never be asked for more than a new one.
+MAX_EPOCHS_LIMIT: int = next(
+    int(m.le) for m in TrainingSpec.model_fields["max_epochs"].metadata if getattr(m, "le", None) is not None
+)
+
+
+class ResumeRequest(StrictModel):
+    """How to continue a cancelled or failed job: optionally with more epochs."""
+
+    max_epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_EPOCHS_LIMIT,
+        description="The new total number of epochs: at least the job's current max_epochs "
+        "(default: unchanged).",
+    )
+
+
 class Progress(BaseModel):
     """Where training is: 0-based epoch, batches finished in it, and an estimate of the time left."""
 

@@ -1,4 +1,4 @@
-"""What the API asks of jobs: create, read, list, cancel, and their metrics and events.
+"""What the API asks of jobs: create, read, list, cancel, resume, delete, and their metrics and events.
 
 Functions take a session and keyword arguments and never commit: the request does. State changes go
 through `app.jobs.lifecycle`, whose updates are conditional on the current status.
@@ -6,11 +6,15 @@ through `app.jobs.lifecycle`, whose updates are conditional on the current statu
 
 from __future__ import annotations
 
+import copy
+import logging
+import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, Executable, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.datasets.formats import check_layout
@@ -20,12 +24,18 @@ from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.jobs import files, lifecycle
 from app.jobs.models import FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress, StartedFrom
-from app.paths import is_inside
+from app.paths import is_inside, real
 from app.settings import Settings
 from app.weights import folder
 from app.weights import service as weights
 from app.weights.models import Weights
 from app.weights.service import Inspector, JobCheckpoint
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running)
+# A failed or cancelled job can continue from its checkpoint; a succeeded one is done.
+RESUMABLE_STATUSES = (JobStatus.cancelled, JobStatus.failed)
 
 
 def _field_error(loc: Sequence[str | int], message: str) -> InvalidInput:
@@ -160,6 +170,158 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
     if job.status in (JobStatus.succeeded, JobStatus.failed):
         raise Conflict(f"job {job_id!r} already {job.status}; there is nothing to cancel")
     return job
+
+
+def _changed(session: Session, statement: Executable) -> int:
+    """Rows a conditional UPDATE or DELETE changed: how it tells whether it won a race."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
+def _current_status(session: Session, *, job_id: str) -> str:
+    """The job's status as the database has it now; 404 once it is gone."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise NotFound(f"job {job_id!r} not found")
+    return status
+
+
+def resume_job(session: Session, *, job_id: str, max_epochs: int | None) -> Job:
+    """Queue a cancelled or failed job again, to continue from its last checkpoint (the worker picks
+    the newest valid one). `max_epochs` (at least the current one, else 422) extends the training.
+
+    409 while the job is queued or running, once it succeeded, when it has no checkpoint on disk, or
+    when its status changed meanwhile. Its error, cancel request, lease and restart count are
+    cleared; the caller sends it to the broker after committing.
+    """
+    job = get_job(session, job_id=job_id)
+    if job.status == JobStatus.succeeded:
+        raise Conflict(
+            f"job {job_id!r} already succeeded; to train it further, create a new job that starts "
+            f'from its checkpoint ("init_from": {{"job_id": "{job_id}"}})'
+        )
+    if job.status not in RESUMABLE_STATUSES:
+        raise Conflict(
+            f"job {job_id!r} is {job.status} (not finished); only a cancelled or failed job can be "
+            "resumed: wait for it to end, or cancel it first"
+        )
+    if max_epochs is not None and max_epochs < job.max_epochs:
+        raise InvalidInput.field(
+            ["body", "max_epochs"],
+            f"must be at least the job's current max_epochs ({job.max_epochs}); leave it out to keep it",
+        )
+    checkpoint = files.find_checkpoint(job, files.CKPT_LATEST, files.CKPT_BEST)
+    if checkpoint is None:
+        raise Conflict(
+            f"job {job_id!r} has no checkpoint to resume from (it stopped before its first epoch "
+            "ended, or its files were removed); submit it again with POST /jobs"
+        )
+    epochs = job.max_epochs if max_epochs is None else max_epochs
+    values: dict[str, Any] = {
+        "status": JobStatus.queued,
+        "finished_at": None,
+        "error_reason": None,
+        "error_message": None,
+        "cancel_requested_at": None,
+        "enqueued_at": None,
+        "lease_expires_at": None,
+        # A fresh budget of automatic restarts: the earlier attempts' losses were dealt with.
+        "restarts": 0,
+    }
+    if max_epochs is not None:
+        # The column and the spec the worker trains from must agree.
+        spec = copy.deepcopy(job.spec)
+        spec.setdefault("training", {})["max_epochs"] = max_epochs
+        values.update(max_epochs=max_epochs, spec=spec)
+    # Conditional on the status read above: a concurrent resume, or a delete, wins at most once.
+    if not _changed(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(RESUMABLE_STATUSES))
+        .values(**values)
+        .execution_options(synchronize_session=False),
+    ):
+        status = _current_status(session, job_id=job_id)
+        raise Conflict(f"job {job_id!r} changed meanwhile (it is {status} now); look at it and retry")
+    lifecycle.add_event(
+        session,
+        job_id=job_id,
+        kind="state",
+        message=f"resume requested (from {checkpoint.name}; max_epochs {epochs})",
+        data={"checkpoint": str(checkpoint), "max_epochs": epochs},
+    )
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def jobs_starting_from(session: Session, *, job_id: str) -> list[str]:
+    """Queued or running jobs whose spec starts from this job's checkpoint (`init_from.job_id`)."""
+    users = []
+    for user_id, spec in session.execute(select(Job.id, Job.spec).where(Job.status.in_(ACTIVE_STATUSES))):
+        init = (spec or {}).get("init_from")
+        if isinstance(init, dict) and init.get("job_id") == job_id:
+            users.append(user_id)
+    return users
+
+
+def _job_dir_to_remove(settings: Settings, job: Job) -> Path | None:
+    """The job's directory if it is one this service may delete: strictly inside the jobs folder,
+    and not a symlink (whose target could be anything, another job's folder included)."""
+    if not job.job_dir:
+        return None
+    path = Path(job.job_dir)
+    if path.is_symlink() or not is_inside(path, settings.jobs_dir) or real(path) == real(settings.jobs_dir):
+        logger.warning(
+            "job %s: its directory %s is not one of the jobs folder's; left in place", job.id, path
+        )
+        return None
+    return path
+
+
+def delete_job(session: Session, *, settings: Settings, job_id: str) -> Path | None:
+    """Delete a finished job's rows (its events and metric points cascade); returns its directory,
+    to remove once the caller has committed (None when there is nothing it may remove).
+
+    404 for an unknown job; 409 while it is queued or running (cancel it first), or while a queued or
+    running job starts from its checkpoint (`job_ids` names them). Weights promoted from the job are
+    files of their own and stay.
+    """
+    job = get_job(session, job_id=job_id)
+    if job.status not in FINISHED_STATUSES:
+        raise Conflict(
+            f"job {job_id!r} is {job.status}; cancel it first (POST /jobs/{job_id}/cancel) and delete "
+            "it once it has stopped"
+        )
+    users = jobs_starting_from(session, job_id=job_id)
+    if users:
+        raise Conflict(
+            f"job {job_id!r} is the starting checkpoint of {len(users)} queued or running job(s): "
+            f"{', '.join(users[:10])}; cancel them or wait for them to finish",
+            details=users,
+        )
+    job_dir = _job_dir_to_remove(settings, job)
+    # Conditional on the status read above, so a job resumed meanwhile is not deleted from under it.
+    if not _changed(
+        session,
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(FINISHED_STATUSES))
+        .execution_options(synchronize_session=False),
+    ):
+        status = _current_status(session, job_id=job_id)
+        raise Conflict(f"job {job_id!r} changed meanwhile (it is {status} now); look at it and retry")
+    session.expunge(job)
+    return job_dir
+
+
+def remove_job_dir(path: Path) -> None:
+    """Delete a deleted job's directory. What cannot be removed is logged and left: its rows are gone
+    already, so nothing points to it any more."""
+
+    def log_failure(function: object, name: str, exc_info: Any) -> None:
+        logger.warning("could not remove %s of a deleted job: %s", name, exc_info[1])
+
+    if path.exists():
+        shutil.rmtree(path, onerror=log_failure)
 
 
 def list_metrics(

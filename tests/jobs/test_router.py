@@ -30,6 +30,7 @@ def test_openapi_docs_are_served(service: Service) -> None:
     assert service.client.get("/docs").status_code == 200
     paths = service.client.get("/openapi.json").json()["paths"]
     assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/metrics"} <= set(paths)
+    assert {"get", "delete"} <= set(paths["/jobs/{job_id}"]) and "post" in paths["/jobs/{job_id}/resume"]
 
 
 def test_minimal_spec_gets_the_seed_defaults(service: Service, shapes: str) -> None:
@@ -121,6 +122,8 @@ def test_unknown_job_is_404_everywhere(service: Service) -> None:
     for method, path in (
         ("GET", "/jobs/nope"),
         ("POST", "/jobs/nope/cancel"),
+        ("POST", "/jobs/nope/resume"),
+        ("DELETE", "/jobs/nope"),
         ("GET", "/jobs/nope/metrics"),
         ("GET", "/jobs/nope/events"),
     ):
@@ -205,6 +208,8 @@ def test_operation_ids_are_short_and_every_error_is_declared(service: Service) -
         "list_jobs",
         "get_job",
         "cancel_job",
+        "resume_job",
+        "delete_job",
         "list_job_metrics",
         "list_job_events",
         "list_artifacts",
