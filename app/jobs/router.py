@@ -7,11 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import StringConstraints
-from sqlalchemy.orm import Session
 
-from app import queue
 from app.api import ObjectId, SessionDep, SettingsDep
-from app.jobs import lifecycle, service
+from app.jobs import dispatch, service
 from app.jobs.models import JobStatus
 from app.jobs.schemas import (
     EventOut,
@@ -45,21 +43,13 @@ def _cursor(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _send(session: Session, settings: Settings, job_id: str) -> None:
-    """Send a queued job, committed already, to the broker; commits the outcome.
+def _send(settings: Settings, job_id: str) -> None:
+    """Send a queued job, committed already, to the broker.
 
     Sent only after the commit, so the worker always finds the job. If the broker is down the job
-    stays queued and the worker's sweeper sends it later: an accepted job is never lost.
+    stays queued (marked unsent) and a worker's sweeper sends it later: an accepted job is never lost.
     """
-    try:
-        queue.send_train_job(settings, job_id)
-        lifecycle.mark_enqueued(session, job_id=job_id)
-    except Exception as exc:
-        logger.warning("could not enqueue job %s: %s", job_id, exc)
-        lifecycle.add_event(
-            session, job_id=job_id, level="warning", message=f"broker unreachable, will retry: {exc}"
-        )
-    session.commit()
+    dispatch.send(settings, job_id=job_id)
 
 
 @router.post(
@@ -69,7 +59,7 @@ def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Job
     """Validate a job spec and queue the job."""
     job = service.create_job(session, spec=spec, settings=settings)
     session.commit()
-    _send(session, settings, job.id)
+    _send(settings, job.id)
     return service.to_out(job)
 
 
@@ -141,7 +131,7 @@ def resume_job(
     checkpoint."""
     job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs)
     session.commit()
-    _send(session, settings, job.id)
+    _send(settings, job.id)
     return service.to_out(job)
 
 
