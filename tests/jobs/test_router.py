@@ -23,7 +23,7 @@ def _locs(response_json: dict[str, Any]) -> list[list[Any]]:
 def test_health_and_readiness(service: Service) -> None:
     assert service.client.get("/healthz").json() == {"status": "ok"}
     ready = service.client.get("/readyz").json()
-    assert ready["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready["checks"] == {"database": "ok", "workers": "ok", "broker": "ok"}
 
 
 def test_openapi_docs_are_served(service: Service) -> None:
