@@ -6,12 +6,16 @@
         dataset/                 the validated, sanitized copy of the dataset the training reads
         logs/                    super-gradients' own logs (SUPER_GRADIENTS_LOG_DIR)
         checkpoints/train/RUN_*/ SG's run: ckpt_best.pth, ckpt_latest.pth, average_model.pth,
-                                 TensorBoard event files (and averaging_snapshots.pkl while it trains)
+                                 TensorBoard event files (and averaging_snapshots.pkl while it trains);
+                                 ckpt_latest.previous.pth, the latest checkpoint before the newest (a
+                                 resume's fallback, never an artifact); *.tmp files being written
         export/model.onnx        the ONNX export of the best checkpoint
 
 Every path this module hands out for a job lies inside the job's directory after following
-symlinks (`app.paths.is_inside`): a recorded path or a link that leads elsewhere is ignored. Only the
-standard library, `app.paths` and `app.ml.types` are imported here.
+symlinks (`app.paths.is_inside`): a recorded path or a link that leads elsewhere is ignored.
+Temporary files are never a checkpoint or an artifact. Only the standard library, `app.paths`,
+`app.ml.types` and `app.ml.training` (torch-free at its top; it defines the run directory's file
+names, which the training backend writes and may not import from here) are imported here.
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The run directory's file names and the resume candidates are defined in app.ml.training, where
+# they are written (app.ml may not import app.jobs); `X as X` re-exports them for the service.
+from app.ml.training import (
+    AVERAGE_MODEL,
+    AVERAGING_SNAPSHOTS,
+    BEST_CHECKPOINT,
+    LATEST_CHECKPOINT,
+    TENSORBOARD_PATTERN,
+    is_temp_file,
+)
+from app.ml.training import PREVIOUS_LATEST_CHECKPOINT as PREVIOUS_LATEST_CHECKPOINT
+from app.ml.training import resume_candidates as resume_candidates
 from app.ml.types import CHECKPOINTS_DIR, SG_LOG_DIR
 from app.paths import is_inside, real
 
@@ -31,13 +47,6 @@ CONSOLE_LOG = "console.log"
 RESULT_FILE = "result.json"
 DATASET_DIR = "dataset"
 EXPORT_NAME = "export/model.onnx"
-
-# super-gradients' file names in a run directory.
-BEST_CHECKPOINT = "ckpt_best.pth"
-LATEST_CHECKPOINT = "ckpt_latest.pth"
-AVERAGE_MODEL = "average_model.pth"
-AVERAGING_SNAPSHOTS = "averaging_snapshots.pkl"
-TENSORBOARD_PATTERN = "events.out.tfevents.*"
 
 # Artifact keys (recorded on the job when it ends, and the kinds the API lists) of the checkpoints.
 CKPT_BEST = "ckpt_best"
@@ -86,7 +95,8 @@ def contained_file(path: Path, job_dir: Path) -> bool:
 
 
 def _newest(paths: Iterable[Path], job_dir: Path) -> Path | None:
-    files = [p for p in paths if contained_file(p, job_dir)]
+    # A temporary file is half a checkpoint; the patterns here never match one, and must not.
+    files = [p for p in paths if not is_temp_file(p) and contained_file(p, job_dir)]
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
 
 

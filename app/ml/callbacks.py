@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from super_gradients.training.utils.callbacks import Callback, PhaseContext
 
+from app import failpoints
 from app.ml.types import MetricPoint, Reporter, TrainingCancelled, greater_is_better
 
 # Per-batch series get their own prefix so they never mix with SG's per-epoch "Train_..." series.
@@ -25,13 +26,23 @@ class ReporterCallback(Callback):
     the number of batches finished in the current epoch.
     """
 
-    def __init__(self, reporter: Reporter, max_epochs: int, metric_to_watch: str) -> None:
+    def __init__(
+        self,
+        reporter: Reporter,
+        max_epochs: int,
+        metric_to_watch: str,
+        *,
+        best_value: float | None = None,
+        epochs_done: int = 0,
+    ) -> None:
+        """`best_value` and `epochs_done`: what a resumed run's checkpoint already has (the best
+        watched value and the epochs completed), so the result counts the whole training."""
         self.reporter = reporter
         self.max_epochs = max_epochs
         self.metric_to_watch = metric_to_watch
         self.greater_is_better = greater_is_better(metric_to_watch)
-        self.best_value: float | None = None
-        self.epochs_validated = 0
+        self.best_value: float | None = best_value
+        self.epochs_validated = epochs_done
 
     def _check_stop(self, where: str) -> None:
         # SG's own context.stop_training is read only at the next epoch start (issue #1151); an
@@ -62,6 +73,7 @@ class ReporterCallback(Callback):
         self.reporter.progress(
             epoch=epoch, max_epochs=self.max_epochs, batch=batch_idx + 1, batches_per_epoch=batches
         )
+        failpoints.hit("train_batch", epoch=epoch, batch=batch_idx)
         self._check_stop(f"epoch {epoch} train batch {batch_idx}")
 
     def on_validation_batch_end(self, context: PhaseContext) -> None:

@@ -1,4 +1,5 @@
-"""An SG logger that keeps SG's files (TensorBoard events, experiment logs) and forwards scalars.
+"""An SG logger that keeps SG's files (TensorBoard events, experiment logs) and forwards scalars,
+and writes checkpoints and the averaging snapshots atomically, only while the job's lease is held.
 
 Imports super_gradients (whose import rewires logging and stdout) and torch at its top: import it
 only inside the training process, after `app.ml.sg_setup.prepare_this_process` (`run_training`
@@ -7,19 +8,29 @@ does both).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from super_gradients.common.environment.ddp_utils import multi_process_safe
 from super_gradients.common.registry.registry import register_sg_logger
 from super_gradients.common.sg_loggers.base_sg_logger import BaseSGLogger
 from super_gradients.common.sg_loggers.time_units import TimeUnit
+from super_gradients.training.utils.utils import move_state_dict_to_device, unwrap_model
+from super_gradients.training.utils.weight_averaging_utils import ModelWeightAveraging
 
-from app.ml.types import MetricPoint, Reporter
+from app.ml.checkpoints import save_atomically, sg_safe_globals
+from app.ml.training import AVERAGING_SNAPSHOTS, LATEST_CHECKPOINT, PREVIOUS_LATEST_CHECKPOINT
+from app.ml.types import LeaseLost, MetricPoint, Reporter
+
+logger = logging.getLogger(__name__)
 
 LOGGER_NAME = "sgjobs_reporter"
 
@@ -94,9 +105,177 @@ class ReporterSGLogger(BaseSGLogger):
         self._forward(tag_scalar_dict, global_step)
 
     @multi_process_safe
+    def add_checkpoint(self, tag: str, state_dict: dict, global_step: int | None = None) -> None:
+        """Write a checkpoint atomically and only while the lease is held (BaseSGLogger writes it in
+        place: a crash or a full disk mid-save would destroy the last good one).
+
+        ckpt_latest.pth keeps its predecessor as ckpt_latest.previous.pth. Raises LeaseLost (nothing
+        replaced) or DiskFull (the previous file intact); the `checkpoint_write` failpoint fires with
+        epoch = `global_step`, SG's count of epochs completed.
+        """
+        name = f"ckpt_{global_step}.pth" if tag is None else tag
+        if not name.endswith(".pth"):
+            name += ".pth"
+        path = Path(self._local_dir) / name
+        previous = path.with_name(PREVIOUS_LATEST_CHECKPOINT) if name == LATEST_CHECKPOINT else None
+        save_atomically(
+            self._sanitize_checkpoint(state_dict),
+            path,
+            holds_lease=self.reporter.holds_lease,
+            keep_previous_as=previous,
+            epoch=_to_step(global_step),
+        )
+        if "best" in name:
+            logger.info("Checkpoint saved in %s", path)
+        if self.save_checkpoints_remote:
+            self.model_checkpoints_data_interface.save_remote_checkpoints_file(
+                self.experiment_name, self._local_dir, name
+            )
+
+    @multi_process_safe
     def close(self) -> None:
         """Close SG's writers, then flush the reporter (also on the way out of a cancelled run)."""
         try:
             super().close()
         finally:
             self.reporter.flush()
+
+
+def _holds_lease() -> bool:
+    # The averaging is built by the Trainer, which cannot pass the reporter; the training runs
+    # inside reporting_to(), so the reporter is the current one.
+    if _current_reporter is None:
+        raise RuntimeError("model averaging used outside app.ml.sg_logger.reporting_to()")
+    return _current_reporter.holds_lease()
+
+
+class AtomicModelWeightAveraging(ModelWeightAveraging):
+    """SG's `average_best_models` snapshots, written atomically and fenced, and resumable exactly.
+
+    SG's ModelWeightAveraging rewrites `averaging_snapshots.pkl` in place every epoch (a crash
+    mid-write leaves a file that fails the next resume) and knows no epochs. Here each snapshot
+    remembers the epoch count it was taken at (`snapshots_epoch`, set through `epoch` by the
+    trainer before each save), so a resume from an older checkpoint drops the snapshots of the
+    epochs it will train again; an unreadable snapshot file is replaced by an empty one.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str,
+        greater_is_better: bool,
+        metric_to_watch: str,
+        load_checkpoint: bool = False,
+        resume_epoch: int | None = None,
+        number_of_models_to_average: int = 10,
+    ) -> None:
+        # Not SG's __init__: it saves in place and fails hard on a damaged file.
+        self.averaging_snapshots_file = os.path.join(ckpt_dir, AVERAGING_SNAPSHOTS)
+        self.number_of_models_to_average = number_of_models_to_average
+        self.metric_to_watch = metric_to_watch
+        self.greater_is_better = greater_is_better
+        self.epoch: int | None = None
+        snapshots = None
+        if load_checkpoint and os.path.isfile(self.averaging_snapshots_file):
+            snapshots = self._resumed_snapshots(resume_epoch)
+        if snapshots is None:
+            self._save(self._empty())
+
+    def _worst(self) -> float:
+        return -np.inf if self.greater_is_better else np.inf
+
+    def _empty(self) -> dict[str, Any]:
+        n = self.number_of_models_to_average
+        snapshots: dict[str, Any] = {f"snapshot{i}": None for i in range(n)}
+        snapshots["snapshots_metric"] = self._worst() * np.ones(n)
+        snapshots["snapshots_epoch"] = [None] * n
+        return snapshots
+
+    def _resumed_snapshots(self, resume_epoch: int | None) -> dict[str, Any] | None:
+        """The snapshots on disk minus those taken after `resume_epoch` epochs; None if unreadable."""
+        try:
+            snapshots = self._get_averaging_snapshots_dict()
+            metric = snapshots["snapshots_metric"]
+        except Exception as exc:  # a file damaged by a crash: the averaging starts over
+            message = (
+                f"{AVERAGING_SNAPSHOTS} unreadable ({type(exc).__name__}: {exc}); model averaging starts over"
+            )
+            logger.warning(message)
+            if _current_reporter is not None:
+                _current_reporter.event(message, level="warning")
+            return None
+        n = self.number_of_models_to_average
+        # SG's own files carry no epochs: their snapshots are kept.
+        epochs = list(snapshots.get("snapshots_epoch") or [])[:n]
+        epochs += [None] * (n - len(epochs))
+        dropped = 0
+        for i in range(n):
+            if resume_epoch is not None and epochs[i] is not None and epochs[i] > resume_epoch:
+                snapshots[f"snapshot{i}"] = None
+                metric[i] = self._worst()
+                epochs[i] = None
+                dropped += 1
+        snapshots["snapshots_epoch"] = epochs
+        if dropped:
+            self._save(snapshots)
+        return snapshots
+
+    def _save(self, snapshots: dict[str, Any]) -> None:
+        # Not a checkpoint: the checkpoint_write failpoint stays on the .pth files.
+        save_atomically(
+            snapshots, Path(self.averaging_snapshots_file), holds_lease=_holds_lease, failpoint=None
+        )
+
+    def cleanup(self) -> None:
+        """Delete the snapshot file at the end of training, unless another attempt owns the job now
+        (its snapshots are in the same file)."""
+        if not _holds_lease():
+            raise LeaseLost(f"this attempt lost the job's lease: {AVERAGING_SNAPSHOTS} not deleted")
+        Path(self.averaging_snapshots_file).unlink(missing_ok=True)
+
+    def _get_averaging_snapshots_dict(self) -> dict[str, Any]:
+        with sg_safe_globals():  # numpy's array globals, scoped (weights_only=True)
+            snapshots = torch.load(self.averaging_snapshots_file, map_location="cpu", weights_only=True)
+        if not isinstance(snapshots, dict):
+            raise ValueError(f"{AVERAGING_SNAPSHOTS} holds a {type(snapshots).__name__}")
+        return snapshots
+
+    def update_snapshots_dict(
+        self, model: torch.nn.Module, validation_results_dict: Mapping[str, float]
+    ) -> dict:
+        """Put `model` in place of the worst snapshot when it is better (SG's rule), with its epoch."""
+        snapshots = self._get_averaging_snapshots_dict()
+        snapshots.setdefault("snapshots_epoch", [None] * self.number_of_models_to_average)
+        require_update, index = self._is_better(snapshots, validation_results_dict)
+        if require_update:
+            state = move_state_dict_to_device(unwrap_model(model).state_dict(), "cpu")
+            snapshots[f"snapshot{index}"] = state
+            snapshots["snapshots_metric"][index] = float(validation_results_dict[self.metric_to_watch])
+            snapshots["snapshots_epoch"][index] = self.epoch
+        return snapshots
+
+    def get_average_model(
+        self, model: torch.nn.Module, validation_results_dict: Mapping[str, float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Update the snapshots (when given this epoch's validation), save them, return their average.
+
+        The average is over the snapshots present, whichever slots they are in (SG assumes the first
+        slots are filled, which dropping superseded snapshots on resume would break).
+        """
+        if validation_results_dict is not None:
+            snapshots = self.update_snapshots_dict(model, validation_results_dict)
+        else:
+            snapshots = self._get_averaging_snapshots_dict()
+        self._save(snapshots)
+        present = [
+            sd
+            for i in range(self.number_of_models_to_average)
+            if (sd := snapshots.get(f"snapshot{i}")) is not None
+        ]
+        if not present:  # only non-finite metrics so far: nothing averaged yet
+            return move_state_dict_to_device(unwrap_model(model).state_dict(), "cpu")
+        average = dict(present[0])
+        for count, state in enumerate(present[1:], start=1):
+            # SG's running mean, key by key.
+            for key in average:
+                average[key] = torch.true_divide(average[key] * count + state[key], count + 1)
+        return average

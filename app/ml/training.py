@@ -10,6 +10,9 @@ their top (`app.ml.callbacks`, `app.ml.sg_logger`, `app.ml.checkpoints`) are imp
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +26,64 @@ from app.ml.types import (
     TrainingResult,
     greater_is_better,
 )
+from app.paths import is_inside, real
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
+    from app.ml.checkpoints import ResumePoint
+
 EXPERIMENT_NAME = "train"
+
+# The files of a run directory (`<job_dir>/checkpoints/train/RUN_*/`). They are defined here, where
+# they are written, because app.ml may not import app.jobs (tests/test_architecture.py);
+# app.jobs.files re-exports them for the service. SG chooses the first five names.
+BEST_CHECKPOINT = "ckpt_best.pth"
+LATEST_CHECKPOINT = "ckpt_latest.pth"
+AVERAGE_MODEL = "average_model.pth"
+AVERAGING_SNAPSHOTS = "averaging_snapshots.pkl"
+TENSORBOARD_PATTERN = "events.out.tfevents.*"
+# The ckpt_latest.pth that the newest one replaced: the fallback when the newest does not load.
+PREVIOUS_LATEST_CHECKPOINT = "ckpt_latest.previous.pth"
+# Files being written (`<name>.<pid>-<token>.tmp`); never a checkpoint, never an artifact.
+TEMP_SUFFIX = ".tmp"
+# The files a resume may start from, most preferred first among those of the same epoch.
+RESUME_NAMES = (LATEST_CHECKPOINT, PREVIOUS_LATEST_CHECKPOINT, BEST_CHECKPOINT)
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name next to `path`, for writing it and then renaming it into place.
+
+    Unique per process and call, so a stale process and the attempt that took over never write the
+    same temporary file.
+    """
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def is_temp_file(path: Path) -> bool:
+    """True for a temporary file of `temp_path` (possibly left behind by a killed process)."""
+    return path.name.endswith(TEMP_SUFFIX)
+
+
+def run_dirs(job_dir: Path) -> list[Path]:
+    """The job's SG run directories (`checkpoints/train/RUN_*`) inside the job directory."""
+    experiment = job_dir / CHECKPOINTS_DIR / EXPERIMENT_NAME
+    if not experiment.is_dir():
+        return []
+    return sorted(p for p in experiment.glob("RUN_*") if p.is_dir() and is_inside(p, job_dir))
+
+
+def resume_candidates(job_dir: Path) -> list[Path]:
+    """Every checkpoint of the job a resume may start from: ckpt_latest.pth, the kept previous one
+    and ckpt_best.pth of each run directory; newest run directory first, then in `RESUME_NAMES`
+    order. Only files inside the job directory; whether they load is not checked here."""
+    found = []
+    for run_dir in reversed(run_dirs(job_dir)):
+        for name in RESUME_NAMES:
+            path = run_dir / name
+            if path.is_file() and is_inside(path, job_dir):
+                found.append(path)
+    return found
 
 
 def validate_config(config: TrainingConfig) -> None:
@@ -47,7 +103,10 @@ def validate_config(config: TrainingConfig) -> None:
             raise ValueError(f"annotation file not found: {split.annotation_file}")
         if not split.images_dir.is_dir():
             raise ValueError(f"images folder not found: {split.images_dir}")
-    if config.init_checkpoint is not None and not Path(config.init_checkpoint).is_file():
+    if config.resume_from is not None:
+        if not Path(config.resume_from).is_file():
+            raise ValueError(f"resume checkpoint not found: {config.resume_from}")
+    elif config.init_checkpoint is not None and not Path(config.init_checkpoint).is_file():
         raise ValueError(f"init checkpoint not found: {config.init_checkpoint}")
 
 
@@ -128,6 +187,26 @@ def _dataloader(dataset: Any, config: TrainingConfig, train: bool) -> DataLoader
     )
 
 
+def _run_dir_of(job_dir: Path, checkpoint: Path) -> Path | None:
+    """The job's run directory `checkpoint` lies in (symlinks followed), else None."""
+    parent = real(checkpoint).parent
+    return next((d for d in run_dirs(job_dir) if real(d) == parent), None)
+
+
+def _resume_params(config: TrainingConfig) -> dict[str, Any]:
+    """SG's resume settings for `config.resume_from`: load that file (`resume_path`) and, when it lies
+    in one of this job's run directories, keep writing there (`run_id`), where SG finds the
+    averaging snapshots of the earlier attempt. Without `run_id` SG would start a new run directory."""
+    if config.resume_from is None:
+        return {}
+    path = Path(config.resume_from)
+    params: dict[str, Any] = {"resume_path": str(path)}
+    run_dir = _run_dir_of(config.job_dir, path)
+    if run_dir is not None:
+        params["run_id"] = run_dir.name
+    return params
+
+
 def _training_params(config: TrainingConfig, device: str, callback: Any) -> dict[str, Any]:
     from super_gradients.training.losses import PPYoloELoss
     from super_gradients.training.metrics import DetectionMetrics_050
@@ -182,7 +261,112 @@ def _training_params(config: TrainingConfig, device: str, callback: Any) -> dict
         "phase_callbacks": [callback],
         "save_model": True,
         "seed": p.seed if p.seed is not None else 42,
+        **_resume_params(config),
     }
+
+
+def _trainer(job_dir: Path, resumed: ResumePoint | None) -> Any:
+    """A Trainer with SG 3.7.1's resume and averaging bugs worked around (see `ResumingTrainer`);
+    `resumed`: the checkpoint `config.resume_from` as `_start_resume` read it."""
+    from super_gradients import Trainer
+
+    from app.ml.sg_logger import AtomicModelWeightAveraging
+
+    class ResumingTrainer(Trainer):
+        """SG's Trainer, three methods wrapped (no SG source changed):
+
+        - `_load_checkpoint_to_model`: SG loads the checkpoint before `train()` sets
+          `metric_to_watch`, so it never matches the checkpoint's tracked metric; SG then keeps
+          best_metric at +inf (ckpt_best.pth never updates again for a higher-is-better metric, and
+          the first epoch after the resume always overwrites it for a loss) and validates the
+          resumed model once more before training. Here the best so far comes from the resume
+          point (`app.ml.checkpoints.read_resume_point`) and that extra validation is skipped.
+        - `_init_monitored_items`: builds `AtomicModelWeightAveraging` instead of SG's averaging.
+        - `_save_checkpoint`: tells the averaging which epoch count it is saving.
+        """
+
+        def _load_checkpoint_to_model(self) -> None:
+            super()._load_checkpoint_to_model()
+            if not self.load_checkpoint:
+                return
+            # train() sets both only after this; the averaging and _reset_best_metric need them.
+            self.metric_to_watch = self.training_params.metric_to_watch
+            self.greater_metric_to_watch_is_better = self.training_params.greater_metric_to_watch_is_better
+            if resumed is not None and resumed.best_value is not None:
+                self.best_metric = resumed.best_value
+                # What SG records as the best so far in the next checkpoints (its metrics hold no
+                # loss values; this one holds the watched value, whichever it is).
+                self._best_ckpt_metrics = {
+                    "tracked_metric_name": self.metric_to_watch,
+                    "valid": {self.metric_to_watch: resumed.best_value},
+                }
+                self._eval_before_resume = False
+            else:
+                # No best recorded for this metric: SG validates the resumed model before training
+                # and that becomes the best; start from the worst value, not SG's +inf.
+                self._reset_best_metric()
+                self._eval_before_resume = True
+
+        def _init_monitored_items(self) -> None:
+            wanted = self.training_params.average_best_models
+            # SG builds its ModelWeightAveraging here when the flag is set; build ours instead.
+            self.training_params.average_best_models = False
+            try:
+                super()._init_monitored_items()
+            finally:
+                self.training_params.average_best_models = wanted
+            if wanted:
+                self.model_weight_averaging = AtomicModelWeightAveraging(
+                    ckpt_dir=self.checkpoints_dir_path,
+                    greater_is_better=self.greater_metric_to_watch_is_better,
+                    metric_to_watch=self.metric_to_watch,
+                    load_checkpoint=self.load_checkpoint,
+                    resume_epoch=self.start_epoch if self.load_checkpoint else None,
+                )
+
+        def _save_checkpoint(
+            self, optimizer: Any = None, epoch: int | None = None, *args: Any, **kwargs: Any
+        ) -> None:
+            if isinstance(self.model_weight_averaging, AtomicModelWeightAveraging):
+                self.model_weight_averaging.epoch = epoch
+            super()._save_checkpoint(optimizer, epoch, *args, **kwargs)
+
+    return ResumingTrainer(experiment_name=EXPERIMENT_NAME, ckpt_root_dir=str(job_dir / CHECKPOINTS_DIR))
+
+
+def _start_resume(config: TrainingConfig, reporter: Reporter) -> ResumePoint | None:
+    """Read `config.resume_from` (cheaply; it was verified when picked), check it fits the config,
+    and delete the temporary files a killed attempt left in the run directory it continues."""
+    if config.resume_from is None:
+        return None
+    from app.ml.checkpoints import read_resume_point
+
+    path = Path(config.resume_from)
+    point = read_resume_point(path, verify=False)
+    spec = config.training
+    if point.next_epoch > spec.max_epochs:
+        raise ValueError(
+            f"{path.name} has {point.next_epoch} epochs done, more than max_epochs {spec.max_epochs}"
+        )
+    if point.metric is not None and point.metric != spec.metric_to_watch:
+        reporter.event(
+            f"{path.name} watched {point.metric}, this run watches {spec.metric_to_watch}: best value reset",
+            level="warning",
+        )
+        point = dataclasses.replace(point, best_value=None, metric=None)
+    run_dir = _run_dir_of(config.job_dir, path)
+    if run_dir is not None:
+        # Only this attempt writes there now; a stale process that still writes is fenced by the
+        # lease check before its rename, and loses its temporary file here.
+        for stale in run_dir.iterdir():
+            if is_temp_file(stale):
+                stale.unlink(missing_ok=True)
+    best = "none" if point.best_value is None else f"{point.best_value:.4f}"
+    reporter.event(
+        f"resuming from {path.name}: {point.next_epoch} epochs done, next epoch {point.next_epoch + 1}/"
+        f"{spec.max_epochs}, best {spec.metric_to_watch} so far {best}"
+    )
+    return point
 
 
 def _load_model(config: TrainingConfig) -> Any:
@@ -191,7 +375,8 @@ def _load_model(config: TrainingConfig) -> Any:
     from app.ml.checkpoints import checkpoint_num_classes, sg_safe_globals
 
     kwargs: dict[str, Any] = {"num_classes": len(config.class_names), "pretrained_weights": None}
-    if config.init_checkpoint is not None:
+    # A resume loads every weight from its checkpoint; the initial weights are not needed again.
+    if config.init_checkpoint is not None and config.resume_from is None:
         # models.get replaces the head when the counts differ, but must be told the file's count.
         kwargs["checkpoint_path"] = str(config.init_checkpoint)
         kwargs["checkpoint_num_classes"] = checkpoint_num_classes(config.init_checkpoint)
@@ -203,14 +388,22 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
     """Train `config.model` on `config.train`, validating on `config.val`, reporting to `reporter`.
 
     Checkpoints go to `<job_dir>/checkpoints/train/RUN_*/` (`app.jobs.files` finds them), SG's logs
-    to `<job_dir>/logs` unless SUPER_GRADIENTS_LOG_DIR is set already. Raises TrainingCancelled
-    (after the reporter is flushed) when `reporter.should_stop()` turns true; the previous epoch's
-    ckpt_latest.pth is then intact. Raises ValueError for device "cuda" without CUDA. Any other
-    error propagates unchanged.
+    to `<job_dir>/logs` unless SUPER_GRADIENTS_LOG_DIR is set already. Every checkpoint is written
+    atomically and only while `reporter.holds_lease()` (see `ReporterSGLogger.add_checkpoint`).
+
+    With `config.resume_from` (from `app.ml.checkpoints.pick_resume_checkpoint`), SG's resume goes on
+    from that checkpoint: weights, optimizer, LR schedule, EMA, epoch, best metric so far and the
+    averaging snapshots; epochs from the checkpoint's `next_epoch` to `max_epochs` (which may be
+    larger than before) are trained, in the same run directory when the file lies in one of the job.
+
+    Raises TrainingCancelled (after the reporter is flushed) when `reporter.should_stop()` turns
+    true; the previous epoch's ckpt_latest.pth is then intact. Raises LeaseLost when the lease is
+    lost at a checkpoint and DiskFull when one cannot be written (nothing replaced in either case).
+    Raises ValueError for device "cuda" without CUDA or a resume checkpoint with more epochs done
+    than max_epochs. Any other error propagates unchanged.
     """
     validate_config(config)
     prepare_this_process(config.job_dir / SG_LOG_DIR)
-    from super_gradients import Trainer
     from super_gradients.training.utils.utils import random_seed
 
     from app.ml.callbacks import ReporterCallback
@@ -222,6 +415,9 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
         device = setup_device(config.device)
         if spec.seed is not None:
             random_seed(is_ddp=False, device=device, seed=spec.seed)
+        # With all epochs done (killed after the last checkpoint) SG trains nothing and only runs
+        # its final validation of the averaged model.
+        resumed = _start_resume(config, reporter)
         train_set = _dataset(config.train, config, train=True)
         val_set = _dataset(config.val, config, train=False)
         train_loader = _dataloader(train_set, config, train=True)
@@ -231,10 +427,10 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
             reporter,
             max_epochs=spec.max_epochs,
             metric_to_watch=spec.metric_to_watch,
+            best_value=resumed.best_value if resumed is not None else None,
+            epochs_done=resumed.next_epoch if resumed is not None else 0,
         )
-        trainer = Trainer(
-            experiment_name=EXPERIMENT_NAME, ckpt_root_dir=str(config.job_dir / CHECKPOINTS_DIR)
-        )
+        trainer = _trainer(config.job_dir, resumed)
         reporter.event(
             f"training {config.model} on {device}: {len(train_set)} train / "
             f"{len(val_set)} valid images, {len(train_loader)} batches per epoch"

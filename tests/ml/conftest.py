@@ -27,15 +27,20 @@ CLASSES_2 = ("circle", "square")
 
 @dataclass
 class RecordingReporter:
-    """Reporter that keeps everything; `stop_when(self)` decides should_stop()."""
+    """Reporter that keeps everything; `stop_when(self)` decides should_stop(), `lease_when(self)`
+    holds_lease() (True when unset). Set both to None before the reporter goes back through a pipe
+    (lambdas do not pickle)."""
 
     stop_when: Callable[[RecordingReporter], bool] | None = None
+    lease_when: Callable[[RecordingReporter], bool] | None = None
     points: list[MetricPoint] = field(default_factory=list)
     progress_calls: list[dict[str, int]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     flushes: int = 0
     checks: int = 0  # should_stop() calls: one per train and per validation batch
     stop_requested_at: int | None = None  # len(progress_calls) when should_stop first said True
+    lease_checks: int = 0  # holds_lease() calls: one per file put in place (checkpoints, snapshots)
+    lease_lost_at: int | None = None  # lease_checks when holds_lease first said False
 
     def metrics(self, points: list[MetricPoint]) -> None:
         self.points.extend(points)
@@ -56,6 +61,12 @@ class RecordingReporter:
 
     def flush(self) -> None:
         self.flushes += 1
+
+    def holds_lease(self) -> bool:
+        self.lease_checks += 1
+        if self.lease_lost_at is None and self.lease_when is not None and not self.lease_when(self):
+            self.lease_lost_at = self.lease_checks
+        return self.lease_lost_at is None
 
     def series(self, name: str) -> list[MetricPoint]:
         """Points named `name`, in the order reported."""
