@@ -7,10 +7,12 @@ kill in the middle of a write, a crash of the whole worker). They are off unless
 
     {"checkpoint_write": {"action": "enospc", "job_name": "full-disk"}}
 
-Keys are point names (`POINTS`); each value says what to do (`action`, see `ACTIONS`) and may
-narrow where: `job_name` (the job spec's name), `epoch`, `batch`, `attempt` (equal to), `times`
-(fire at most that many times per process). The setting is read once per process; the training
-process sets its context (job name, attempt) with `set_context` before training.
+Keys are point names (`POINTS`); each value (or each of a list of them, the first that matches
+fires) says what to do (`action`, see `ACTIONS`) and may narrow where: `job_name` (the job spec's
+name), `epoch`, `batch`, `attempt` (equal to), `times` (fire at most that many times per process).
+The points say what their `epoch` means: `checkpoint_write` the epochs completed (SG's count),
+`train_batch` SG's 0-based epoch index, with `batch` the 0-based batch index. The setting is read
+once per process; the training process sets its context (job name, attempt) with `set_context`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ ACTIONS = (
 )
 
 _context: dict[str, Any] = {}
-_fired: dict[str, int] = {}
+_fired: dict[tuple[str, int], int] = {}
 
 
 class FailpointError(ValueError):
@@ -47,7 +49,7 @@ class FailpointError(ValueError):
 
 
 @lru_cache(maxsize=1)
-def _config() -> dict[str, dict[str, Any]]:
+def _config() -> dict[str, list[dict[str, Any]]]:
     from app.settings import get_settings
 
     raw = get_settings().failpoints.strip()
@@ -56,12 +58,15 @@ def _config() -> dict[str, dict[str, Any]]:
     config = json.loads(raw)
     if not isinstance(config, dict):
         raise FailpointError(f"{ENV_VAR} must be a JSON object of point name -> settings")
-    for name, spec in config.items():
+    specs: dict[str, list[dict[str, Any]]] = {}
+    for name, value in config.items():
         if name not in POINTS:
             raise FailpointError(f"{ENV_VAR}: unknown failpoint {name!r}; known: {', '.join(POINTS)}")
-        if not isinstance(spec, dict) or spec.get("action") not in ACTIONS:
-            raise FailpointError(f"{ENV_VAR}: {name}.action must be one of {', '.join(ACTIONS)}")
-    return config
+        specs[name] = value if isinstance(value, list) else [value]
+        for spec in specs[name]:
+            if not isinstance(spec, dict) or spec.get("action") not in ACTIONS:
+                raise FailpointError(f"{ENV_VAR}: {name}.action must be one of {', '.join(ACTIONS)}")
+    return specs
 
 
 def set_context(**context: Any) -> None:
@@ -71,18 +76,22 @@ def set_context(**context: Any) -> None:
 
 def hit(name: str, **where: Any) -> None:
     """Inject the configured fault if `name` is armed and its conditions match; else nothing."""
-    spec = _config().get(name)
-    if spec is None:
-        return
     facts = {**_context, **where}
-    for key in ("job_name", "epoch", "batch", "attempt"):
-        if key in spec and facts.get(key) != spec[key]:
-            return
-    fired = _fired.get(name, 0)
-    if "times" in spec and fired >= int(spec["times"]):
+    for index, candidate in enumerate(_config().get(name, [])):
+        if any(
+            key in candidate and facts.get(key) != candidate[key]
+            for key in ("job_name", "epoch", "batch", "attempt")
+        ):
+            continue
+        fired = _fired.get((name, index), 0)
+        if "times" in candidate and fired >= int(candidate["times"]):
+            continue
+        _fired[(name, index)] = fired + 1
+        _inject(name, candidate["action"])
         return
-    _fired[name] = fired + 1
-    action = spec["action"]
+
+
+def _inject(name: str, action: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (failpoint {name})")
     if action == "crash":

@@ -95,7 +95,6 @@ def record_outcome(
         if moved != JobStatus.queued:
             _record_files(settings, job_id=job_id, attempt=attempt, job_dir=job_dir)
         return moved.value
-    files.remove_training_scratch(job_dir)
     artifacts = files.collect_artifacts(job_dir)
     status: JobStatus
     reason: FailureReason | None = None
@@ -122,7 +121,7 @@ def record_outcome(
         last = _tail(files.console_log(job_dir))
         message = f"the training process exited with code {returncode}; last output:\n{last}"
     with session_scope(settings.database_url) as session:
-        lifecycle.finish(
+        done = lifecycle.finish(
             session,
             job_id=job_id,
             status=status,
@@ -133,7 +132,12 @@ def record_outcome(
             device=device,
             attempt=attempt,
         )
-    return status.value
+        recorded = None if done else lifecycle.status_of_attempt(session, job_id=job_id, attempt=attempt)
+    if not done and recorded is None:
+        return LEASE_LOST  # the job moved on: its files belong to the attempt that has it now
+    # SG's scratch is removed only by the attempt that ended the job, never under a live one.
+    files.remove_training_scratch(job_dir)
+    return status.value if done else str(recorded)
 
 
 def _record_files(settings: Settings, *, job_id: str, attempt: int, job_dir: Path) -> None:

@@ -21,7 +21,6 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import failpoints
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs.models import Metric
@@ -100,7 +99,6 @@ class DbReporter:
     def progress(self, *, epoch: int, max_epochs: int, batch: int, batches_per_epoch: int) -> None:
         with self._lock:
             self._progress = {"epoch": epoch, "batch": batch, "batches_per_epoch": batches_per_epoch}
-        failpoints.hit("train_batch", epoch=epoch, batch=batch)
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         with self._lock:

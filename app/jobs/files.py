@@ -14,8 +14,8 @@
 Every path this module hands out for a job lies inside the job's directory after following
 symlinks (`app.paths.is_inside`): a recorded path or a link that leads elsewhere is ignored.
 Temporary files are never a checkpoint or an artifact. Only the standard library, `app.paths`,
-`app.ml.types` and `app.ml.training` (torch-free at its top; it defines the run directory's file
-names, which the training backend writes and may not import from here) are imported here.
+`app.ml.types` and `app.ml.layout` (the run directory's file names, defined where the training
+backend, which may not import this module, can use them) are imported here.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# The run directory's file names and the resume candidates are defined in app.ml.training, where
-# they are written (app.ml may not import app.jobs); `X as X` re-exports them for the service.
-from app.ml.training import (
+# `X as X` re-exports them for the service.
+from app.ml.layout import (
     AVERAGE_MODEL,
     AVERAGING_SNAPSHOTS,
     BEST_CHECKPOINT,
@@ -35,8 +34,8 @@ from app.ml.training import (
     TENSORBOARD_PATTERN,
     is_temp_file,
 )
-from app.ml.training import PREVIOUS_LATEST_CHECKPOINT as PREVIOUS_LATEST_CHECKPOINT
-from app.ml.training import resume_candidates as resume_candidates
+from app.ml.layout import PREVIOUS_LATEST_CHECKPOINT as PREVIOUS_LATEST_CHECKPOINT
+from app.ml.layout import resume_candidates as resume_candidates
 from app.ml.types import CHECKPOINTS_DIR, SG_LOG_DIR
 from app.paths import is_inside, real
 

@@ -290,6 +290,11 @@ def finish(
     return bool(done)
 
 
+def status_of_attempt(session: Session, *, job_id: str, attempt: int) -> str | None:
+    """The job's status while `attempt` is still its latest attempt; None once another took over."""
+    return session.scalar(select(Job.status).where(Job.id == job_id, Job.attempt == attempt))
+
+
 def lose_attempt(
     session: Session,
     *,

@@ -18,12 +18,8 @@ from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.jobs.models import FINISHED_STATUSES, Job, Metric
+from app.ml.types import BATCH_PREFIX
 from app.settings import Settings
-
-# The prefix of per-batch series names. The training callback (`app.ml.callbacks.BATCH_PREFIX`)
-# writes the same literal; it is not imported from there because that module imports
-# super-gradients, which the API and the sweeper must not load.
-BATCH_PREFIX = "Batch_"
 
 # Rows per DELETE statement: each statement stays short, so a large table is never held for long.
 BATCH_ROWS = 10_000

@@ -12,10 +12,7 @@ from datetime import UTC, datetime
 from super_gradients.training.utils.callbacks import Callback, PhaseContext
 
 from app import failpoints
-from app.ml.types import MetricPoint, Reporter, TrainingCancelled, greater_is_better
-
-# Per-batch series get their own prefix so they never mix with SG's per-epoch "Train_..." series.
-BATCH_PREFIX = "Batch_"
+from app.ml.types import BATCH_PREFIX, MetricPoint, Reporter, TrainingCancelled, greater_is_better
 
 
 class ReporterCallback(Callback):

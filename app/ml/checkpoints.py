@@ -31,7 +31,7 @@ import torch
 
 from app import failpoints
 from app.ml.architectures import CLS_PRED_KEY
-from app.ml.training import BEST_CHECKPOINT, resume_candidates, temp_path
+from app.ml.layout import BEST_CHECKPOINT, resume_candidates, temp_path
 from app.ml.types import DiskFull, LeaseLost, greater_is_better
 
 MODULE_PREFIX = "module."
@@ -377,7 +377,7 @@ def _why(exc: BaseException) -> str:
 def pick_resume_checkpoint(job_dir: Path) -> ResumePoint | None:
     """The checkpoint of this job to resume from: the newest epoch that actually loads.
 
-    Candidates (`app.ml.training.resume_candidates`): every run directory's ckpt_latest.pth, the
+    Candidates (`app.ml.layout.resume_candidates`): every run directory's ckpt_latest.pth, the
     kept previous one and ckpt_best.pth. Each is first opened cheaply (memory-mapped) to read its
     epoch; then, newest epoch first (ckpt_latest before the previous one before ckpt_best at the same
     epoch), each is loaded in full with weights_only=True and must hold net, epoch and

@@ -27,7 +27,7 @@ from super_gradients.training.utils.utils import move_state_dict_to_device, unwr
 from super_gradients.training.utils.weight_averaging_utils import ModelWeightAveraging
 
 from app.ml.checkpoints import save_atomically, sg_safe_globals
-from app.ml.training import AVERAGING_SNAPSHOTS, LATEST_CHECKPOINT, PREVIOUS_LATEST_CHECKPOINT
+from app.ml.layout import AVERAGING_SNAPSHOTS, LATEST_CHECKPOINT, PREVIOUS_LATEST_CHECKPOINT
 from app.ml.types import LeaseLost, MetricPoint, Reporter
 
 logger = logging.getLogger(__name__)

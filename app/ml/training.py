@@ -11,11 +11,10 @@ their top (`app.ml.callbacks`, `app.ml.sg_logger`, `app.ml.checkpoints`) are imp
 from __future__ import annotations
 
 import dataclasses
-import os
-import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.ml.layout import EXPERIMENT_NAME, is_temp_file, run_dirs
 from app.ml.params import TrainingConfig
 from app.ml.sg_setup import prepare_this_process, setup_device
 from app.ml.types import (
@@ -26,64 +25,12 @@ from app.ml.types import (
     TrainingResult,
     greater_is_better,
 )
-from app.paths import is_inside, real
+from app.paths import real
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from app.ml.checkpoints import ResumePoint
-
-EXPERIMENT_NAME = "train"
-
-# The files of a run directory (`<job_dir>/checkpoints/train/RUN_*/`). They are defined here, where
-# they are written, because app.ml may not import app.jobs (tests/test_architecture.py);
-# app.jobs.files re-exports them for the service. SG chooses the first five names.
-BEST_CHECKPOINT = "ckpt_best.pth"
-LATEST_CHECKPOINT = "ckpt_latest.pth"
-AVERAGE_MODEL = "average_model.pth"
-AVERAGING_SNAPSHOTS = "averaging_snapshots.pkl"
-TENSORBOARD_PATTERN = "events.out.tfevents.*"
-# The ckpt_latest.pth that the newest one replaced: the fallback when the newest does not load.
-PREVIOUS_LATEST_CHECKPOINT = "ckpt_latest.previous.pth"
-# Files being written (`<name>.<pid>-<token>.tmp`); never a checkpoint, never an artifact.
-TEMP_SUFFIX = ".tmp"
-# The files a resume may start from, most preferred first among those of the same epoch.
-RESUME_NAMES = (LATEST_CHECKPOINT, PREVIOUS_LATEST_CHECKPOINT, BEST_CHECKPOINT)
-
-
-def temp_path(path: Path) -> Path:
-    """A fresh temporary name next to `path`, for writing it and then renaming it into place.
-
-    Unique per process and call, so a stale process and the attempt that took over never write the
-    same temporary file.
-    """
-    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
-def is_temp_file(path: Path) -> bool:
-    """True for a temporary file of `temp_path` (possibly left behind by a killed process)."""
-    return path.name.endswith(TEMP_SUFFIX)
-
-
-def run_dirs(job_dir: Path) -> list[Path]:
-    """The job's SG run directories (`checkpoints/train/RUN_*`) inside the job directory."""
-    experiment = job_dir / CHECKPOINTS_DIR / EXPERIMENT_NAME
-    if not experiment.is_dir():
-        return []
-    return sorted(p for p in experiment.glob("RUN_*") if p.is_dir() and is_inside(p, job_dir))
-
-
-def resume_candidates(job_dir: Path) -> list[Path]:
-    """Every checkpoint of the job a resume may start from: ckpt_latest.pth, the kept previous one
-    and ckpt_best.pth of each run directory; newest run directory first, then in `RESUME_NAMES`
-    order. Only files inside the job directory; whether they load is not checked here."""
-    found = []
-    for run_dir in reversed(run_dirs(job_dir)):
-        for name in RESUME_NAMES:
-            path = run_dir / name
-            if path.is_file() and is_inside(path, job_dir):
-                found.append(path)
-    return found
 
 
 def validate_config(config: TrainingConfig) -> None:

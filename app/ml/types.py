@@ -37,6 +37,9 @@ DEFAULT_IOU = 0.65
 # the Trainer's `ckpt_root_dir` (checkpoints and TensorBoard files under `<experiment>/RUN_*/`) and
 # SUPER_GRADIENTS_LOG_DIR. The rest of a job directory's layout is `app.jobs.files`.
 CHECKPOINTS_DIR = "checkpoints"
+# Per-batch series (written by the training callback) carry this prefix, never mixed with SG's
+# per-epoch "Train_..." series; retention prunes them.
+BATCH_PREFIX = "Batch_"
 SG_LOG_DIR = "logs"
 
 

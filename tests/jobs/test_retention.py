@@ -12,7 +12,7 @@ from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs import service as jobs
 from app.jobs.models import Job, JobStatus, Metric
-from app.jobs.retention import BATCH_PREFIX, prune_batch_metrics, retention_period
+from app.jobs.retention import prune_batch_metrics, retention_period
 from app.jobs.schemas import JobSpec
 from app.ml.types import MetricPoint
 from app.settings import Settings
@@ -120,7 +120,6 @@ def test_bad_arguments_are_refused(service_settings: Settings) -> None:
 
 
 def test_the_retention_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert BATCH_PREFIX == "Batch_"
     monkeypatch.delenv("SGJOBS_BATCH_METRICS_RETENTION_DAYS", raising=False)
     assert retention_period(Settings()) == timedelta(days=30)
     for value, expected in (

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from app.jobs import files
+from app.ml.layout import TEMP_SUFFIX
 from app.ml.params import TrainingConfig
-from app.ml.training import TEMP_SUFFIX
 from app.ml.types import DiskFull, LeaseLost, SplitFiles, TrainingCancelled
 from tests.ml.conftest import CLASSES_3, RecordingReporter, make_config, make_dataset, run_isolated
 

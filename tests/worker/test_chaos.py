@@ -34,11 +34,15 @@ pytestmark = pytest.mark.slow
 # A Redis database of its own, so that flushing it (a broker losing its data) touches no other test.
 CHAOS_REDIS_URL = "redis://127.0.0.1:6379/5"
 LEASE_SECONDS = 4.0
+# `checkpoint_write`'s epoch counts the epochs completed (2: the checkpoint after the second epoch,
+# so the first one's is on disk); `train_batch`'s is SG's 0-based epoch index and batch index.
 FAILPOINTS = {
-    "checkpoint_write": {"action": "kill", "job_name": "ckpt-kill", "attempt": 1, "epoch": 1},
+    "checkpoint_write": [
+        {"action": "kill", "job_name": "ckpt-kill", "attempt": 1, "epoch": 2},
+        {"action": "enospc", "job_name": "full-disk", "epoch": 2},
+    ],
     "train_batch": {"action": "abort", "job_name": "crasher", "batch": 1},
 }
-FULL_DISK = {"checkpoint_write": {"action": "enospc", "job_name": "full-disk", "epoch": 1}}
 CHAOS_SETTINGS: dict[str, object] = {
     "device": "cpu",
     "heartbeat_seconds": 0.5,
@@ -114,7 +118,7 @@ class Chaos:
 @pytest.fixture(scope="module")
 def chaos(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
     home = tmp_path_factory.mktemp(f"chaos-{backend.name}")
-    settings = {**CHAOS_SETTINGS, "failpoints": json.dumps({**FAILPOINTS, **FULL_DISK})}
+    settings = {**CHAOS_SETTINGS, "failpoints": json.dumps(FAILPOINTS)}
     with (
         backend_resources(
             backend.name, prefix="sgjobs-chaos", pg_admin_url=PG_ADMIN_URL, redis_url=CHAOS_REDIS_URL
