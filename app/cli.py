@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 from app.process import die_with_parent
 from app.queue import prepare_broker
@@ -37,7 +38,9 @@ def _worker_argv() -> list[str]:
         "--queues",
         settings.task_queue,
         "--hostname",
-        f"sgjobs@{socket.gethostname()}-{os.getpid()}",
+        # Unique per worker process (a restarted worker is a new one), so a job's attempts name
+        # who ran them and a worker's presence row is its own.
+        f"sgjobs@{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
         "--loglevel",
         "INFO",
         "--without-gossip",

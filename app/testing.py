@@ -48,6 +48,7 @@ __all__ = [
     "free_port",
     "serve",
     "service_env",
+    "worker_process",
 ]
 
 BACKENDS: tuple[str, ...] = ("sqlite", "postgres")
@@ -251,6 +252,17 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def worker_process(name: str) -> int | None:
+    """The pid of the running Celery worker whose node name is `name` (a job's `worker`), if any."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "worker.celery_app" in cmdline and name in cmdline:
+            return int(proc.pid)
+    return None
 
 
 def _killpg(pgid: int) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from app import testing
 from bench.harness import (
     BATCH_LOSS,
     BenchError,
@@ -84,7 +85,9 @@ def strike(service: Any, dataset: Any, size: Size, how: str, label: str) -> dict
         timeout=900,
         interval=0.05,
     )
-    worker_pid = int(str(running["worker"]).rsplit("-", 1)[1])
+    worker_pid = testing.worker_process(running["worker"])
+    if worker_pid is None:
+        raise BenchError(f"no worker process named {running['worker']}")
     struck = time.time()
     if how == "kill -9 worker":
         os.kill(worker_pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from app.testing import Backend, RunningService, backend_resources, serve, service_env
+from app.testing import Backend, RunningService, backend_resources, serve, service_env, worker_process
 from tests.conftest import PG_ADMIN_URL
 from tests.support import Service, make_shapes, tiny_spec
 
@@ -103,8 +103,9 @@ class Chaos:
         return found
 
     def worker_of(self, job: dict[str, Any]) -> psutil.Process:
-        """The worker process that runs the job's current attempt (its name ends in the pid)."""
-        pid = int(str(job["worker"]).rsplit("-", 1)[1])
+        """The worker process that runs the job's current attempt."""
+        pid = worker_process(job["worker"])
+        assert pid is not None, f"no worker process named {job['worker']}"
         return psutil.Process(pid)
 
     def trainer(self, job_id: str) -> psutil.Process | None:
