@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from app.db import session_scope
 from app.jobs import dispatch, files, lifecycle
-from app.jobs.models import JobStatus
+from app.jobs.models import FINISHED_STATUSES, JobStatus
 from app.ml.sg_setup import sg_environment
 from app.process import die_with_parent
 from app.settings import Settings
@@ -36,6 +36,8 @@ T = TypeVar("T")
 TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
 # How often the supervisor looks at its child and at a shutdown request.
 POLL_SECONDS = 0.5
+# How long a training whose job moved on may take to notice and exit by itself (a batch, teardown).
+LEASE_LOST_GRACE_SECONDS = 30.0
 # The longest wait between two tries while the database is unreachable.
 MAX_BACKOFF_SECONDS = 30.0
 
@@ -116,6 +118,9 @@ def run_training_process(
                         session, job_id=job_id, attempt=attempt, lease_seconds=settings.lease_seconds
                     )
                     current = lifecycle.activity_marker(session, job_id=job_id)
+                    recorded = (
+                        None if held else lifecycle.status_of_attempt(session, job_id=job_id, attempt=attempt)
+                    )
             except Exception as exc:
                 # Keep the child: its own writes wait for the database too, and its checkpoints
                 # are still worth having. Never take another job while it runs.
@@ -126,10 +131,14 @@ def run_training_process(
             next_beat = time.monotonic() + settings.heartbeat_seconds
             backoff = settings.heartbeat_seconds
             if not held:
-                # The child finds out at its next write and exits without writing; give it that time.
+                if recorded in FINISHED_STATUSES:
+                    # The child recorded its own outcome and is tearing torch down: let it finish.
+                    next_beat = float("inf")
+                    continue
+                # The child finds out at its next write and exits without writing; give it time to.
                 logger.warning("job %s moved on from attempt %d; stopping its training", job_id, attempt)
                 try:
-                    proc.wait(timeout=max(5.0, 10 * settings.report_interval_seconds))
+                    proc.wait(timeout=LEASE_LOST_GRACE_SECONDS)
                 except subprocess.TimeoutExpired:
                     _stop(proc)
                 return LEASE_LOST
