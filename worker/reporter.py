@@ -41,7 +41,6 @@ class DbReporter:
         lease_seconds: float,
         interval: float,
         watch: str | None = None,
-        best: float | None = None,
     ) -> None:
         self._database_url = database_url
         self._job_id = job_id
@@ -52,7 +51,7 @@ class DbReporter:
         # SG logs validation scalars as "Valid_<title>"; this one feeds the job's best_metric.
         self._watch = f"Valid_{watch}" if watch else None
         self._greater = greater_is_better(watch) if watch else True
-        self._best: float | None = best
+        self._best: float | None = None
         self._best_dirty = False
         self._lock = threading.Lock()
         self._points: list[MetricPoint] = []
@@ -80,6 +79,11 @@ class DbReporter:
     @property
     def best(self) -> float | None:
         return self._best
+
+    def resume_best(self, value: float | None) -> None:
+        """Start from the best value of the epochs an earlier attempt finished (already recorded)."""
+        with self._lock:
+            self._best, self._best_dirty = value, False
 
     # Reporter protocol -------------------------------------------------------------------------
 

@@ -96,17 +96,6 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
                 "reason": FailureReason.invalid_checkpoint,
                 "message": str(exc),
             }
-    # Imported only now (torch): the newest checkpoint of an earlier attempt that loads, if any.
-    from app.ml.checkpoints import pick_resume_checkpoint
-
-    resume = pick_resume_checkpoint(job_dir)
-    best: float | None = None
-    if resume is not None:
-        with fenced(settings, job_id, attempt) as session:
-            lifecycle.supersede_from_epoch(
-                session, job_id=job_id, epoch=resume.next_epoch, metric_to_watch=spec.training.metric_to_watch
-            )
-            best = service.get_job(session, job_id=job_id).best_metric_value
     reporter = DbReporter(
         database_url=settings.database_url,
         job_id=job_id,
@@ -114,7 +103,6 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
         lease_seconds=settings.lease_seconds,
         interval=settings.report_interval_seconds,
         watch=spec.training.metric_to_watch,
-        best=best,
     ).start()
     try:
         try:
@@ -138,6 +126,22 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
         )
         with fenced(settings, job_id, attempt) as session:
             lifecycle.set_classes(session, job_id=job_id, classes=prepared.class_names)
+        # Imported only now (torch), after the dataset checks that fail fast without it.
+        from app.ml.checkpoints import pick_resume_checkpoint
+
+        # The newest checkpoint of an earlier attempt that loads, if any; the points that attempt
+        # wrote from that epoch on are superseded by this one's.
+        resume = pick_resume_checkpoint(job_dir)
+        if resume is not None:
+            reporter.flush()
+            with fenced(settings, job_id, attempt) as session:
+                lifecycle.supersede_from_epoch(
+                    session,
+                    job_id=job_id,
+                    epoch=resume.next_epoch,
+                    metric_to_watch=spec.training.metric_to_watch,
+                )
+                reporter.resume_best(service.get_job(session, job_id=job_id).best_metric_value)
         if reporter.should_stop():
             raise TrainingCancelled("cancelled before training started")
         if resume is not None:

@@ -56,6 +56,8 @@ CHAOS_SETTINGS: dict[str, object] = {
     "broker_visibility_timeout_seconds": 3,
 }
 EPOCHS = 3
+# A dataset folder whose annotations cannot be read: its jobs fail at the dataset check.
+BROKEN = {"format": "coco", "path": "chaos-broken"}
 
 
 @dataclass
@@ -131,6 +133,8 @@ def chaos(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             backend.name, running.base_url, running.home, running.home / "datasets", running.log_file, client
         )
         make_shapes(service.datasets_dir, "chaos", splits=(("train", 6), ("valid", 2)))
+        broken = make_shapes(service.datasets_dir, "chaos-broken", splits=(("train", 2), ("valid", 1)))
+        (broken / "train" / "_annotations.coco.json").write_text("[]")
         chaos = Chaos(own, running, service, service_env(own, home.name, **settings), home.parent)
         chaos.start_worker()
         _wait_for(lambda: len(chaos.workers()) == 2, "two workers", 60)
@@ -375,14 +379,16 @@ def test_postgres_connections_terminated_and_refused_mid_training(chaos: Chaos) 
 
 @pytest.mark.backends("postgres")
 def test_redis_flushed_with_jobs_queued_and_running_all_run_once(chaos: Chaos) -> None:
-    """Also: every job runs longer than the broker's visibility timeout, and still runs once."""
+    """Also: the running jobs last longer than the broker's visibility timeout, and still run once."""
     import redis
 
     service = chaos.service
     running = [service.submit(_spec(f"flush-running-{i}", epochs=2)) for i in range(2)]
     for job in running:
         service.wait_until(job["id"], lambda j: j["status"] == "running", timeout=120)
-    queued = [service.submit(_spec(f"flush-queued-{i}", epochs=1)) for i in range(20)]
+    # What matters for the queued ones is that each is claimed once: they fail at their dataset
+    # check, in seconds, instead of training.
+    queued = [service.submit(_spec(f"flush-queued-{i}", epochs=1, dataset=BROKEN)) for i in range(20)]
     client = redis.Redis.from_url(CHAOS_REDIS_URL)
     try:
         assert client.llen(chaos.backend.queue) > 0
@@ -390,8 +396,9 @@ def test_redis_flushed_with_jobs_queued_and_running_all_run_once(chaos: Chaos) -
     finally:
         client.close()
     for job in [*running, *queued]:
-        done = service.wait(job["id"], timeout=900)
-        assert done["status"] == "succeeded", done
+        done = service.wait(job["id"], timeout=600)
         assert done["attempt"] == 1, done
+        expected = ("succeeded", None) if job in running else ("failed", "dataset_error")
+        assert (done["status"], (done["error"] or {}).get("reason")) == expected, done
         claims = [s for s in _states(service, job["id"]) if "running on" in s]
         assert len(claims) == 1, claims
