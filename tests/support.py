@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import update
 
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
+from app.db import session_scope
+from app.jobs import service as jobs
+from app.jobs.models import Job
+from app.jobs.schemas import JobSpec
+from app.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -88,6 +94,27 @@ class Service:
 def make_shapes(datasets_dir: Path, name: str, **spec: Any) -> Path:
     """A generated Roboflow-layout COCO dataset of drawn shapes under the datasets directory."""
     return write_shapes_dataset(datasets_dir / name, ShapesSpec(**spec))
+
+
+def make_unreadable_dataset(datasets_dir: Path, name: str) -> str:
+    """A dataset folder that passes POST /jobs' layout check but whose training annotations cannot
+    be read: a job on it is claimed and fails at the worker's dataset check in seconds, never
+    training. Returns its path relative to the datasets directory."""
+    root = make_shapes(datasets_dir, name, splits=(("train", 3), ("valid", 2)))
+    (root / "train" / "_annotations.coco.json").write_text("[]")
+    return name
+
+
+def insert_job(settings: Settings, dataset: str, *, spec: dict[str, Any] | None = None, **values: Any) -> str:
+    """A job created as POST /jobs creates it (without sending it), then moved to the state `values`
+    give (columns of `jobs`)."""
+    with session_scope(settings.database_url) as session:
+        job = jobs.create_job(
+            session, spec=JobSpec.model_validate(spec or tiny_spec(dataset)), settings=settings
+        )
+        if values:
+            session.execute(update(Job).where(Job.id == job.id).values(**values))
+        return job.id
 
 
 def zip_folder(folder: Path, wrap: str | None = None) -> bytes:

@@ -335,7 +335,7 @@ def test_health(api: Api) -> None:
     assert _status(api.ok("healthz", 200, "Health").status) == "ok"
     readiness = api.ok("readyz", 200, "Readiness")
     assert _status(readiness.status) == "ok"
-    assert readiness.checks.additional_properties == {"database": "ok", "broker": "ok"}
+    assert readiness.checks.additional_properties == {"database": "ok", "workers": "ok", "broker": "ok"}
 
 
 @operations("upload_dataset", "list_datasets", "get_dataset", "validate_dataset", "delete_dataset")

@@ -29,31 +29,23 @@ from app.ml.types import CHECKPOINTS_DIR, MetricPoint
 from app.settings import Settings
 from app.weights.models import Weights, WeightsSource
 from app.weights.service import weights_file
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import Service, insert_job, make_unreadable_dataset, tiny_spec
 
 NEVER = timedelta(days=365)
 
 
 @pytest.fixture(scope="module")
 def dataset(service: Service) -> str:
-    """A dataset that passes the layout check at submission but fails the worker's validation."""
-    root = make_shapes(service.datasets_dir, "delete-resume-bad", splits=(("train", 3), ("valid", 2)))
-    (root / "train" / "_annotations.coco.json").write_text("[]")
-    return "delete-resume-bad"
+    return make_unreadable_dataset(service.datasets_dir, "delete-resume-bad")
 
 
 def _insert_job(
     settings: Settings, dataset: str, *, spec: dict[str, Any] | None = None, **values: Any
 ) -> str:
-    """A job created as POST /jobs would, then moved to the state `values` give."""
-    with session_scope(settings.database_url) as session:
-        job = jobs.create_job(
-            session, spec=JobSpec.model_validate(spec or tiny_spec(dataset)), settings=settings
-        )
-        if values.get("status", JobStatus.queued) == JobStatus.queued:
-            values.setdefault("enqueued_at", utcnow() + NEVER)  # never re-sent by a sweeper
-        session.execute(update(Job).where(Job.id == job.id).values(**values))
-        return job.id
+    """`insert_job`, and a queued one is never sent by a sweeper."""
+    if values.get("status", JobStatus.queued) == JobStatus.queued:
+        values.setdefault("enqueued_at", utcnow() + NEVER)
+    return insert_job(settings, dataset, spec=spec, **values)
 
 
 def _finished(settings: Settings, dataset: str, status: str = "failed", **values: Any) -> str:

@@ -16,7 +16,7 @@ from app.jobs.retention import prune_batch_metrics, retention_period
 from app.jobs.schemas import JobSpec
 from app.ml.types import MetricPoint
 from app.settings import Settings
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import Service, make_unreadable_dataset, tiny_spec
 
 # Per-batch series as the training callback names them, per-epoch ones as SG does, and a name that
 # an unescaped LIKE 'Batch_%' would take for a per-batch one ("_" matches any character).
@@ -27,10 +27,7 @@ DAY = timedelta(days=1)
 
 @pytest.fixture(scope="module")
 def dataset(service: Service) -> str:
-    """A dataset that fails the worker's validation: a job that gets picked up never trains."""
-    root = make_shapes(service.datasets_dir, "retention-bad", splits=(("train", 3), ("valid", 2)))
-    (root / "train" / "_annotations.coco.json").write_text("[]")
-    return "retention-bad"
+    return make_unreadable_dataset(service.datasets_dir, "retention-bad")
 
 
 def _job_with_points(settings: Settings, dataset: str, batches: int, **values: Any) -> str:

@@ -27,7 +27,7 @@ import pytest
 
 from app.testing import Backend, RunningService, backend_resources, serve, service_env, worker_process
 from tests.conftest import PG_ADMIN_URL
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import Service, make_shapes, make_unreadable_dataset, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -133,8 +133,7 @@ def chaos(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             backend.name, running.base_url, running.home, running.home / "datasets", running.log_file, client
         )
         make_shapes(service.datasets_dir, "chaos", splits=(("train", 6), ("valid", 2)))
-        broken = make_shapes(service.datasets_dir, "chaos-broken", splits=(("train", 2), ("valid", 1)))
-        (broken / "train" / "_annotations.coco.json").write_text("[]")
+        make_unreadable_dataset(service.datasets_dir, BROKEN["path"])
         chaos = Chaos(own, running, service, service_env(own, home.name, **settings), home.parent)
         chaos.start_worker()
         _wait_for(lambda: len(chaos.workers()) == 2, "two workers", 60)

@@ -9,27 +9,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
 
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
-from app.jobs import service as jobs
 from app.jobs.files import RESULT_FILE
 from app.jobs.models import Job, JobStatus
-from app.jobs.schemas import JobSpec
 from app.settings import Settings
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import Service, insert_job, make_shapes, make_unreadable_dataset
 from worker import runner
 from worker.outcome import record_outcome
 from worker.sweeper import sweep_once
-
-
-def _insert_job(settings: Settings, dataset: str, **values: object) -> str:
-    with session_scope(settings.database_url) as session:
-        job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
-        if values:
-            session.execute(update(Job).where(Job.id == job.id).values(**values))
-        return job.id
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +38,12 @@ def _running(settings: Settings, dataset: str, **values: object) -> str:
         "heartbeat_at": now,
         "lease_expires_at": now + timedelta(minutes=1),
     }
-    return _insert_job(settings, dataset, **{**defaults, **values})
+    return insert_job(settings, dataset, **{**defaults, **values})
 
 
 @pytest.fixture(scope="module")
 def bad_dataset(service: Service) -> str:
-    """A dataset whose annotations are unreadable: a job on it fails within seconds, no training."""
-    root = make_shapes(service.datasets_dir, "recovery-bad", splits=(("train", 3), ("valid", 2)))
-    (root / "train" / "_annotations.coco.json").write_text("[]")
-    return "recovery-bad"
+    return make_unreadable_dataset(service.datasets_dir, "recovery-bad")
 
 
 def test_running_job_whose_lease_expired_is_queued_again_then_failed_after_max_restarts(
@@ -91,7 +77,7 @@ def test_queued_job_whose_message_was_never_sent_is_sent_and_runs(
     service: Service, service_settings: Settings, bad_dataset: str
 ) -> None:
     # A dataset that fails fast shows the job was picked up without spending a training.
-    job_id = _insert_job(service_settings, bad_dataset, created_at=utcnow() - timedelta(minutes=5))
+    job_id = insert_job(service_settings, bad_dataset, created_at=utcnow() - timedelta(minutes=5))
     assert job_id in sweep_once(service_settings).sent
     done = service.wait(job_id, timeout=120)
     assert done["status"] == "failed" and done["error"]["reason"] == "dataset_error"
@@ -100,7 +86,7 @@ def test_queued_job_whose_message_was_never_sent_is_sent_and_runs(
 def test_duplicate_delivery_of_a_finished_job_does_nothing(
     service: Service, service_settings: Settings, dataset: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job_id = _insert_job(service_settings, dataset, status="cancelled", finished_at=utcnow())
+    job_id = insert_job(service_settings, dataset, status="cancelled", finished_at=utcnow())
     before = service.job(job_id)
     for key, value in {
         "SGJOBS_HOME": str(service_settings.home),
@@ -123,45 +109,28 @@ def test_training_process_killed_by_the_kernel_is_resumed_then_fails_as_out_of_m
     service: Service, service_settings: Settings, bad_dataset: str, tmp_path: Path
 ) -> None:
     resumable = _running(service_settings, bad_dataset)
-    assert (
-        record_outcome(
+    job_id = resumable
+
+    def killed() -> str:
+        """Attempt 1's training process of `job_id` died by SIGKILL, without a result."""
+        return record_outcome(
             service_settings,
-            job_id=resumable,
+            job_id=job_id,
             attempt=1,
             job_dir=tmp_path,
             returncode=-9,
             killed_for_cancel=False,
         )
-        == "queued"
-    )
+
+    assert killed() == "queued"
     events = service.client.get(f"/jobs/{resumable}/events").json()["items"]
     assert any("killed by SIGKILL" in e["message"] and "restart 1 of 2" in e["message"] for e in events)
-    exhausted = _running(service_settings, bad_dataset, restarts=2)
-    assert (
-        record_outcome(
-            service_settings,
-            job_id=exhausted,
-            attempt=1,
-            job_dir=tmp_path,
-            returncode=-9,
-            killed_for_cancel=False,
-        )
-        == "failed"
-    )
+    exhausted = job_id = _running(service_settings, bad_dataset, restarts=2)
+    assert killed() == "failed"
     job = service.job(exhausted)
     assert job["error"]["reason"] == "out_of_memory" and "batch_size" in job["error"]["message"]
     # The outcome of an attempt that no longer holds the job changes nothing.
-    assert (
-        record_outcome(
-            service_settings,
-            job_id=exhausted,
-            attempt=1,
-            job_dir=tmp_path,
-            returncode=-9,
-            killed_for_cancel=False,
-        )
-        == "lease_lost"
-    )
+    assert killed() == "lease_lost"
 
 
 def test_training_process_that_crashes_fails_as_internal_with_its_last_output(
@@ -248,7 +217,7 @@ def test_a_lost_message_is_sent_again_by_one_idle_sweeper_only(
     busy = WorkerState()
     busy.busy("some-job")
     # Sent a minute ago, but the broker lost it (nothing consumed it although a worker was idle).
-    job_id = _insert_job(
+    job_id = insert_job(
         service_settings, bad_dataset, enqueued_at=utcnow() - timedelta(minutes=1), created_at=utcnow()
     )
     sent_before = utcnow() - timedelta(seconds=30)

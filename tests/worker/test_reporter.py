@@ -8,12 +8,10 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db import session_scope, utcnow
-from app.jobs import service as jobs
 from app.jobs.models import Job, JobEvent, Metric
-from app.jobs.schemas import JobSpec
 from app.ml.types import LeaseLost, MetricPoint
 from app.settings import Settings
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import Service, insert_job, make_shapes
 from worker.reporter import DbReporter
 
 
@@ -25,15 +23,15 @@ def dataset(service: Service) -> str:
 
 def _held_job(settings: Settings, dataset: str) -> str:
     """A running job whose attempt 1 holds the lease (no worker runs it: nothing else writes)."""
-    with session_scope(settings.database_url) as session:
-        job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
-        now = utcnow()
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id)
-            .values(status="running", attempt=1, started_at=now, lease_expires_at=now + timedelta(minutes=1))
-        )
-        return job.id
+    now = utcnow()
+    return insert_job(
+        settings,
+        dataset,
+        status="running",
+        attempt=1,
+        started_at=now,
+        lease_expires_at=now + timedelta(minutes=1),
+    )
 
 
 def _reporter(settings: Settings, job_id: str) -> DbReporter:
