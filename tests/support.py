@@ -7,6 +7,7 @@ import json
 import time
 import zipfile
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import httpx
 from sqlalchemy import update
 
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
-from app.db import session_scope
+from app.db import session_scope, utcnow
 from app.jobs import service as jobs
 from app.jobs.models import Job
 from app.jobs.schemas import JobSpec
@@ -107,7 +108,15 @@ def make_unreadable_dataset(datasets_dir: Path, name: str) -> str:
 
 def insert_job(settings: Settings, dataset: str, *, spec: dict[str, Any] | None = None, **values: Any) -> str:
     """A job created as POST /jobs creates it (without sending it), then moved to the state `values`
-    give (columns of `jobs`)."""
+    give (columns of `jobs`). A running one is attempt 1 of a worker holding a day-long lease unless
+    `values` say otherwise, as a claim leaves it, so no sweeper takes it for a lost attempt."""
+    if values.get("status") == "running":
+        values = {
+            "attempt": 1,
+            "worker": "test-worker",
+            "lease_expires_at": utcnow() + timedelta(days=1),
+            **values,
+        }
     with session_scope(settings.database_url) as session:
         job = jobs.create_job(
             session, spec=JobSpec.model_validate(spec or tiny_spec(dataset)), settings=settings
