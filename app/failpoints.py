@@ -69,6 +69,15 @@ def _config() -> dict[str, list[dict[str, Any]]]:
     return specs
 
 
+def reset() -> None:
+    """Read the setting again on the next hit (tests that change it inside one process)."""
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    _config.cache_clear()
+    _fired.clear()
+
+
 def set_context(**context: Any) -> None:
     """Say which job and attempt this process runs (matched against `job_name` and `attempt`)."""
     _context.update(context)

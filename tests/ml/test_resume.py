@@ -362,12 +362,12 @@ def _resume_with_failpoint(config: TrainingConfig) -> dict[str, Any]:
     import app.failpoints
 
     os.environ[app.failpoints.ENV_VAR] = json.dumps({"checkpoint_write": {"action": "enospc", "epoch": 2}})
-    app.failpoints._config.cache_clear()
+    app.failpoints.reset()
     try:
         return _resume_and_look(config, RecordingReporter())
     finally:
         del os.environ[app.failpoints.ENV_VAR]
-        app.failpoints._config.cache_clear()
+        app.failpoints.reset()
 
 
 def test_disk_full_while_writing_keeps_the_previous_checkpoint(lifecycle: dict[str, Any]) -> None:
