@@ -14,7 +14,8 @@ Measured from the strike (wall clock of this machine, the same clock the trainin
 its points with):
 
 * recovery s: until the first training batch of the resumed attempt ends (its first per-batch point);
-* of which lease wait s: until the job leaves `running` (kill -9 of the worker only);
+* attempt over s: until the service knew the attempt was over (its "lost" or "handed back" event):
+  the lease for a kill -9 of the worker, at once for the other two;
 * work lost: batches of the interrupted epoch that are trained again (per-batch points superseded),
   and the same in seconds of training (batches x median batch time).
 
@@ -95,10 +96,6 @@ def strike(service: Any, dataset: Any, size: Size, how: str, label: str) -> dict
         _trainer(job_id).kill()
     else:
         os.kill(worker_pid, signal.SIGTERM)
-    left_running = service.wait(
-        job_id, until=lambda j: j["status"] != "running" or j["attempt"] > 1, timeout=600
-    )
-    requeued = time.time()
     done = service.wait(job_id, timeout=900, interval=0.2)
     if done["status"] != "succeeded":
         raise BenchError(f"job {job_id} ended {done['status']} after {how}: {done.get('error')}")
@@ -109,6 +106,15 @@ def strike(service: Any, dataset: Any, size: Size, how: str, label: str) -> dict
         raise BenchError(f"no batch after the strike for job {job_id}")
     events = service.events(job_id)
     claims = [parse_time(e["time"]) for e in events if e["message"].startswith("attempt 2 running on")]
+    # When the service knew attempt 1 was over: its "lost" (lease expired, process killed) or
+    # "handed back" event, written by the sweeper or the worker the moment it found out.
+    ended = [
+        parse_time(e["time"])
+        for e in events
+        if e["kind"] == "state"
+        and e["message"].startswith("attempt 1 ")
+        and ("lost" in e["message"] or "handed back" in e["message"])
+    ]
     # Batches of the interrupted epoch before the strike: their points were superseded by the resume.
     lost = int(running["progress"]["batch"] or 0)
     before = [t for t in ends if t <= struck]
@@ -117,7 +123,7 @@ def strike(service: Any, dataset: Any, size: Size, how: str, label: str) -> dict
     result = {
         "job_id": job_id,
         "recovery_s": after[0] - struck,
-        "lease_wait_s": requeued - struck if left_running["attempt"] == 1 else None,
+        "detected_s": ended[0] - struck if ended else None,
         "claim_to_first_batch_s": after[0] - claims[0] if claims else None,
         "batches_lost": lost,
         "work_lost_s": lost * batch_s,
@@ -163,7 +169,7 @@ def main() -> int:
     for name, by_strike in runs.items():
         for how, results in by_strike.items():
             recovery = median([r["recovery_s"] for r in results])
-            lease_wait = [r["lease_wait_s"] for r in results if r["lease_wait_s"] is not None]
+            detected = [r["detected_s"] for r in results if r["detected_s"] is not None]
             start = [r["claim_to_first_batch_s"] for r in results if r["claim_to_first_batch_s"] is not None]
             lost = median([r["batches_lost"] for r in results])
             lost_s = median([r["work_lost_s"] for r in results])
@@ -171,7 +177,7 @@ def main() -> int:
             epoch_met = all(r["batches_lost"] <= r["batches_per_epoch"] for r in results)
             summary.setdefault("medians", {}).setdefault(name, {})[how] = {
                 "recovery_s": recovery,
-                "lease_wait_s": median(lease_wait) if lease_wait else None,
+                "detected_s": median(detected) if detected else None,
                 "claim_to_first_batch_s": median(start) if start else None,
                 "batches_lost": lost,
                 "work_lost_s": lost_s,
@@ -181,7 +187,7 @@ def main() -> int:
                 [
                     f"{name}: {how}",
                     fmt(recovery, 1),
-                    fmt(median(lease_wait), 1) if lease_wait else "n/a",
+                    fmt(median(detected), 1) if detected else "n/a",
                     fmt(median(start), 1) if start else "n/a",
                     f"{fmt(lost, 1)} of {per_epoch}",
                     fmt(lost_s, 1),
@@ -192,7 +198,7 @@ def main() -> int:
         [
             "strike",
             "recovery s",
-            "lease wait s",
+            "attempt over s",
             "claim to first batch s",
             "batches lost",
             "work lost s",
