@@ -36,7 +36,8 @@ T = TypeVar("T")
 TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
 # How often the supervisor looks at its child and at a shutdown request.
 POLL_SECONDS = 0.5
-# How long a training whose job moved on may take to notice and exit by itself (a batch, teardown).
+# How long a training whose job moved on may take to notice and exit by itself (a batch, teardown),
+# and one that recorded its outcome may take to tear down.
 LEASE_LOST_GRACE_SECONDS = 30.0
 # The longest wait between two tries while the database is unreachable.
 MAX_BACKOFF_SECONDS = 30.0
@@ -101,6 +102,7 @@ def run_training_process(
     marker_since = time.monotonic()
     next_beat = time.monotonic() + settings.heartbeat_seconds
     backoff = settings.heartbeat_seconds
+    recorded_at: float | None = None  # when the child was seen to have recorded its own outcome
     try:
         while True:
             try:
@@ -108,6 +110,12 @@ def run_training_process(
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if recorded_at is not None:
+                if time.monotonic() - recorded_at > LEASE_LOST_GRACE_SECONDS:
+                    _stop(proc)  # its outcome is recorded; a teardown that hangs must not hold the worker
+                    returncode = proc.returncode
+                    break
+                continue
             if shutdown is not None and shutdown.is_set():
                 return _hand_back(settings, proc, job_id=job_id, attempt=attempt)
             if time.monotonic() < next_beat:
@@ -133,7 +141,7 @@ def run_training_process(
             if not held:
                 if recorded in FINISHED_STATUSES:
                     # The child recorded its own outcome and is tearing torch down: let it finish.
-                    next_beat = float("inf")
+                    recorded_at = time.monotonic()
                     continue
                 # The child finds out at its next write and exits without writing; give it time to.
                 logger.warning("job %s moved on from attempt %d; stopping its training", job_id, attempt)
