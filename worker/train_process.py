@@ -74,6 +74,10 @@ def fenced(settings: Settings, job_id: str, attempt: int) -> Iterator[Session]:
         yield session
 
 
+def _init_gone(exc: InitCheckpointGone) -> dict[str, Any]:
+    return {"status": JobStatus.failed, "reason": FailureReason.invalid_checkpoint, "message": str(exc)}
+
+
 def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
     """Prepare the dataset and train; returns the result record (status, reason, message, ...)."""
     job_dir = settings.jobs_dir / job_id
@@ -88,14 +92,14 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
         except InvalidInput as exc:  # the dataset was deleted or moved since the job was queued
             resolved = exc
         started_from = dict(job.started_from or {})
+        init_gone: InitCheckpointGone | None = None
         try:
             init_checkpoint, init_label = _init_checkpoint(session, settings, spec, started_from)
         except InitCheckpointGone as exc:
-            return {
-                "status": JobStatus.failed,
-                "reason": FailureReason.invalid_checkpoint,
-                "message": str(exc),
-            }
+            # An attempt that resumes from its own checkpoint no longer needs what the job started from.
+            if not files.resume_candidates(job_dir):
+                return _init_gone(exc)
+            init_checkpoint, init_label, init_gone = None, "", exc
     reporter = DbReporter(
         database_url=settings.database_url,
         job_id=job_id,
@@ -132,6 +136,8 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
         # The newest checkpoint of an earlier attempt that loads, if any; the points that attempt
         # wrote from that epoch on are superseded by this one's.
         resume = pick_resume_checkpoint(job_dir)
+        if resume is None and init_gone is not None:
+            return _init_gone(init_gone)
         if resume is not None:
             reporter.flush()
             with fenced(settings, job_id, attempt) as session:
