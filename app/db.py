@@ -7,9 +7,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event, literal
+from sqlalchemy import (
+    BigInteger,
+    CursorResult,
+    DateTime,
+    Engine,
+    Executable,
+    Integer,
+    MetaData,
+    create_engine,
+    event,
+    literal,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -113,6 +124,11 @@ def get_engine(url: str) -> Engine:
 @lru_cache(maxsize=8)
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+
+
+def changed(session: Session, statement: Executable) -> int:
+    """Rows an UPDATE or DELETE changed: how a conditional state change tells whether it won."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 @contextmanager

@@ -18,26 +18,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, Executable, delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.db import db_now, utcnow
+from app.db import changed, db_now, utcnow
 from app.jobs.models import FINISHED_STATUSES, FailureReason, Job, JobEvent, JobStatus, Metric
 from app.ml.types import MetricPoint, greater_is_better
-
-
-def _changed(session: Session, statement: Executable) -> int:
-    """Rows an UPDATE changed: how a conditional state change tells whether it won."""
-    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 def cancel_queued(session: Session, *, job_id: str) -> bool:
     """queued -> cancelled; False when the job is not queued (any more)."""
     now = utcnow()
-    cancelled = _changed(
+    cancelled = changed(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
@@ -50,7 +45,7 @@ def cancel_queued(session: Session, *, job_id: str) -> bool:
 
 def request_stop(session: Session, *, job_id: str) -> bool:
     """Flag a running job for its training to stop (read within one batch); False if already flagged."""
-    requested = _changed(
+    requested = changed(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running, Job.cancel_requested_at.is_(None))
@@ -61,10 +56,6 @@ def request_stop(session: Session, *, job_id: str) -> bool:
     return bool(requested)
 
 
-def mark_enqueued(session: Session, *, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=db_now()))
-
-
 def claim_send(session: Session, *, job_id: str, resend_after: float | None = None) -> bool:
     """Take the right to send a queued job's message: never sent (`enqueued_at` NULL), or, with
     `resend_after`, last sent longer ago than that. One conditional UPDATE, so of several sweepers
@@ -73,7 +64,7 @@ def claim_send(session: Session, *, job_id: str, resend_after: float | None = No
     if resend_after is not None:
         due = due | (Job.enqueued_at < db_now(-resend_after))
     return bool(
-        _changed(
+        changed(
             session,
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.queued, due)
@@ -140,7 +131,7 @@ def renew(session: Session, *, job_id: str, attempt: int, lease_seconds: float) 
     finished, handed back). Run first in every transaction that writes for an attempt: the UPDATE
     locks the row, so nothing that moves the job on can interleave with the writes after it."""
     return bool(
-        _changed(
+        changed(
             session,
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
@@ -277,7 +268,7 @@ def finish(
     if attempt is not None:
         statement = statement.where(Job.attempt == attempt)
     values["lease_expires_at"] = None
-    done = _changed(session, statement.values(**values))
+    done = changed(session, statement.values(**values))
     if done:
         text = status.value if message is None else f"{status.value}: {message}"
         add_event(
@@ -325,7 +316,7 @@ def lose_attempt(
         )
         return JobStatus.cancelled if done else None
     if restarts < max_restarts:
-        requeued = _changed(
+        requeued = changed(
             session,
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
@@ -385,7 +376,7 @@ def hand_back(session: Session, *, job_id: str, attempt: int, why: str) -> bool:
     worker = session.scalar(
         select(Job.worker).where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
     )
-    handed = _changed(
+    handed = changed(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
@@ -408,7 +399,7 @@ def supersede_from_epoch(session: Session, *, job_id: str, epoch: int, metric_to
     epoch and later (per-batch points of the partial epoch, and per-epoch points written before
     its checkpoint was): every series then ends with one point per epoch. The best metric is
     recomputed from what is left. Returns the points deleted."""
-    deleted = _changed(session, delete(Metric).where(Metric.job_id == job_id, Metric.epoch >= epoch))
+    deleted = changed(session, delete(Metric).where(Metric.job_id == job_id, Metric.epoch >= epoch))
     name = f"Valid_{metric_to_watch}"
     best = func.max(Metric.value) if greater_is_better(metric_to_watch) else func.min(Metric.value)
     value = session.scalar(select(best).where(Metric.job_id == job_id, Metric.name == name))

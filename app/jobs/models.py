@@ -21,6 +21,7 @@ class JobStatus(enum.StrEnum):
 
 
 FINISHED_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running)
 
 
 class FailureReason(enum.StrEnum):

@@ -23,7 +23,6 @@ from app.jobs.schemas import (
 )
 from app.openapi import problems
 from app.schemas import MAX_OFFSET
-from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -43,15 +42,6 @@ def _cursor(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _send(settings: Settings, job_id: str) -> None:
-    """Send a queued job, committed already, to the broker.
-
-    Sent only after the commit, so the worker always finds the job. If the broker is down the job
-    stays queued (marked unsent) and a worker's sweeper sends it later: an accepted job is never lost.
-    """
-    dispatch.send(settings, job_id=job_id)
-
-
 @router.post(
     "", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=problems(400, 422, 503)
 )
@@ -59,7 +49,9 @@ def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> Job
     """Validate a job spec and queue the job."""
     job = service.create_job(session, spec=spec, settings=settings)
     session.commit()
-    _send(settings, job.id)
+    # Sent only after the commit, so the worker always finds the job. If the broker is down the job
+    # stays queued (marked unsent) and a worker's sweeper sends it later: a 201 is never lost.
+    dispatch.send(settings, job_id=job.id)
     return service.to_out(job)
 
 
@@ -131,7 +123,7 @@ def resume_job(
     checkpoint."""
     job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs)
     session.commit()
-    _send(settings, job.id)
+    dispatch.send(settings, job_id=job.id)
     return service.to_out(job)
 
 

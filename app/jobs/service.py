@@ -12,17 +12,17 @@ import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, Executable, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.datasets.formats import check_layout
 from app.datasets.service import resolve_spec
-from app.db import utcnow
+from app.db import changed, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.jobs import files, lifecycle
-from app.jobs.models import FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
+from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress, StartedFrom
 from app.paths import is_inside, real
 from app.settings import Settings
@@ -33,7 +33,6 @@ from app.weights.service import Inspector, JobCheckpoint
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running)
 # A failed or cancelled job can continue from its checkpoint; a succeeded one is done.
 RESUMABLE_STATUSES = (JobStatus.cancelled, JobStatus.failed)
 
@@ -172,11 +171,6 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
     return job
 
 
-def _changed(session: Session, statement: Executable) -> int:
-    """Rows a conditional UPDATE or DELETE changed: how it tells whether it won a race."""
-    return cast(CursorResult[Any], session.execute(statement)).rowcount
-
-
 def _current_status(session: Session, *, job_id: str) -> str:
     """The job's status as the database has it now; 404 once it is gone."""
     status = session.scalar(select(Job.status).where(Job.id == job_id))
@@ -233,7 +227,7 @@ def resume_job(session: Session, *, job_id: str, max_epochs: int | None) -> Job:
         spec.setdefault("training", {})["max_epochs"] = max_epochs
         values.update(max_epochs=max_epochs, spec=spec)
     # Conditional on the status read above: a concurrent resume, or a delete, wins at most once.
-    if not _changed(
+    if not changed(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status.in_(RESUMABLE_STATUSES))
@@ -301,7 +295,7 @@ def delete_job(session: Session, *, settings: Settings, job_id: str) -> Path | N
         )
     job_dir = _job_dir_to_remove(settings, job)
     # Conditional on the status read above, so a job resumed meanwhile is not deleted from under it.
-    if not _changed(
+    if not changed(
         session,
         delete(Job)
         .where(Job.id == job_id, Job.status.in_(FINISHED_STATUSES))
@@ -401,9 +395,7 @@ def jobs_using_dataset(session: Session, *, settings: Settings, dataset_id: str,
     The jobs side of `app.datasets.service.DatasetUsers`.
     """
     users = []
-    for job_id, spec in session.execute(
-        select(Job.id, Job.spec).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
-    ):
+    for job_id, spec in session.execute(select(Job.id, Job.spec).where(Job.status.in_(ACTIVE_STATUSES))):
         dataset = (spec or {}).get("dataset") or {}
         if dataset.get("id") == dataset_id:
             users.append(job_id)
@@ -422,7 +414,7 @@ def jobs_using_weights(session: Session, *, weights_id: str) -> list[str]:
     return [
         job_id
         for job_id, started_from in session.execute(
-            select(Job.id, Job.started_from).where(Job.status.in_((JobStatus.queued, JobStatus.running)))
+            select(Job.id, Job.started_from).where(Job.status.in_(ACTIVE_STATUSES))
         )
         if (started_from or {}).get("weights_id") == weights_id
     ]

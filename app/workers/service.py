@@ -7,16 +7,15 @@ from datetime import datetime
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from app.db import db_now
+from app.db import changed, db_now
 from app.workers.models import Worker
 
 
 def seen(session: Session, *, name: str, job_id: str | None) -> None:
     """Record that worker `name` is alive now (and which job it trains)."""
-    changed = session.execute(
-        update(Worker).where(Worker.name == name).values(seen_at=db_now(), job_id=job_id)
-    ).rowcount  # type: ignore[attr-defined]
-    if not changed:
+    if not changed(
+        session, update(Worker).where(Worker.name == name).values(seen_at=db_now(), job_id=job_id)
+    ):
         session.execute(
             insert(Worker).values(name=name, started_at=db_now(), seen_at=db_now(), job_id=job_id)
         )
