@@ -138,6 +138,9 @@ def test_list_jobs_filters_and_paginates_newest_first(service: Service, shapes: 
         job = service.submit(tiny_spec(shapes, name=f"list-{i}"))
         service.client.post(f"/jobs/{job['id']}/cancel")
         ids.append(job["id"])
+    for job_id in ids:
+        # A worker may have claimed a job before its cancel: it is cancelled once its training stops.
+        service.wait(job_id, timeout=300)
     page = service.client.get("/jobs", params={"status": "cancelled", "limit": 2}).json()
     assert [j["id"] for j in page["items"]] == ids[::-1][:2]
     assert all(j["status"] == "cancelled" for j in page["items"])
