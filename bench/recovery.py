@@ -56,7 +56,9 @@ from bench.harness import (
 from bench.harness import job_spec as make_job_spec
 
 DEFAULTS = Size(images=48, val_images=8, input_size=64, epochs=3, batch_size=4, repeats=3)
-SMOKE = Size(images=16, val_images=4, input_size=64, epochs=2, batch_size=4, repeats=1)
+# Three epochs even in the smoke run: a strike in the middle of epoch 1 must leave a whole epoch to
+# resume (with two, a fast machine can finish the job between the wait and the signal).
+SMOKE = Size(images=16, val_images=4, input_size=64, epochs=3, batch_size=4, repeats=1)
 STRIKES = ("kill -9 worker", "kill -9 training", "SIGTERM worker")
 # The service settings that decide recovery time (the rest stay at their defaults).
 DEFAULT_LEASE_S = 30.0
@@ -99,6 +101,8 @@ def strike(service: Any, dataset: Any, size: Size, how: str, label: str) -> dict
     done = service.wait(job_id, timeout=900, interval=0.2)
     if done["status"] != "succeeded":
         raise BenchError(f"job {job_id} ended {done['status']} after {how}: {done.get('error')}")
+    if done["attempt"] == 1:
+        raise BenchError(f"job {job_id} finished before the {how} took effect; make it longer (--epochs)")
     points = service.metrics(job_id, names=[BATCH_LOSS])
     ends = sorted(parse_time(p["time"]) for p in points)
     after = [t for t in ends if t > struck]
