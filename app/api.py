@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.db import get_sessionmaker
+from app.auth import service as auth
+from app.auth.principal import Principal
+from app.db import get_sessionmaker, session_scope
+from app.errors import Unauthorized
+from app.redaction import Redactor
 from app.schemas import ID_MAX_LENGTH, ID_PATTERN
 from app.settings import Settings, get_settings
 
@@ -27,7 +32,41 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
+# Declares the scheme in the OpenAPI document; the check itself is `get_principal`'s, so a missing
+# key gets the project's 401 problem with `WWW-Authenticate`, not FastAPI's 403.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key: `sgjobs keys create --tenant NAME`, or the admin key in $SGJOBS_HOME/admin.key.",
+)
+
+
+def get_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> Principal:
+    """The caller, from `Authorization: Bearer <key>`; 401 without a valid, unrevoked key."""
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
+    # Its own short transaction: the key check (and its occasional last-used stamp) never mixes
+    # with the request's unit of work.
+    with session_scope(get_settings().database_url) as session:
+        principal = auth.authenticate(session, key=credentials.credentials)
+    if principal is None:
+        raise Unauthorized("the API key is unknown or revoked", invalid_token=True)
+    request.state.principal = principal
+    return principal
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_redactor(principal: PrincipalDep, settings: SettingsDep) -> Redactor | None:
+    """None for an admin (who sees answers as written); for a member, what hides host details."""
+    return None if principal.is_admin else Redactor(settings)
+
+
+RedactorDep = Annotated[Redactor | None, Depends(get_redactor)]
 # Ids in paths (jobs, datasets).
 ObjectId = Annotated[str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]

@@ -1,4 +1,4 @@
-"""The `sgjobs` command: serve, api, worker, migrate, demo-dataset."""
+"""The `sgjobs` command: serve, api, worker, migrate, keys, demo-dataset."""
 
 from __future__ import annotations
 
@@ -73,8 +73,17 @@ def _run_api(host: str, port: int) -> None:
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=get_settings().log_level)
 
 
+def _bootstrap_admin_key() -> None:
+    from app.auth.service import bootstrap_admin_key
+
+    path = bootstrap_admin_key(get_settings())
+    if path is not None:
+        print(f"admin API key: {path} (send it as `Authorization: Bearer $(cat {path})`)", flush=True)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     settings = get_settings()
+    _bootstrap_admin_key()
     _run_api(args.host or settings.host, args.port or settings.port)
     return 0
 
@@ -154,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, keep one worker running as a child process and the API in this one; stop both together."""
     settings = get_settings()
     cmd_migrate(args)
+    _bootstrap_admin_key()
     prepare_broker(settings)
     keeper = WorkerKeeper().start()
     print(f"datasets directory: {settings.datasets_dir}", flush=True)
@@ -181,6 +191,52 @@ def cmd_demo_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`sgjobs keys create|list|revoke`: API keys, straight in the database (an operator's tool)."""
+    from app.auth import service as auth
+    from app.auth.models import Role
+    from app.db import session_scope
+    from app.errors import AppError
+    from app.migrate import upgrade
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    upgrade(settings.database_url)
+    try:
+        with session_scope(settings.database_url) as session:
+            if args.keys_command == "create":
+                role = Role.admin if args.admin else Role.member
+                record, key = auth.create_key(session, tenant=args.tenant, role=role, name=args.name)
+                print(f"created {role.value} key {record.id} for tenant {record.tenant!r}; shown only once:")
+                # Alone on the last line, so scripts can take it with `tail -n 1`.
+                print(key)
+            elif args.keys_command == "list":
+                keys = auth.list_keys(session, include_revoked=args.all)
+                header = (
+                    ("id", 32),
+                    ("prefix", 12),
+                    ("tenant", 16),
+                    ("role", 6),
+                    ("created", 19),
+                    ("last used", 19),
+                )
+                print("  ".join(f"{title:{width}}" for title, width in header) + "  name")
+                for k in keys:
+                    used = k.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if k.last_used_at else "-"
+                    state = " (revoked)" if k.revoked_at else ""
+                    print(
+                        f"{k.id:32}  {k.prefix:12}  {k.tenant:16}  {k.role:6}  "
+                        f"{k.created_at:%Y-%m-%d %H:%M:%S}  {used:19}  {k.name or ''}{state}"
+                    )
+            else:
+                record = auth.revoke_key(session, key_id=args.key_id)
+                print(f"revoked key {record.id} (tenant {record.tenant!r})")
+    except AppError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgjobs", description="Fine-tune YOLO-NAS detectors over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=None, help="default: SGJOBS_PORT or 8000")
     sub.add_parser("worker", help="run a training worker (one per GPU)")
     sub.add_parser("migrate", help="apply database migrations")
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (printed once, alone on the last line)")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    create.add_argument("--admin", action="store_true", help="an admin key: sees every tenant")
+    create.add_argument("--name", default=None, help="a label for lists")
+    listing = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key_id", help="the key's id or prefix, as `keys list` shows them")
     demo = sub.add_parser(
         "demo-dataset", help="write a small generated COCO dataset into the datasets directory"
     )
@@ -208,6 +274,7 @@ COMMANDS = {
     "api": cmd_api,
     "worker": cmd_worker,
     "migrate": cmd_migrate,
+    "keys": cmd_keys,
     "demo-dataset": cmd_demo_dataset,
 }
 

@@ -27,8 +27,8 @@ from app.errors import (
 logger = logging.getLogger(__name__)
 
 
-def _problem(
-    request: Request,
+def problem_response(
+    instance: str,
     *,
     status: int,
     code: str,
@@ -37,12 +37,14 @@ def _problem(
     headers: Mapping[str, str] | None = None,
     **extensions: Any,
 ) -> JSONResponse:
+    """A problem-details answer; also for middleware, which answers before any route (`instance`:
+    the request path)."""
     body = Problem(
         type=type_ or f"{PROBLEM_TYPE_PREFIX}{code}",
         title=HTTPStatus(status).phrase,
         status=status,
         detail=detail,
-        instance=request.url.path,
+        instance=instance,
         code=code,
         **{k: v for k, v in extensions.items() if v is not None},
     )
@@ -54,14 +56,33 @@ def _problem(
     )
 
 
+def _problem(
+    request: Request,
+    *,
+    status: int,
+    code: str,
+    detail: str,
+    type_: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    return problem_response(
+        request.url.path, status=status, code=code, detail=detail, type_=type_, headers=headers, **extensions
+    )
+
+
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
     extensions: dict[str, Any] = {}
     if exc.extension is not None and exc.details:
         extensions[exc.extension] = exc.details
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status_code == 503 else None
     return _problem(
-        request, status=exc.status_code, code=exc.code, detail=exc.message, headers=headers, **extensions
+        request,
+        status=exc.status_code,
+        code=exc.code,
+        detail=exc.message,
+        headers=exc.headers(),
+        **extensions,
     )
 
 

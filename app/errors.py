@@ -76,6 +76,49 @@ class AppError(Exception):
         self.message = message
         self.details = details
 
+    def headers(self) -> dict[str, str] | None:
+        """Response headers the status calls for (`WWW-Authenticate`, `Retry-After`)."""
+        return None
+
+
+class Unauthorized(AppError):
+    """401: no key, or one that is unknown or revoked."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.invalid_token = invalid_token
+
+    def headers(self) -> dict[str, str] | None:
+        # RFC 6750: a request without credentials gets the scheme alone, a bad key `invalid_token`.
+        error = ', error="invalid_token"' if self.invalid_token else ""
+        return {"WWW-Authenticate": f'Bearer realm="sgjobs"{error}'}
+
+
+class Forbidden(AppError):
+    """403: the caller is known but may not do this (a member deleting published weights, a
+    cross-site request from an origin that is not allowed)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class TooManyRequests(AppError):
+    """429: a quota that frees up with time (running jobs finish); `details`: `[{"limit", "value"}]`."""
+
+    status_code = 429
+    code = "quota_exceeded"
+    extension = "limits"
+
+    def __init__(self, message: str, *, details: Any = None, retry_after: int = 60) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
+
 
 class NotFound(AppError):
     status_code = 404
@@ -130,6 +173,9 @@ class UnsupportedMediaType(AppError):
 class ServiceUnavailable(AppError):
     status_code = 503
     code = "service_unavailable"
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 class DatasetError(InvalidInput):

@@ -7,8 +7,10 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from app.api import get_principal
 from app.artifacts.router import router as artifacts_router
 from app.artifacts.router import weights_router as weights_artifacts_router
 from app.datasets.router import router as datasets_router
@@ -16,8 +18,9 @@ from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
-from app.openapi import install_openapi, operation_id
+from app.openapi import install_openapi, operation_id, problems
 from app.prediction.router import router as prediction_router
+from app.security import RequestGuard, allowed_hosts
 from app.settings import Settings, get_settings
 from app.weights import folder
 from app.weights.router import router as weights_router
@@ -65,12 +68,27 @@ def create_app() -> FastAPI:
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
     install_error_handlers(app)
+    # Health checks answer anyone (load balancers, orchestrators); everything else needs a key.
     app.include_router(health_router)
-    app.include_router(jobs_router)
-    app.include_router(datasets_router)
-    app.include_router(weights_router)
-    app.include_router(artifacts_router)
-    app.include_router(weights_artifacts_router)
-    app.include_router(prediction_router)
+    authenticated = [Depends(get_principal)]
+    for router in (
+        jobs_router,
+        datasets_router,
+        weights_router,
+        artifacts_router,
+        weights_artifacts_router,
+        prediction_router,
+    ):
+        app.include_router(router, dependencies=authenticated, responses=problems(401))
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "WWW-Authenticate"],
+        )
+    # Outermost: a request for a host name this service does not have is refused before anything.
+    app.add_middleware(RequestGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
     install_openapi(app)
     return app

@@ -14,11 +14,14 @@ from app.errors import PROBLEM_MEDIA_TYPE, Problem
 # Why each status can happen, as the docs show it; a route lists the ones it can answer.
 _DESCRIPTIONS: dict[int, str] = {
     400: "The body cannot be parsed (not UTF-8 JSON).",
+    401: "No API key, or an unknown or revoked one (`WWW-Authenticate` says which).",
+    403: "The key may not do this.",
     404: "No such object.",
     409: "The object's state does not allow this.",
     413: "Over a size limit (the problem names it).",
     415: "The body's media type is not accepted.",
     422: "Invalid input (field errors in `errors`, dataset problems in `problems`).",
+    429: "Over a quota that frees up with time (the problem names it); retry after `Retry-After` seconds.",
     503: "The database or the inference process is unavailable; retry after `Retry-After` seconds.",
 }
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
+# The datasets directory's folder of uploaded datasets. Tenants' own folders sit beside it, so no
+# tenant may have this name.
+UPLOADS_FOLDER = "uploads"
+
 
 def unsafe_relative(name: str) -> bool:
     """True for names that could leave their folder: empty, absolute, with `..` parts or NUL bytes."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -82,6 +83,35 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "info"
+    # Access. The first admin key: taken from here, or made at the first start; either way written
+    # to $SGJOBS_HOME/admin.key (mode 0600).
+    admin_key: SecretStr | None = Field(default=None, description="The first admin API key (>= 32 chars).")
+    # Host headers the API answers (DNS rebinding): loopback names and `host` are always allowed;
+    # add the names clients use ("*" allows any). JSON list or comma-separated.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Browser origins allowed to call the API (CORS); none by default. JSON list or comma-separated.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Quotas, per tenant (`tenant_quotas` overrides them for named tenants).
+    # Jobs queued or running at once; past it a new job is a 429 with Retry-After.
+    quota_active_jobs: int = Field(default=10, ge=0)
+    # Bytes of uploaded datasets and weights kept; past it an upload is a 413.
+    quota_storage_bytes: int = Field(default=100 * 2**30, ge=0)
+    # max_epochs x input height x input width of one job (the compute one job may ask for): the
+    # default allows 1000 epochs at 640x640.
+    quota_epoch_pixels: int = Field(default=1000 * 640 * 640, ge=1)
+    # {"tenant": {"active_jobs": 20, "storage_bytes": ..., "epoch_pixels": ...}}, as JSON.
+    tenant_quotas: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # "a,b" in an environment variable, or a JSON list.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     @field_validator("batch_metrics_retention_days", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import httpx
 
+from app.auth.service import generate_key
 from app.process import die_with_parent
 
 __all__ = [
@@ -162,6 +163,13 @@ class RunningService:
     home: Path
     log_file: Path
     pid: int
+    # The admin key the service was started with (SGJOBS_ADMIN_KEY).
+    admin_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a request needs to act as the admin."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
     def log_tail(self, chars: int = 5000) -> str:
         return _tail(self.log_file, chars)
@@ -191,7 +199,8 @@ def serve(
     workdir = Path(cwd) if cwd is not None else Path.cwd()
     home_dir = (workdir / home).resolve()
     home_dir.mkdir(parents=True, exist_ok=True)
-    env = service_env(backend, home, **dict(settings or {}))
+    admin_key = generate_key()
+    env = service_env(backend, home, **{"admin_key": admin_key, **dict(settings or {})})
     port = free_port()
     log_file = home_dir / "serve.log"
     with open(log_file, "wb") as log:
@@ -205,7 +214,7 @@ def serve(
             start_new_session=True,  # its own process group, killed as a whole at the end
             preexec_fn=die_with_parent(),  # a killed test run or benchmark leaves no service behind
         )
-    service = RunningService(backend, f"http://127.0.0.1:{port}", home_dir, log_file, proc.pid)
+    service = RunningService(backend, f"http://127.0.0.1:{port}", home_dir, log_file, proc.pid, admin_key)
     try:
         _wait_ready(proc, service, startup_timeout)
         yield service

@@ -98,13 +98,13 @@ def store_points(service: Any, job_id: str, count: int, chunk: int = 5000) -> tu
 
 
 async def drive(
-    base_url: str, job_id: str, cursor: int, rate: float, duration: float
+    base_url: str, headers: dict[str, str], job_id: str, cursor: int, rate: float, duration: float
 ) -> dict[str, list[Any]]:
     """Open-loop load on two endpoints; returns latencies (s) and errors per endpoint."""
     state = {"cursor": str(cursor)}
     out: dict[str, list[Any]] = {"job": [], "metrics": [], "job_errors": [], "metrics_errors": []}
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    async with httpx.AsyncClient(base_url=base_url, timeout=10, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10, limits=limits) as client:
 
         async def one(kind: str, scheduled: float) -> None:
             try:
@@ -167,7 +167,11 @@ def main() -> int:
                         if service.job(job["id"])["status"] != "running":
                             raise BenchError("the training job is no longer running; raise --epochs")
                         rounds.append(
-                            asyncio.run(drive(service.base_url, job["id"], max_id - 100, rate, duration))
+                            asyncio.run(
+                                drive(
+                                    service.base_url, service.headers, job["id"], max_id - 100, rate, duration
+                                )
+                            )
                         )
                         if service.job(job["id"])["status"] != "running":
                             raise BenchError("the training ended during the load; raise --epochs")

@@ -178,6 +178,8 @@ class Service:
     datasets_dir: Path
     log_file: Path
     client: httpx.Client = field(repr=False)
+    # What a request needs to act as the service's admin (the client sends it already).
+    headers: dict[str, str] = field(repr=False, default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -284,9 +286,17 @@ def running_service(
     try:
         with (
             testing.serve(backend, home, cwd=REPO_ROOT, settings=settings) as running,
-            httpx.Client(base_url=running.base_url, timeout=30) as client,
+            httpx.Client(base_url=running.base_url, headers=running.headers, timeout=30) as client,
         ):
-            yield Service(backend, running.base_url, running.home, datasets_dir, running.log_file, client)
+            yield Service(
+                backend,
+                running.base_url,
+                running.home,
+                datasets_dir,
+                running.log_file,
+                client,
+                running.headers,
+            )
     except testing.ServiceError as exc:  # only raised while it starts
         raise BenchError(str(exc)) from exc
 

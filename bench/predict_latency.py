@@ -85,11 +85,13 @@ def _http_latency(client: httpx.Client, job_id: str, payload: bytes, n: int) -> 
     return samples
 
 
-def _throughput(url: str, job_id: str, payload: bytes, clients: int, per_client: int) -> float:
+def _throughput(
+    url: str, headers: dict[str, str], job_id: str, payload: bytes, clients: int, per_client: int
+) -> float:
     errors: list[str] = []
 
     def run() -> None:
-        with httpx.Client(base_url=url, timeout=300) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
             for _ in range(per_client):
                 response = client.post(
                     "/predict", data={"job_id": job_id}, files=[("files", ("b.jpg", payload))]
@@ -171,6 +173,9 @@ def main() -> int:
     )
     parser.add_argument("--url", help="use a running service instead of starting one")
     parser.add_argument("--job", help="a succeeded job id on that service (else one is trained)")
+    parser.add_argument(
+        "--key", default=os.environ.get("SGJOBS_API_KEY"), help="API key for --url (default: $SGJOBS_API_KEY)"
+    )
     parser.add_argument("-n", type=int, default=60, help="sequential requests / calls per measurement")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-client", type=int, default=25)
@@ -193,12 +198,14 @@ def main() -> int:
     image_file.write_bytes(payload)
     with ExitStack() as stack:
         url = args.url
+        headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
         if url is None:
             # SQLite in a fresh home (absolute), the CPU, quiet logs; stopped with the whole tree.
             backend = stack.enter_context(backend_resources("sqlite", prefix="sgjobs-bench"))
             settings = {"device": "cpu", "log_level": "warning"}
-            url = stack.enter_context(serve(backend, work, cwd=ROOT, settings=settings)).base_url
-        client = httpx.Client(base_url=url, timeout=300)
+            running = stack.enter_context(serve(backend, work, cwd=ROOT, settings=settings))
+            url, headers = running.base_url, running.headers
+        client = httpx.Client(base_url=url, headers=headers, timeout=300)
         job_id = args.job or _train(client, work, args.input_size)
         job = client.get(f"/jobs/{job_id}").json()
         input_size = job["spec"]["input_size"]
@@ -209,8 +216,8 @@ def main() -> int:
         http = _stats(_http_latency(client, job_id, payload, args.n))
         stats = client.get("/predict/stats").json()
         print(f"{args.clients} concurrent clients...", file=sys.stderr)
-        throughput = _throughput(url, job_id, payload, args.clients, args.per_client)
-        single = _throughput(url, job_id, payload, 1, args.per_client)
+        throughput = _throughput(url, headers, job_id, payload, args.clients, args.per_client)
+        single = _throughput(url, headers, job_id, payload, 1, args.per_client)
         print("in-process predict...", file=sys.stderr)
         local = _in_process(checkpoint, image_file, args.n)
 

@@ -72,7 +72,7 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
     home = tmp_path_factory.mktemp(f"sgjobs-{backend.name}")
     # SGJOBS_HOME relative, as in the README's default (`./var`): every process must resolve it the same.
     with serve(backend, home.name, cwd=home.parent, settings=SERVICE_SETTINGS) as running:
-        with httpx.Client(base_url=running.base_url, timeout=30) as client:
+        with httpx.Client(base_url=running.base_url, headers=running.headers, timeout=30) as client:
             yield Service(
                 backend.name,
                 running.base_url,
@@ -80,6 +80,7 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 running.home / "datasets",
                 running.log_file,
                 client,
+                running.admin_key,
             )
 
 

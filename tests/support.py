@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 from sqlalchemy import update
 
+from app.auth.models import Role
+from app.auth.principal import DEFAULT_TENANT, Principal
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
 from app.db import session_scope, utcnow
 from app.jobs import service as jobs
@@ -22,6 +24,9 @@ from app.jobs.schemas import JobSpec
 from app.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Who tests act as when they call services directly: an admin of the default tenant, like the
+# service's own admin key.
+ADMIN = Principal(key_id="tests", tenant=DEFAULT_TENANT, role=Role.admin)
 
 
 @dataclass
@@ -34,6 +39,12 @@ class Service:
     datasets_dir: Path
     log_file: Path
     client: httpx.Client = field(repr=False)
+    # The service's admin key (the client sends it); tests that make clients of their own use `headers`.
+    admin_key: str = field(repr=False, default="")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
     def post_job(self, spec: dict[str, Any]) -> httpx.Response:
         return self.client.post("/jobs", json=spec)
@@ -119,7 +130,10 @@ def insert_job(settings: Settings, dataset: str, *, spec: dict[str, Any] | None 
         }
     with session_scope(settings.database_url) as session:
         job = jobs.create_job(
-            session, spec=JobSpec.model_validate(spec or tiny_spec(dataset)), settings=settings
+            session,
+            spec=JobSpec.model_validate(spec or tiny_spec(dataset)),
+            settings=settings,
+            principal=ADMIN,
         )
         if values:
             session.execute(update(Job).where(Job.id == job.id).values(**values))

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+import app.auth.models
 import app.datasets.models
 import app.jobs.models
 import app.weights.models

@@ -182,6 +182,7 @@ def _make_api(generated: Generated, service: Service) -> Api:
 
     client = generated.package.Client(
         base_url=service.base_url,
+        headers=service.headers,
         timeout=httpx.Timeout(600.0),
         raise_on_unexpected_status=True,
         httpx_args={"event_hooks": {"response": [keep]}},

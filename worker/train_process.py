@@ -51,7 +51,7 @@ def _init_checkpoint(
 ) -> tuple[Path | None, str]:
     """The checkpoint file the job starts from (None: random weights) and how to name its source."""
     if spec.init_from is not None and spec.init_from.job_id is not None:
-        source = service.get_job(session, job_id=spec.init_from.job_id)
+        source = service.get_job(session, job_id=spec.init_from.job_id, scope=None)
         checkpoint = files.init_checkpoint(source)
         if checkpoint is None:
             raise InitCheckpointGone(f"job {source.id} has no checkpoint any more")
@@ -82,12 +82,17 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
     """Prepare the dataset and train; returns the result record (status, reason, message, ...)."""
     job_dir = settings.jobs_dir / job_id
     with session_scope(settings.database_url) as session:
-        job = service.get_job(session, job_id=job_id)
+        # The worker acts for the service, not for a tenant: it reads any job.
+        job = service.get_job(session, job_id=job_id, scope=None)
         spec = JobSpec.model_validate(job.spec)
         failpoints.set_context(job_name=spec.name, attempt=attempt)
         try:
             resolved: datasets.ResolvedDataset | InvalidInput = datasets.resolve_spec(
-                session, settings=settings, spec=spec.dataset
+                # What the job's creator could use then, it can use now.
+                session,
+                settings=settings,
+                spec=spec.dataset,
+                scope=job.scope,
             )
         except InvalidInput as exc:  # the dataset was deleted or moved since the job was queued
             resolved = exc
@@ -147,7 +152,7 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
                     epoch=resume.next_epoch,
                     metric_to_watch=spec.training.metric_to_watch,
                 )
-                reporter.resume_best(service.get_job(session, job_id=job_id).best_metric_value)
+                reporter.resume_best(service.get_job(session, job_id=job_id, scope=None).best_metric_value)
         if reporter.should_stop():
             raise TrainingCancelled("cancelled before training started")
         if resume is not None:

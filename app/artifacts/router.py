@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.api import ObjectId, SessionDep, SettingsDep
+from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactList, ExportOut
 from app.openapi import problems
@@ -20,10 +20,10 @@ ArtifactName = Annotated[str, Path(min_length=1, max_length=1000, description="A
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=problems(404, 422, 503))
-def list_artifacts(job_id: ObjectId, session: SessionDep) -> ArtifactList:
+def list_artifacts(job_id: ObjectId, session: SessionDep, principal: PrincipalDep) -> ArtifactList:
     """The job's files (checkpoints, averaged model, TensorBoard event files, console log, ONNX export)
     with their sizes and download URLs."""
-    return service.list_artifacts(session, job_id=job_id)
+    return service.list_artifacts(session, job_id=job_id, scope=principal.scope)
 
 
 @router.get(
@@ -37,18 +37,24 @@ def list_artifacts(job_id: ObjectId, session: SessionDep) -> ArtifactList:
         **problems(404, 422, 503),
     },
 )
-def download_artifact(job_id: ObjectId, name: ArtifactName, session: SessionDep) -> FileResponse:
+def download_artifact(
+    job_id: ObjectId, name: ArtifactName, session: SessionDep, principal: PrincipalDep
+) -> FileResponse:
     """Download one listed file; `name` as in the listing."""
-    path = service.artifact_path(session, job_id=job_id, name=name)
+    path = service.artifact_path(session, job_id=job_id, name=name, scope=principal.scope)
     return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
 
 @router.post("/{job_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
-async def export_job(job_id: ObjectId, session: SessionDep, settings: SettingsDep) -> ExportOut:
+async def export_job(
+    job_id: ObjectId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> ExportOut:
     """Export the job's best model to ONNX (with its preprocessing and NMS); download it from
     `artifact.url`. A second call returns the existing file. 409 while the job has no checkpoint."""
     # Export takes seconds: off the event loop, so other requests keep being answered.
-    return await run_in_threadpool(service.export_onnx, session, settings=settings, job_id=job_id)
+    return await run_in_threadpool(
+        service.export_onnx, session, settings=settings, job_id=job_id, scope=principal.scope
+    )
 
 
 @weights_router.get(
@@ -63,15 +69,25 @@ async def export_job(job_id: ObjectId, session: SessionDep, settings: SettingsDe
     },
 )
 def download_weights_artifact(
-    weights_id: ObjectId, name: ArtifactName, session: SessionDep, settings: SettingsDep
+    weights_id: ObjectId,
+    name: ArtifactName,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> FileResponse:
     """Download registered weights' checkpoint (`weights.pth`) or ONNX export (`export/model.onnx`)."""
-    path = service.weights_artifact_path(session, settings=settings, weights_id=weights_id, name=name)
+    path = service.weights_artifact_path(
+        session, settings=settings, weights_id=weights_id, name=name, scope=principal.scope
+    )
     return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
 
 @weights_router.post("/{weights_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
-async def export_weights(weights_id: ObjectId, session: SessionDep, settings: SettingsDep) -> ExportOut:
+async def export_weights(
+    weights_id: ObjectId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> ExportOut:
     """Export registered weights to ONNX (with their preprocessing and NMS), as `POST
     /jobs/{id}/export` does for a job; download it from `artifact.url`."""
-    return await run_in_threadpool(service.export_weights, session, settings=settings, weights_id=weights_id)
+    return await run_in_threadpool(
+        service.export_weights, session, settings=settings, weights_id=weights_id, scope=principal.scope
+    )

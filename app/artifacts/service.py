@@ -29,16 +29,16 @@ def _artifact(job_id: str, name: str, kind: str, path: Path) -> Artifact:
     return Artifact(name=name, kind=kind, size=path.stat().st_size, url=f"/jobs/{job_id}/artifacts/{name}")
 
 
-def list_artifacts(session: Session, *, job_id: str) -> ArtifactList:
+def list_artifacts(session: Session, *, job_id: str, scope: str | None) -> ArtifactList:
     """The job's downloadable files with their sizes (empty before it has run)."""
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     items = [_artifact(job.id, name, f.kind, f.path) for name, f in files.list_files(job).items()]
     return ArtifactList(job_id=job.id, status=job.status, items=items)
 
 
-def artifact_path(session: Session, *, job_id: str, name: str) -> Path:
+def artifact_path(session: Session, *, job_id: str, name: str, scope: str | None) -> Path:
     """The file behind a listed artifact name; 404 for anything not listed."""
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     found = files.find_file(job, name)
     if found is None:
         raise NotFound(f"job {job_id!r} has no artifact {name!r}")
@@ -61,11 +61,11 @@ def _export(
     )
 
 
-def export_onnx(session: Session, *, settings: Settings, job_id: str) -> ExportOut:
+def export_onnx(session: Session, *, settings: Settings, job_id: str, scope: str | None) -> ExportOut:
     """Export the job's best model to ONNX with SG (preprocessing and NMS inside) into
     `<job_dir>/export/model.onnx`; an export of the same checkpoint is reused. 409 without a
     best checkpoint."""
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     checkpoint = best_checkpoint(job)
     assert job.job_dir is not None  # a job with a checkpoint has a directory
     output = files.export_file(Path(job.job_dir))
@@ -88,9 +88,11 @@ def export_onnx(session: Session, *, settings: Settings, job_id: str) -> ExportO
 WEIGHTS_CHECKPOINT = "weights.pth"
 
 
-def weights_artifact_path(session: Session, *, settings: Settings, weights_id: str, name: str) -> Path:
+def weights_artifact_path(
+    session: Session, *, settings: Settings, weights_id: str, name: str, scope: str | None
+) -> Path:
     """The file behind a weights artifact name (`weights.pth`, `export/model.onnx`); 404 otherwise."""
-    found = weights.get_weights(session, weights_id=weights_id)
+    found = weights.get_weights(session, weights_id=weights_id, scope=scope)
     paths = {
         WEIGHTS_CHECKPOINT: weights.weights_file(settings, found.id),
         files.EXPORT_NAME: weights.export_file(settings, found.id),
@@ -101,10 +103,10 @@ def weights_artifact_path(session: Session, *, settings: Settings, weights_id: s
     return path
 
 
-def export_weights(session: Session, *, settings: Settings, weights_id: str) -> ExportOut:
+def export_weights(session: Session, *, settings: Settings, weights_id: str, scope: str | None) -> ExportOut:
     """Export registered weights to ONNX with SG (preprocessing and NMS inside; a file without SG's
     preprocessing gets SG's own for pretrained YOLO-NAS, 640 px), reused while the file is current."""
-    found = weights.get_weights(session, weights_id=weights_id)
+    found = weights.get_weights(session, weights_id=weights_id, scope=scope)
     checkpoint = weights.existing_file(settings, found)
     output = weights.export_file(settings, found.id)
     result = _export(

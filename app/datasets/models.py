@@ -24,6 +24,7 @@ class Dataset(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
     format: Mapped[str] = mapped_column(String(16))
     # The dataset root, relative to the datasets directory (uploads/<id>, or a folder inside it).
     path: Mapped[str] = mapped_column(Text)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from app.api import ObjectId, SessionDep, SettingsDep
+from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.datasets import service
 from app.datasets.archive import ArchiveTooLarge
 from app.datasets.models import Dataset
@@ -65,6 +65,7 @@ _RAW_ARCHIVE = {"type": "string", "format": "binary", "description": "A zip or t
 def _out(dataset: Dataset) -> DatasetOut:
     return DatasetOut(
         id=dataset.id,
+        tenant=dataset.tenant,
         name=dataset.name,
         format=dataset.format,
         path=dataset.path,
@@ -103,11 +104,13 @@ async def _receive(request: Request, target: FilePath, settings: Settings) -> di
     return received.fields
 
 
-def _register(settings: Settings, archive: FilePath, name: str | None, bbox_format: str | None) -> Dataset:
+def _register(
+    settings: Settings, archive: FilePath, tenant: str, name: str | None, bbox_format: str | None
+) -> Dataset:
     session = get_sessionmaker(settings.database_url)()
     try:
         dataset = service.register_upload(
-            session, settings=settings, archive=archive, name=name, bbox_format=bbox_format
+            session, settings=settings, archive=archive, tenant=tenant, name=name, bbox_format=bbox_format
         )
         session.commit()
         return dataset
@@ -125,6 +128,7 @@ def _register(settings: Settings, archive: FilePath, name: str | None, bbox_form
 async def upload_dataset(
     request: Request,
     settings: SettingsDep,
+    principal: PrincipalDep,
     name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=_PRINTABLE.pattern)] = None,
     bbox_format: Annotated[BboxFormat | None, Query(description="hf only; default xywh.")] = None,
 ) -> DatasetOut:
@@ -144,7 +148,7 @@ async def upload_dataset(
         if name is not None and not (1 <= len(name) <= 200 and _PRINTABLE.match(name)):
             raise InvalidInput.field(["body", "name"], "name must be 1 to 200 printable characters")
         # Extraction and validation read every file: off the event loop.
-        dataset = await run_in_threadpool(_register, settings, archive, name, raw_format)
+        dataset = await run_in_threadpool(_register, settings, archive, principal.tenant, name, raw_format)
     finally:
         await anyio.Path(archive).unlink(missing_ok=True)
     return _out(dataset)
@@ -153,18 +157,19 @@ async def upload_dataset(
 @router.get("", response_model=DatasetPage, responses=problems(422, 503))
 def list_datasets(
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetPage:
     """Registered datasets, newest first."""
-    rows, total = service.list_datasets(session, limit=limit, offset=offset)
+    rows, total = service.list_datasets(session, limit=limit, offset=offset, scope=principal.scope)
     return DatasetPage(items=[_out(d) for d in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=problems(404, 422, 503))
-def get_dataset(dataset_id: ObjectId, session: SessionDep) -> DatasetOut:
+def get_dataset(dataset_id: ObjectId, session: SessionDep, principal: PrincipalDep) -> DatasetOut:
     """One dataset with its last validation report."""
-    return _out(service.get_dataset(session, dataset_id=dataset_id))
+    return _out(service.get_dataset(session, dataset_id=dataset_id, scope=principal.scope))
 
 
 def get_dataset_users(request: Request) -> service.DatasetUsers:
@@ -183,11 +188,14 @@ def delete_dataset(
     dataset_id: ObjectId,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     users: Annotated[service.DatasetUsers, Depends(get_dataset_users)],
 ) -> Response:
     """Unregister a dataset and delete its files; 409 (naming the jobs) while a queued or running job
     uses it."""
-    folder = service.delete_dataset(session, settings=settings, dataset_id=dataset_id, users=users)
+    folder = service.delete_dataset(
+        session, settings=settings, dataset_id=dataset_id, users=users, scope=principal.scope
+    )
     session.commit()
     service.remove_files(folder)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -198,10 +206,13 @@ def validate_dataset(
     dataset_id: ObjectId,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     bbox_format: Annotated[BboxFormat | None, Query(description="hf only; stored for later jobs.")] = None,
 ) -> ValidationReport:
     """Validate the dataset again and answer the report (also stored on the dataset)."""
-    dataset = service.validate(session, settings=settings, dataset_id=dataset_id, bbox_format=bbox_format)
+    dataset = service.validate(
+        session, settings=settings, dataset_id=dataset_id, bbox_format=bbox_format, scope=principal.scope
+    )
     session.commit()
     report = report_model(dataset.report)
     assert report is not None

@@ -143,6 +143,7 @@ class DatasetOut(BaseModel):
     """A registered dataset and its last validation report."""
 
     id: str
+    tenant: str = Field(description="The tenant the dataset belongs to.")
     name: str
     format: DatasetFormat
     path: str = Field(description="Its folder, relative to the datasets directory.")

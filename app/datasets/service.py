@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.auth.principal import sees, visible
 from app.datasets.archive import ArchiveLimits, extract_archive
 from app.datasets.coco import SplitRef
 from app.datasets.formats import DatasetOptions, detect_format, validate_dataset
@@ -21,10 +22,10 @@ from app.datasets.problems import problem
 from app.datasets.schemas import DatasetSpec
 from app.db import new_id, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
-from app.paths import is_inside, real
+from app.paths import UPLOADS_FOLDER, is_inside, real
 from app.settings import Settings
 
-UPLOADS = "uploads"
+UPLOADS = UPLOADS_FOLDER
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,20 @@ def dataset_root(settings: Settings, dataset: Dataset) -> Path:
     return root
 
 
-def resolve_path(settings: Settings, relative: str) -> Path:
+def datasets_base(settings: Settings, scope: str | None) -> Path:
+    """The folder dataset paths resolve in: the tenant's own folder of the datasets directory, or the
+    whole directory for an admin (scope None)."""
+    return settings.datasets_dir if scope is None else settings.datasets_dir / scope
+
+
+def resolve_path(settings: Settings, relative: str, *, scope: str | None) -> Path:
     """A dataset folder named by its path inside the datasets directory; symlinks may not lead out.
 
     Raises `InvalidInput` for the spec's `path` field.
     """
-    root = real(settings.datasets_dir / relative)
-    if not is_inside(root, settings.datasets_dir):
+    base = datasets_base(settings, scope)
+    root = real(base / relative)
+    if not is_inside(root, base):
         raise InvalidInput.field(["path"], "dataset path leads outside the datasets directory")
     if not root.is_dir():
         raise InvalidInput.field(
@@ -111,7 +119,9 @@ def resolve_path(settings: Settings, relative: str) -> Path:
     return root
 
 
-def resolve_spec(session: Session, *, settings: Settings, spec: DatasetSpec) -> ResolvedDataset:
+def resolve_spec(
+    session: Session, *, settings: Settings, spec: DatasetSpec, scope: str | None
+) -> ResolvedDataset:
     """A dataset spec as a folder and options.
 
     Raises `InvalidInput` with the spec's field at fault (locations relative to the spec: a path
@@ -120,9 +130,11 @@ def resolve_spec(session: Session, *, settings: Settings, spec: DatasetSpec) -> 
     """
     if spec.id is None:
         assert spec.path is not None and spec.format is not None
-        return ResolvedDataset(resolve_path(settings, spec.path), options_for(spec.format, spec, None), None)
+        return ResolvedDataset(
+            resolve_path(settings, spec.path, scope=scope), options_for(spec.format, spec, None), None
+        )
     dataset = session.get(Dataset, spec.id)
-    if dataset is None:
+    if dataset is None or not sees(dataset.tenant, scope):
         raise InvalidInput.field(["id"], f"dataset {spec.id!r} is not registered")
     if spec.format is not None and spec.format != dataset.format:
         raise InvalidInput.field(
@@ -145,6 +157,7 @@ def register_upload(
     *,
     settings: Settings,
     archive: Path,
+    tenant: str,
     name: str | None,
     bbox_format: str | None,
 ) -> Dataset:
@@ -170,6 +183,7 @@ def register_upload(
     now = utcnow()
     dataset = Dataset(
         id=dataset_id,
+        tenant=tenant,
         name=name or dataset_id,
         format=fmt,
         path=root.relative_to(settings.datasets_dir.resolve()).as_posix(),
@@ -188,25 +202,34 @@ def register_upload(
     return dataset
 
 
-def get_dataset(session: Session, *, dataset_id: str) -> Dataset:
-    """The dataset, or 404."""
+def get_dataset(session: Session, *, dataset_id: str, scope: str | None) -> Dataset:
+    """The dataset, or 404 (also for another tenant's)."""
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
+    if dataset is None or not sees(dataset.tenant, scope):
         raise NotFound(f"dataset {dataset_id!r} not found")
     return dataset
 
 
-def list_datasets(session: Session, *, limit: int, offset: int) -> tuple[Sequence[Dataset], int]:
+def list_datasets(
+    session: Session, *, limit: int, offset: int, scope: str | None
+) -> tuple[Sequence[Dataset], int]:
     """Newest first."""
+    mine = visible(Dataset.tenant, scope)
     rows = session.scalars(
-        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)
+        select(Dataset)
+        .where(mine)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
-    return rows, session.scalar(select(func.count()).select_from(Dataset)) or 0
+    return rows, session.scalar(select(func.count()).select_from(Dataset).where(mine)) or 0
 
 
-def validate(session: Session, *, settings: Settings, dataset_id: str, bbox_format: str | None) -> Dataset:
+def validate(
+    session: Session, *, settings: Settings, dataset_id: str, bbox_format: str | None, scope: str | None
+) -> Dataset:
     """Validate again (e.g. with another bbox_format, which is then stored); updates status and report."""
-    dataset = get_dataset(session, dataset_id=dataset_id)
+    dataset = get_dataset(session, dataset_id=dataset_id, scope=scope)
     if bbox_format is not None and dataset.format != "hf":
         raise InvalidInput(f"bbox_format applies to Hugging Face datasets only; this one is {dataset.format}")
     options = dict(dataset.options or {})
@@ -228,10 +251,12 @@ def upload_folder(settings: Settings, dataset_id: str) -> Path:
     return settings.datasets_dir / UPLOADS / dataset_id
 
 
-def delete_dataset(session: Session, *, settings: Settings, dataset_id: str, users: DatasetUsers) -> Path:
+def delete_dataset(
+    session: Session, *, settings: Settings, dataset_id: str, users: DatasetUsers, scope: str | None
+) -> Path:
     """Unregister a dataset (409 while a queued or running job uses it); returns the folder to remove
     once the caller has committed."""
-    dataset = get_dataset(session, dataset_id=dataset_id)
+    dataset = get_dataset(session, dataset_id=dataset_id, scope=scope)
     in_use = users(
         session, settings=settings, dataset_id=dataset.id, folder=upload_folder(settings, dataset.id)
     )

@@ -42,6 +42,11 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str | None] = mapped_column(String(200))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    # What its creator could see, which the worker uses again: the tenant whose datasets (by id, and
+    # by path inside that tenant's folder of the datasets directory) it may train on; None: any
+    # (created with an admin key).
+    scope: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued, index=True)
     model: Mapped[str] = mapped_column(String(32))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Response, status
 from pydantic import StringConstraints
 
-from app.api import ObjectId, SessionDep, SettingsDep
+from app.api import ObjectId, PrincipalDep, RedactorDep, SessionDep, SettingsDep
 from app.jobs import dispatch, service
 from app.jobs.models import JobStatus
 from app.jobs.schemas import (
@@ -45,32 +45,38 @@ def _cursor(value: str | None) -> int | None:
 @router.post(
     "", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=problems(400, 422, 503)
 )
-def create_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> JobOut:
+def create_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, redact: RedactorDep
+) -> JobOut:
     """Validate a job spec and queue the job."""
-    job = service.create_job(session, spec=spec, settings=settings)
+    job = service.create_job(session, spec=spec, settings=settings, principal=principal)
     session.commit()
     # Sent only after the commit, so the worker always finds the job. If the broker is down the job
     # stays queued (marked unsent) and a worker's sweeper sends it later: a 201 is never lost.
     dispatch.send(settings, job_id=job.id)
-    return service.to_out(job)
+    return service.to_out(job, redact)
 
 
 @router.get("", response_model=JobPage, responses=problems(422, 503))
 def list_jobs(
     session: SessionDep,
+    principal: PrincipalDep,
+    redact: RedactorDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     """Jobs, newest first."""
-    jobs, total = service.list_jobs(session, status=status_, limit=limit, offset=offset)
-    return JobPage(items=[service.to_out(j) for j in jobs], total=total, limit=limit, offset=offset)
+    jobs, total = service.list_jobs(
+        session, status=status_, limit=limit, offset=offset, scope=principal.scope
+    )
+    return JobPage(items=[service.to_out(j, redact) for j in jobs], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=problems(404, 422, 503))
-def get_job(job_id: ObjectId, session: SessionDep) -> JobOut:
+def get_job(job_id: ObjectId, session: SessionDep, principal: PrincipalDep, redact: RedactorDep) -> JobOut:
     """A job: status, progress with ETA, best metric, error, artifacts."""
-    return service.to_out(service.get_job(session, job_id=job_id))
+    return service.to_out(service.get_job(session, job_id=job_id, scope=principal.scope), redact)
 
 
 @router.post(
@@ -79,12 +85,12 @@ def get_job(job_id: ObjectId, session: SessionDep) -> JobOut:
     response_model=JobOut,
     responses=problems(404, 409, 422, 503),
 )
-def cancel_job(job_id: ObjectId, session: SessionDep) -> JobOut:
+def cancel_job(job_id: ObjectId, session: SessionDep, principal: PrincipalDep, redact: RedactorDep) -> JobOut:
     """Cancel a queued job, or ask a running one to stop (within one batch). Idempotent; 409 once
     the job succeeded or failed."""
-    job = service.request_cancel(session, job_id=job_id)
+    job = service.request_cancel(session, job_id=job_id, scope=principal.scope)
     session.commit()
-    return service.to_out(job)
+    return service.to_out(job, redact)
 
 
 @router.delete(
@@ -93,11 +99,13 @@ def cancel_job(job_id: ObjectId, session: SessionDep) -> JobOut:
     response_class=Response,
     responses=problems(404, 409, 422, 503),
 )
-def delete_job(job_id: ObjectId, session: SessionDep, settings: SettingsDep) -> Response:
+def delete_job(
+    job_id: ObjectId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> Response:
     """Delete a finished job: its record, events, metrics and directory (weights promoted from it
     stay). 409 while it is queued or running (cancel it first), or while a queued or running job
     starts from its checkpoint (`job_ids` names them)."""
-    job_dir = service.delete_job(session, settings=settings, job_id=job_id)
+    job_dir = service.delete_job(session, settings=settings, job_id=job_id, scope=principal.scope)
     # Rows first: if removing the files fails, files are left over, never rows pointing to nothing.
     session.commit()
     if job_dir is not None:
@@ -115,22 +123,25 @@ def resume_job(
     job_id: ObjectId,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
+    redact: RedactorDep,
     # Optional, and an object when given: a nullable body would make generated clients send `null`.
     body: Annotated[ResumeRequest, Body(default_factory=ResumeRequest)],
 ) -> JobOut:
     """Queue a cancelled or failed job again to continue from its last checkpoint, optionally with a
     larger `max_epochs`. 409 while it is queued or running, once it succeeded, or without a
     checkpoint."""
-    job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs)
+    job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs, scope=principal.scope)
     session.commit()
     dispatch.send(settings, job_id=job.id)
-    return service.to_out(job)
+    return service.to_out(job, redact)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricPage, responses=problems(404, 422, 503))
 def list_job_metrics(
     job_id: ObjectId,
     session: SessionDep,
+    principal: PrincipalDep,
     name: Annotated[
         list[MetricName], Query(default_factory=list, description="Only these series (repeatable).")
     ],
@@ -138,7 +149,9 @@ def list_job_metrics(
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> MetricPage:
     """Metric points in the order they were recorded; poll with ?cursor=<next_cursor> for new ones."""
-    rows = service.list_metrics(session, job_id=job_id, names=name, cursor=_cursor(cursor), limit=limit)
+    rows = service.list_metrics(
+        session, job_id=job_id, names=name, cursor=_cursor(cursor), limit=limit, scope=principal.scope
+    )
     return MetricPage(
         items=[MetricOut(name=r.name, epoch=r.epoch, step=r.step, value=r.value, time=r.time) for r in rows],
         next_cursor=str(rows[-1].id) if rows else cursor,
@@ -149,14 +162,27 @@ def list_job_metrics(
 def list_job_events(
     job_id: ObjectId,
     session: SessionDep,
+    principal: PrincipalDep,
+    redact: RedactorDep,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> EventPage:
     """State changes, warnings and log lines of a job."""
-    rows = service.list_events(session, job_id=job_id, cursor=_cursor(cursor), limit=limit)
+    rows = service.list_events(
+        session, job_id=job_id, cursor=_cursor(cursor), limit=limit, scope=principal.scope
+    )
     return EventPage(
         items=[
             EventOut(id=r.id, time=r.time, kind=r.kind, level=r.level, message=r.message, data=r.data)
+            if redact is None
+            else EventOut(
+                id=r.id,
+                time=r.time,
+                kind=r.kind,
+                level=r.level,
+                message=redact.text(r.message),
+                data=redact.data(r.data),
+            )
             for r in rows
         ],
         next_cursor=str(rows[-1].id) if rows else cursor,

@@ -133,6 +133,7 @@ class JobOut(BaseModel):
     """A job as the API shows it."""
 
     id: str
+    tenant: str = Field(description="The tenant the job belongs to.")
     name: str | None
     status: JobStatus
     model: ModelName
@@ -148,7 +149,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     device: str | None
-    job_dir: str | None
+    job_dir: str | None = Field(
+        description="The job's directory on the worker (admins only; null for others)."
+    )
     artifacts: dict[str, str] = Field(description="Files the job left, by kind (see /jobs/{id}/artifacts).")
     started_from: StartedFrom | None = Field(description="Where the weights started; null: random weights.")
     spec: JobSpec

@@ -17,14 +17,16 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from app.auth.principal import PUBLISHED_TENANT, Principal, sees, visible
 from app.datasets.formats import check_layout
-from app.datasets.service import resolve_spec
+from app.datasets.service import datasets_base, resolve_spec
 from app.db import changed, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.jobs import files, lifecycle
 from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress, StartedFrom
 from app.paths import is_inside, real
+from app.redaction import Redactor
 from app.settings import Settings
 from app.weights import folder
 from app.weights import service as weights
@@ -42,7 +44,7 @@ def _field_error(loc: Sequence[str | int], message: str) -> InvalidInput:
 
 
 def _resolve_init(
-    session: Session, *, spec: JobSpec, settings: Settings, inspector: Inspector | None
+    session: Session, *, spec: JobSpec, settings: Settings, scope: str | None, inspector: Inspector | None
 ) -> StartedFrom | None:
     """What `spec.init_from` names, checked now (it exists, it has a checkpoint, it is the same
     architecture); 422 on the field at fault. Published weights are registered if need be."""
@@ -51,7 +53,7 @@ def _resolve_init(
         return None
     if init.job_id is not None:
         source = session.get(Job, init.job_id)
-        if source is None:
+        if source is None or not sees(source.tenant, scope):
             raise _field_error(["init_from", "job_id"], f"job {init.job_id!r} does not exist")
         if source.model != spec.model:
             raise _field_error(
@@ -66,7 +68,7 @@ def _resolve_init(
         return StartedFrom(job_id=source.id, name=source.name)
     if init.weights_id is not None:
         found = session.get(Weights, init.weights_id)
-        if found is None:
+        if found is None or not sees(found.tenant, scope, PUBLISHED_TENANT):
             raise _field_error(["init_from", "weights_id"], f"weights {init.weights_id!r} are not registered")
         loc = ["init_from", "weights_id"]
     else:
@@ -97,7 +99,12 @@ def _resolve_init(
 
 
 def create_job(
-    session: Session, *, spec: JobSpec, settings: Settings, inspector: Inspector | None = None
+    session: Session,
+    *,
+    spec: JobSpec,
+    settings: Settings,
+    principal: Principal,
+    inspector: Inspector | None = None,
 ) -> Job:
     """Validate what the spec points at (dataset layout, init job or weights) and insert a queued job.
 
@@ -105,7 +112,7 @@ def create_job(
     `inspector` checks (default: the inference process).
     """
     try:
-        resolved = resolve_spec(session, settings=settings, spec=spec.dataset)
+        resolved = resolve_spec(session, settings=settings, spec=spec.dataset, scope=principal.scope)
     except InvalidInput as exc:
         raise exc.under("body", "dataset") from exc
     try:
@@ -122,9 +129,13 @@ def create_job(
             ["body", "max_restarts"],
             f"at most {settings.max_restarts_limit} (SGJOBS_MAX_RESTARTS_LIMIT on this server)",
         )
-    started_from = _resolve_init(session, spec=spec, settings=settings, inspector=inspector)
+    started_from = _resolve_init(
+        session, spec=spec, settings=settings, scope=principal.scope, inspector=inspector
+    )
     job = Job(
         name=spec.name,
+        tenant=principal.tenant,
+        scope=principal.scope,
         status=JobStatus.queued,
         model=spec.model,
         spec=spec.model_dump(mode="json"),
@@ -140,19 +151,20 @@ def create_job(
     return job
 
 
-def get_job(session: Session, *, job_id: str) -> Job:
+def get_job(session: Session, *, job_id: str, scope: str | None) -> Job:
+    """The job, or 404 when it does not exist or belongs to a tenant outside `scope`."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or not sees(job.tenant, scope):
         raise NotFound(f"job {job_id!r} not found")
     return job
 
 
 def list_jobs(
-    session: Session, *, status: JobStatus | None, limit: int, offset: int
+    session: Session, *, status: JobStatus | None, limit: int, offset: int, scope: str | None
 ) -> tuple[Sequence[Job], int]:
     """Newest first."""
-    query = select(Job)
-    count = select(func.count()).select_from(Job)
+    query = select(Job).where(visible(Job.tenant, scope))
+    count = select(func.count()).select_from(Job).where(visible(Job.tenant, scope))
     if status is not None:
         query = query.where(Job.status == status)
         count = count.where(Job.status == status)
@@ -160,9 +172,9 @@ def list_jobs(
     return rows, session.scalar(count) or 0
 
 
-def request_cancel(session: Session, *, job_id: str) -> Job:
+def request_cancel(session: Session, *, job_id: str, scope: str | None) -> Job:
     """Cancel a queued job at once, or ask a running one to stop. Idempotent; 409 once finished."""
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     if not lifecycle.cancel_queued(session, job_id=job_id):
         lifecycle.request_stop(session, job_id=job_id)
     session.refresh(job)
@@ -179,7 +191,7 @@ def _current_status(session: Session, *, job_id: str) -> str:
     return status
 
 
-def resume_job(session: Session, *, job_id: str, max_epochs: int | None) -> Job:
+def resume_job(session: Session, *, job_id: str, max_epochs: int | None, scope: str | None) -> Job:
     """Queue a cancelled or failed job again, to continue from its last checkpoint (the worker picks
     the newest valid one). `max_epochs` (at least the current one, else 422) extends the training.
 
@@ -187,7 +199,7 @@ def resume_job(session: Session, *, job_id: str, max_epochs: int | None) -> Job:
     when its status changed meanwhile. Its error, cancel request, lease and restart count are
     cleared; the caller sends it to the broker after committing.
     """
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     if job.status == JobStatus.succeeded:
         raise Conflict(
             f"job {job_id!r} already succeeded; to train it further, create a new job that starts "
@@ -272,7 +284,7 @@ def _job_dir_to_remove(settings: Settings, job: Job) -> Path | None:
     return path
 
 
-def delete_job(session: Session, *, settings: Settings, job_id: str) -> Path | None:
+def delete_job(session: Session, *, settings: Settings, job_id: str, scope: str | None) -> Path | None:
     """Delete a finished job's rows (its events and metric points cascade); returns its directory,
     to remove once the caller has committed (None when there is nothing it may remove).
 
@@ -280,7 +292,7 @@ def delete_job(session: Session, *, settings: Settings, job_id: str) -> Path | N
     running job starts from its checkpoint (`job_ids` names them). Weights promoted from the job are
     files of their own and stay.
     """
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     if job.status not in FINISHED_STATUSES:
         raise Conflict(
             f"job {job_id!r} is {job.status}; cancel it first (POST /jobs/{job_id}/cancel) and delete "
@@ -319,9 +331,9 @@ def remove_job_dir(path: Path) -> None:
 
 
 def list_metrics(
-    session: Session, *, job_id: str, names: Sequence[str], cursor: int | None, limit: int
+    session: Session, *, job_id: str, names: Sequence[str], cursor: int | None, limit: int, scope: str | None
 ) -> Sequence[Metric]:
-    get_job(session, job_id=job_id)
+    get_job(session, job_id=job_id, scope=scope)
     query = select(Metric).where(Metric.job_id == job_id)
     if names:
         query = query.where(Metric.name.in_(names))
@@ -330,8 +342,10 @@ def list_metrics(
     return session.scalars(query.order_by(Metric.id).limit(limit)).all()
 
 
-def list_events(session: Session, *, job_id: str, cursor: int | None, limit: int) -> Sequence[JobEvent]:
-    get_job(session, job_id=job_id)
+def list_events(
+    session: Session, *, job_id: str, cursor: int | None, limit: int, scope: str | None
+) -> Sequence[JobEvent]:
+    get_job(session, job_id=job_id, scope=scope)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if cursor is not None:
         query = query.where(JobEvent.id > cursor)
@@ -361,10 +375,11 @@ def _progress(job: Job, now: datetime) -> Progress:
     )
 
 
-def to_out(job: Job) -> JobOut:
-    """The API's view of a job."""
-    return JobOut(
+def to_out(job: Job, redact: Redactor | None) -> JobOut:
+    """The API's view of a job; with `redact` (a non-admin caller), without host details."""
+    out = JobOut(
         id=job.id,
+        tenant=job.tenant,
         name=job.name,
         status=job.status,
         model=job.model,
@@ -387,6 +402,18 @@ def to_out(job: Job) -> JobOut:
         started_from=StartedFrom.model_validate(job.started_from) if job.started_from else None,
         spec=job.spec,
     )
+    if redact is None:
+        return out
+    return out.model_copy(
+        update={
+            "worker": redact.text(out.worker) if out.worker else None,
+            "job_dir": None,
+            "error": out.error.model_copy(update={"message": redact.text(out.error.message)})
+            if out.error
+            else None,
+            "artifacts": {kind: redact.text(path) for kind, path in out.artifacts.items()},
+        }
+    )
 
 
 def jobs_using_dataset(session: Session, *, settings: Settings, dataset_id: str, folder: Path) -> list[str]:
@@ -395,12 +422,13 @@ def jobs_using_dataset(session: Session, *, settings: Settings, dataset_id: str,
     The jobs side of `app.datasets.service.DatasetUsers`.
     """
     users = []
-    for job_id, spec in session.execute(select(Job.id, Job.spec).where(Job.status.in_(ACTIVE_STATUSES))):
+    active = select(Job.id, Job.spec, Job.scope).where(Job.status.in_(ACTIVE_STATUSES))
+    for job_id, spec, scope in session.execute(active):
         dataset = (spec or {}).get("dataset") or {}
         if dataset.get("id") == dataset_id:
             users.append(job_id)
         elif isinstance(dataset.get("path"), str) and is_inside(
-            settings.datasets_dir / dataset["path"], folder
+            datasets_base(settings, scope) / dataset["path"], folder
         ):
             users.append(job_id)
     return users
@@ -420,14 +448,14 @@ def jobs_using_weights(session: Session, *, weights_id: str) -> list[str]:
     ]
 
 
-def checkpoint_to_promote(session: Session, *, job_id: str) -> JobCheckpoint:
+def checkpoint_to_promote(session: Session, *, job_id: str, scope: str | None) -> JobCheckpoint:
     """A finished job's best checkpoint, to register as weights: 422 for an unknown job, 409 while it
     is queued or running or when it has no best checkpoint.
 
     The jobs side of `app.weights.service.JobCheckpoints`.
     """
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or not sees(job.tenant, scope):
         raise InvalidInput.field(["body", "from_job"], f"job {job_id!r} does not exist")
     if job.status not in FINISHED_STATUSES:
         raise Conflict(f"job {job_id!r} is {job.status}; promote it once it has finished")

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.api import SessionDep, SettingsDep
+from app.api import PrincipalDep, SessionDep, SettingsDep
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.openapi import form_body, problems
@@ -147,7 +147,9 @@ def _image_format(form: FormData, request: Request) -> str | None:
         **problems(404, 409, 413, 415, 422, 503),
     },
 )
-async def predict(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+async def predict(
+    request: Request, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> Response:
     """Detect objects in one or more images with a job's best model or registered weights.
 
     Multipart fields: `job_id` or `weights_id` (exactly one), `files` (repeatable), optional `conf`
@@ -183,6 +185,7 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep) 
         service.predict,
         session,
         settings=settings,
+        scope=principal.scope,
         job_id=job_id,
         weights_id=weights_id,
         uploads=uploads,
@@ -204,6 +207,10 @@ async def predict(request: Request, session: SessionDep, settings: SettingsDep) 
 
 
 @router.get("/stats", response_model=PredictStats, responses=problems(503))
-async def get_predict_stats(settings: SettingsDep) -> PredictStats:
-    """The inference process: running or not, checkpoints loaded so far, models held (LRU)."""
-    return await run_in_threadpool(service.stats, settings=settings)
+async def get_predict_stats(settings: SettingsDep, principal: PrincipalDep) -> PredictStats:
+    """The inference process: running or not, checkpoints loaded so far, models held (LRU). Its
+    process id and the models it holds (any tenant's) are shown to admins only."""
+    stats = await run_in_threadpool(service.stats, settings=settings)
+    if principal.is_admin:
+        return stats
+    return stats.model_copy(update={"pid": None, "cached_models": []})

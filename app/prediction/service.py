@@ -106,12 +106,12 @@ class Predictor:
 
 
 def predictor(
-    session: Session, *, settings: Settings, job_id: str | None, weights_id: str | None
+    session: Session, *, settings: Settings, job_id: str | None, weights_id: str | None, scope: str | None
 ) -> Predictor:
     """The job's best checkpoint (404, 409 without one) or the registered weights' file (404, 409
     when it is gone)."""
     if weights_id is not None:
-        found = weights.get_weights(session, weights_id=weights_id)
+        found = weights.get_weights(session, weights_id=weights_id, scope=scope)
         return Predictor(
             model=found.model,
             checkpoint=weights.existing_file(settings, found),
@@ -119,7 +119,7 @@ def predictor(
             class_names=found.classes,
         )
     assert job_id is not None
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, job_id=job_id, scope=scope)
     return Predictor(model=job.model, checkpoint=best_checkpoint(job), job_id=job.id)
 
 
@@ -127,6 +127,7 @@ def predict(
     session: Session,
     *,
     settings: Settings,
+    scope: str | None,
     job_id: str | None = None,
     weights_id: str | None = None,
     uploads: list[Upload],
@@ -137,7 +138,7 @@ def predict(
     """Detections for every upload with the job's best model or the registered weights (one of
     `job_id` and `weights_id`), as one batch. With `image_format` ("jpeg" or "png") and one upload,
     that image with its boxes drawn instead."""
-    source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id)
+    source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id, scope=scope)
     # Every image is checked before any inference: one bad file fails the request, naming it.
     images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
     result = call_model_server(

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import get_args
 
+from app.auth.principal import PUBLISHED_TENANT
 from app.db import session_scope
 from app.errors import InvalidInput
 from app.ml.types import ModelName, PretrainedName
@@ -58,25 +59,21 @@ def _register(
     seen = _seen.get(str(path))
     if seen is not None and seen[:2] == signature:
         with session_scope(settings.database_url) as session:
-            weights = service.find_by_sha(session, seen[2])
+            weights = service.find_by_sha(session, seen[2], tenant=PUBLISHED_TENANT)
         if weights is not None:
             return weights
     staged = service.stage_copy(settings, path)
     try:
-        weights, created = service.register_in_own_session(
+        weights, created = service.register_staged(
             settings,
-            staged,
-            lambda session: service.register_file(
-                session,
-                settings=settings,
-                staged=staged,
-                name=path.name,
-                inspector=inspector,
-                source=WeightsSource.folder,
-                expected_model=model,
-                model_loc=["pretrained"],
-                pretrained=dataset,
-            ),
+            staged=staged,
+            tenant=PUBLISHED_TENANT,
+            name=path.name,
+            inspector=inspector,
+            source=WeightsSource.folder,
+            expected_model=model,
+            model_loc=["pretrained"],
+            pretrained=dataset,
         )
     finally:
         staged.path.unlink(missing_ok=True)

@@ -11,7 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.api import ObjectId, SessionDep, SettingsDep
+from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
+from app.auth.principal import Principal
 from app.db import get_sessionmaker
 from app.errors import InvalidInput, PayloadTooLarge
 from app.ml.types import ModelName
@@ -35,6 +36,7 @@ def to_out(weights: Weights) -> WeightsOut:
     """The API's view of registered weights."""
     return WeightsOut(
         id=weights.id,
+        tenant=weights.tenant,
         name=weights.name,
         model=weights.model,
         num_classes=weights.num_classes,
@@ -112,47 +114,42 @@ async def _promote_request(request: Request) -> PromoteRequest:
 
 
 def _register_upload(
-    settings: Settings, received: Received, staged: service.Staged, name: str | None, model: str | None
+    settings: Settings,
+    received: Received,
+    staged: service.Staged,
+    tenant: str,
+    name: str | None,
+    model: str | None,
 ) -> tuple[Weights, bool]:
-    inspector = service.model_server_inspector(settings)
-    return service.register_in_own_session(
+    return service.register_staged(
         settings,
-        staged,
-        lambda session: service.register_file(
-            session,
-            settings=settings,
-            staged=staged,
-            name=name or _default_name(received),
-            inspector=inspector,
-            source=WeightsSource.upload,
-            expected_model=model,
-        ),
+        staged=staged,
+        tenant=tenant,
+        name=name or _default_name(received),
+        inspector=service.model_server_inspector(settings),
+        source=WeightsSource.upload,
+        expected_model=model,
     )
 
 
 def _promote(
-    settings: Settings, body: PromoteRequest, checkpoints: service.JobCheckpoints
+    settings: Settings, body: PromoteRequest, checkpoints: service.JobCheckpoints, principal: Principal
 ) -> tuple[Weights, bool]:
     session = get_sessionmaker(settings.database_url)()
     try:
-        found = checkpoints(session, job_id=body.from_job)
+        found = checkpoints(session, job_id=body.from_job, scope=principal.scope)
     finally:
         session.close()
     staged = service.stage_copy(settings, found.path)
-    inspector = service.model_server_inspector(settings)
     try:
-        return service.register_in_own_session(
+        return service.register_staged(
             settings,
-            staged,
-            lambda session: service.register_file(
-                session,
-                settings=settings,
-                staged=staged,
-                name=body.name or found.job_name or f"job-{found.job_id}",
-                inspector=inspector,
-                source=WeightsSource.job,
-                job_id=found.job_id,
-            ),
+            staged=staged,
+            tenant=principal.tenant,
+            name=body.name or found.job_name or f"job-{found.job_id}",
+            inspector=service.model_server_inspector(settings),
+            source=WeightsSource.job,
+            job_id=found.job_id,
         )
     finally:
         staged.path.unlink(missing_ok=True)
@@ -179,6 +176,7 @@ _RAW_CHECKPOINT = {"type": "string", "format": "binary", "description": "A YOLO-
 async def create_weights(
     request: Request,
     settings: SettingsDep,
+    principal: PrincipalDep,
     checkpoints: Annotated[service.JobCheckpoints, Depends(get_job_checkpoints)],
     name: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX, pattern=PRINTABLE_PATTERN)] = None,
     model: Annotated[ModelName | None, Query(description="Expected architecture.")] = None,
@@ -195,7 +193,7 @@ async def create_weights(
     """
     if media_type(request) == JSON_TYPE:
         body = await _promote_request(request)
-        weights, created = await run_in_threadpool(_promote, settings, body, checkpoints)
+        weights, created = await run_in_threadpool(_promote, settings, body, checkpoints, principal)
     else:
         target = service.staging_file(settings)
         try:
@@ -216,6 +214,7 @@ async def create_weights(
                 settings,
                 received,
                 staged,
+                principal.tenant,
                 name or _name(received.fields.get("name")),
                 model or _model(received.fields.get("model")),
             )
@@ -230,18 +229,19 @@ async def create_weights(
 @router.get("", response_model=WeightsPage, responses=problems(422, 503))
 def list_weights(
     session: SessionDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> WeightsPage:
     """Registered weights, newest first."""
-    rows, total = service.list_weights(session, limit=limit, offset=offset)
+    rows, total = service.list_weights(session, limit=limit, offset=offset, scope=principal.scope)
     return WeightsPage(items=[to_out(w) for w in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{weights_id}", response_model=WeightsOut, responses=problems(404, 422, 503))
-def get_weights(weights_id: ObjectId, session: SessionDep) -> WeightsOut:
+def get_weights(weights_id: ObjectId, session: SessionDep, principal: PrincipalDep) -> WeightsOut:
     """Registered weights: architecture, classes, size and hash."""
-    return to_out(service.get_weights(session, weights_id=weights_id))
+    return to_out(service.get_weights(session, weights_id=weights_id, scope=principal.scope))
 
 
 @router.delete(
@@ -254,11 +254,14 @@ def delete_weights(
     weights_id: ObjectId,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     users: Annotated[service.WeightsUsers, Depends(get_weights_users)],
 ) -> Response:
     """Unregister weights and delete their file; 409 (naming the jobs) while a queued or running job
     starts from them. A published file still in the weights folder is registered again when asked for."""
-    paths = service.delete_weights(session, settings=settings, weights_id=weights_id, users=users)
+    paths = service.delete_weights(
+        session, settings=settings, weights_id=weights_id, users=users, scope=principal.scope
+    )
     session.commit()
     service.remove_files(paths)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -52,6 +52,9 @@ class WeightsOut(BaseModel):
     none), else `class_0`, `class_1`, ..."""
 
     id: str
+    tenant: str = Field(
+        description="The tenant the weights belong to; `_published`: the operator's, for all."
+    )
     name: str
     model: ModelName
     num_classes: int

@@ -12,17 +12,18 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.auth.principal import PUBLISHED_TENANT, sees, visible
 from app.db import new_id, session_scope, utcnow
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.inference import call_model_server
 from app.ml.types import CheckpointInfo
 from app.settings import Settings
@@ -73,7 +74,7 @@ class JobCheckpoints(Protocol):
     """A finished job's best checkpoint: InvalidInput (field `from_job`) for an unknown job, Conflict
     while it runs or when it has none. The jobs area implements it, `app.main` wires it in."""
 
-    def __call__(self, session: Session, *, job_id: str) -> JobCheckpoint: ...
+    def __call__(self, session: Session, *, job_id: str, scope: str | None) -> JobCheckpoint: ...
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,9 @@ def stage_copy(settings: Settings, source: Path) -> Staged:
     return Staged(target, size, digest.hexdigest())
 
 
-def find_by_sha(session: Session, sha256: str) -> Weights | None:
-    """The weights registered for the file with this SHA-256, if any."""
-    return session.scalars(select(Weights).where(Weights.sha256 == sha256)).first()
+def find_by_sha(session: Session, sha256: str, *, tenant: str) -> Weights | None:
+    """The tenant's weights registered for the file with this SHA-256, if any."""
+    return session.scalars(select(Weights).where(Weights.tenant == tenant, Weights.sha256 == sha256)).first()
 
 
 def class_names(info: CheckpointInfo) -> list[str]:
@@ -144,6 +145,7 @@ def register_file(
     *,
     settings: Settings,
     staged: Staged,
+    tenant: str,
     name: str,
     inspector: Inspector,
     source: WeightsSource,
@@ -154,14 +156,14 @@ def register_file(
 ) -> tuple[Weights, bool]:
     """Register a staged file; returns the weights and whether they are new.
 
-    The same file (by SHA-256) registered before is those weights (nothing is inspected or stored
-    again). Otherwise the inference process inspects it: 422 with the reason when it is not a usable
+    The same file (by SHA-256) registered before by the tenant is those weights (nothing is inspected
+    or stored again). Otherwise the inference process inspects it: 422 with the reason when it is not a usable
     YOLO-NAS checkpoint, or when it is another architecture than `expected_model` (naming both). New
     weights are flushed, then the file is moved into the store. The caller removes the staged file
     (a no-op once moved) and commits; a concurrent registration of the same file makes the flush
     raise IntegrityError, and `find_by_sha` then finds the winner.
     """
-    existing = find_by_sha(session, staged.sha256)
+    existing = find_by_sha(session, staged.sha256, tenant=tenant)
     if existing is not None:
         if expected_model is not None and existing.model != expected_model:
             raise _model_mismatch(existing.model, expected_model, model_loc)
@@ -171,6 +173,7 @@ def register_file(
         raise _model_mismatch(info.model, expected_model, model_loc)
     weights = Weights(
         id=new_id(),
+        tenant=tenant,
         name=name,
         model=info.model,
         num_classes=info.num_classes,
@@ -190,27 +193,27 @@ def register_file(
     return weights, True
 
 
-def register_in_own_session(
-    settings: Settings, staged: Staged, register: Callable[[Session], tuple[Weights, bool]]
+def register_staged(
+    settings: Settings, *, staged: Staged, tenant: str, **register: Any
 ) -> tuple[Weights, bool]:
-    """Run `register` (a `register_file` call) in a session of its own and commit: the unit of work
-    of an upload. When a concurrent registration of the same file won (IntegrityError at the flush,
-    before anything was moved), answer the winner's weights."""
+    """`register_file` in a session of its own, committed: the unit of work of an upload, a promotion
+    or a published file. When a concurrent registration of the same file won (IntegrityError at the
+    flush, before anything was moved), answer the winner's weights."""
     try:
         with session_scope(settings.database_url) as session:
-            return register(session)
+            return register_file(session, settings=settings, staged=staged, tenant=tenant, **register)
     except IntegrityError:
         with session_scope(settings.database_url) as session:
-            existing = find_by_sha(session, staged.sha256)
+            existing = find_by_sha(session, staged.sha256, tenant=tenant)
         if existing is None:
             raise
         return existing, False
 
 
-def get_weights(session: Session, *, weights_id: str) -> Weights:
-    """The weights, or 404."""
+def get_weights(session: Session, *, weights_id: str, scope: str | None) -> Weights:
+    """The weights, or 404 (also for another tenant's; published weights are everyone's)."""
     weights = session.get(Weights, weights_id)
-    if weights is None:
+    if weights is None or not sees(weights.tenant, scope, PUBLISHED_TENANT):
         raise NotFound(f"weights {weights_id!r} not found")
     return weights
 
@@ -219,24 +222,36 @@ def existing_file(settings: Settings, weights: Weights) -> Path:
     """The weights' file; 409 when it is gone from the store."""
     path = weights_file(settings, weights.id)
     if not path.is_file():
-        raise Conflict(f"the file of weights {weights.id!r} is missing from {path.parent}")
+        raise Conflict(f"the file of weights {weights.id!r} is missing from the weights store")
     return path
 
 
-def list_weights(session: Session, *, limit: int, offset: int) -> tuple[Sequence[Weights], int]:
-    """Newest first."""
+def list_weights(
+    session: Session, *, limit: int, offset: int, scope: str | None
+) -> tuple[Sequence[Weights], int]:
+    """Newest first: the tenant's own and the published ones."""
+    mine = visible(Weights.tenant, scope, PUBLISHED_TENANT)
     rows = session.scalars(
-        select(Weights).order_by(Weights.created_at.desc(), Weights.id).limit(limit).offset(offset)
+        select(Weights)
+        .where(mine)
+        .order_by(Weights.created_at.desc(), Weights.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
-    return rows, session.scalar(select(func.count()).select_from(Weights)) or 0
+    return rows, session.scalar(select(func.count()).select_from(Weights).where(mine)) or 0
 
 
 def delete_weights(
-    session: Session, *, settings: Settings, weights_id: str, users: WeightsUsers
+    session: Session, *, settings: Settings, weights_id: str, users: WeightsUsers, scope: str | None
 ) -> list[Path]:
-    """Unregister weights (409, naming the jobs, while a queued or running job starts from them);
-    returns the files to remove once the caller has committed."""
-    weights = get_weights(session, weights_id=weights_id)
+    """Unregister weights (409, naming the jobs, while a queued or running job starts from them;
+    403 for a member and published weights); returns the files to remove once the caller has
+    committed."""
+    weights = get_weights(session, weights_id=weights_id, scope=scope)
+    if scope is not None and weights.tenant != scope:
+        raise Forbidden(
+            f"weights {weights_id!r} are published by the operator; only an admin may delete them"
+        )
     in_use = users(session, weights_id=weights.id)
     if in_use:
         raise Conflict(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from app.auth.principal import DEFAULT_TENANT
 from app.jobs import files
 from app.jobs.models import Job, JobStatus
 
@@ -31,6 +32,7 @@ def _job(
 ) -> Job:
     return Job(
         id="j1",
+        tenant=DEFAULT_TENANT,
         status=status,
         model="yolo_nas_s",
         spec={},

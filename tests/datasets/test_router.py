@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.auth.principal import DEFAULT_TENANT
 from app.datasets.demo import ShapesSpec, write_shapes_dataset, write_shapes_hf, write_shapes_yolo
 from app.db import session_scope, utcnow
 from app.jobs.models import Job, JobStatus
@@ -138,6 +139,7 @@ def test_get_and_delete_unknown_is_404(service: Service) -> None:
 def _job_on(settings: Settings, dataset_id: str, status: JobStatus) -> str:
     with session_scope(settings.database_url) as session:
         job = Job(
+            tenant=DEFAULT_TENANT,
             status=status,
             model="yolo_nas_s",
             spec={"model": "yolo_nas_s", "dataset": {"format": "coco", "id": dataset_id}},

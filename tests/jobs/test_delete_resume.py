@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
+from app.auth.principal import DEFAULT_TENANT
 from app.db import get_sessionmaker, session_scope, utcnow
 from app.errors import Conflict
 from app.jobs import lifecycle
@@ -118,6 +119,7 @@ def test_deleting_a_finished_job_removes_its_rows_and_directory(
         lifecycle.add_event(session, job_id=job_id, message="a log line")
         # Weights promoted from the job: a row and a file of their own.
         weights = Weights(
+            tenant=DEFAULT_TENANT,
             name="promoted",
             model="yolo_nas_s",
             num_classes=3,
@@ -246,7 +248,7 @@ def test_a_delete_that_loses_a_race_with_a_resume_is_409(
                 update(Job).where(Job.id == job_id).values(status="queued", enqueued_at=utcnow() + NEVER)
             )
         with pytest.raises(Conflict, match="changed meanwhile"):
-            jobs.delete_job(session, settings=service_settings, job_id=job_id)
+            jobs.delete_job(session, settings=service_settings, job_id=job_id, scope=None)
     finally:
         session.rollback()
         session.close()
@@ -338,7 +340,7 @@ def test_resume_clears_the_outcome_and_extends_the_training(service_settings: Se
     latest = _write_checkpoint(service_settings, job_id, CKPT_LATEST)
     session = get_sessionmaker(service_settings.database_url)()
     try:
-        job = jobs.resume_job(session, job_id=job_id, max_epochs=5)
+        job = jobs.resume_job(session, job_id=job_id, max_epochs=5, scope=None)
         session.expire_all()
         row = session.get(Job, job_id)
         assert row is not None and row is job
@@ -373,7 +375,7 @@ def test_a_resume_that_loses_a_race_is_409(
         with session_scope(service_settings.database_url) as other:
             other.execute(update(Job).where(Job.id == job_id).values(status="running"))
         with pytest.raises(Conflict, match="changed meanwhile"):
-            jobs.resume_job(session, job_id=job_id, max_epochs=None)
+            jobs.resume_job(session, job_id=job_id, max_epochs=None, scope=None)
     finally:
         session.rollback()
         session.close()

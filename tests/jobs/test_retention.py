@@ -16,7 +16,7 @@ from app.jobs.retention import prune_batch_metrics, retention_period
 from app.jobs.schemas import JobSpec
 from app.ml.types import MetricPoint
 from app.settings import Settings
-from tests.support import Service, make_unreadable_dataset, tiny_spec
+from tests.support import ADMIN, Service, make_unreadable_dataset, tiny_spec
 
 # Per-batch series as the training callback names them, per-epoch ones as SG does, and a name that
 # an unescaped LIKE 'Batch_%' would take for a per-batch one ("_" matches any character).
@@ -34,7 +34,9 @@ def _job_with_points(settings: Settings, dataset: str, batches: int, **values: A
     """A job in the state `values` give, with `batches` points of each per-batch series and one point
     of each per-epoch series."""
     with session_scope(settings.database_url) as session:
-        job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
+        job = jobs.create_job(
+            session, principal=ADMIN, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings
+        )
         # Queued jobs are marked as sent far ahead, so no sweeper sends them during the test.
         session.execute(
             update(Job).where(Job.id == job.id).values(enqueued_at=utcnow() + 365 * DAY, **values)

@@ -15,7 +15,7 @@ from app.jobs import service as jobs
 from app.jobs.models import Job
 from app.jobs.schemas import JobSpec
 from app.settings import Settings
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import ADMIN, Service, make_shapes, tiny_spec
 
 DATASET = "serve-shapes"
 INPUT_SIZE = 64
@@ -41,7 +41,9 @@ def trained_job(service: Service) -> dict[str, Any]:
 def job_without_checkpoint(settings: Settings) -> str:
     """A queued job that never runs (marked as sent long from now, so no sweeper re-sends it)."""
     with session_scope(settings.database_url) as session:
-        job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(DATASET)), settings=settings)
+        job = jobs.create_job(
+            session, principal=ADMIN, spec=JobSpec.model_validate(tiny_spec(DATASET)), settings=settings
+        )
         session.execute(update(Job).where(Job.id == job.id).values(enqueued_at=utcnow() + timedelta(days=1)))
         return job.id
 

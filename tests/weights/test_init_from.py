@@ -18,7 +18,7 @@ from app.jobs.models import Job
 from app.jobs.schemas import JobSpec
 from app.settings import Settings
 from tests.prediction.helpers import trained_job
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import ADMIN, Service, make_shapes, tiny_spec
 from tests.weights.test_router import upload
 
 
@@ -79,7 +79,7 @@ def test_weights_are_kept_while_a_queued_job_starts_from_them(
 ) -> None:
     with session_scope(service_settings.database_url) as session:
         spec = JobSpec.model_validate(tiny_spec(dataset, init_from={"weights_id": s5["id"]}))
-        job = jobs.create_job(session, spec=spec, settings=service_settings)
+        job = jobs.create_job(session, spec=spec, settings=service_settings, principal=ADMIN)
         # Never sent to the worker (and never re-sent by the sweeper): it stays queued.
         session.execute(update(Job).where(Job.id == job.id).values(enqueued_at=utcnow() + timedelta(days=1)))
         job_id = job.id

@@ -127,7 +127,7 @@ def chaos(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             backend.name, prefix="sgjobs-chaos", pg_admin_url=PG_ADMIN_URL, redis_url=CHAOS_REDIS_URL
         ) as own,
         serve(own, home.name, cwd=home.parent, settings=settings) as running,
-        httpx.Client(base_url=running.base_url, timeout=30) as client,
+        httpx.Client(base_url=running.base_url, headers=running.headers, timeout=30) as client,
     ):
         service = Service(
             backend.name, running.base_url, running.home, running.home / "datasets", running.log_file, client

@@ -12,13 +12,15 @@ from app.jobs import service as jobs
 from app.jobs.models import Job
 from app.jobs.schemas import JobSpec
 from app.settings import Settings
-from tests.support import Service, make_shapes, tiny_spec
+from tests.support import ADMIN, Service, make_shapes, tiny_spec
 
 
 def _finished_job(settings: Settings, dataset: str, *, model: str, checkpoint: Path) -> str:
     """A succeeded job row in `checkpoint`'s folder whose recorded best checkpoint is `checkpoint`."""
     with session_scope(settings.database_url) as session:
-        job = jobs.create_job(session, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings)
+        job = jobs.create_job(
+            session, principal=ADMIN, spec=JobSpec.model_validate(tiny_spec(dataset)), settings=settings
+        )
         session.execute(
             update(Job)
             .where(Job.id == job.id)
