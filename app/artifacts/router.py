@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -42,7 +43,8 @@ def download_artifact(
 ) -> FileResponse:
     """Download one listed file; `name` as in the listing."""
     path = service.artifact_path(session, job_id=job_id, name=name, scope=principal.scope)
-    return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+    # The listed name, which may differ from the file's own (TensorBoard's names the host).
+    return FileResponse(path, filename=PurePosixPath(name).name, media_type="application/octet-stream")
 
 
 @router.post("/{job_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))

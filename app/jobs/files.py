@@ -20,6 +20,8 @@ backend, which may not import this module, can use them) are imported here.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,8 +210,29 @@ def list_files(job: Job) -> dict[str, JobFile]:
     for kind, path in _candidates(job, job_dir):
         if contained_file(path, root):
             resolved = real(path)
-            files[resolved.relative_to(root).as_posix()] = JobFile(kind, resolved)
+            name = resolved.relative_to(root).as_posix()
+            if kind == TENSORBOARD_KIND:
+                name = _unique(files, _event_file_name(name))
+            files[name] = JobFile(kind, resolved)
     return files
+
+
+# TensorFlow names event files `events.out.tfevents.<time>.<host name>.<pid>.<n><suffix>`: served
+# as `events.out.tfevents.<time>` (TensorBoard reads any file with "tfevents" in its name), so a
+# listing names no host and no process.
+_EVENT_FILE = re.compile(r"^(?P<dir>(?:.*/)?)(?P<stem>events\.out\.tfevents\.\d+)\..*$")
+
+
+def _event_file_name(name: str) -> str:
+    match = _EVENT_FILE.match(name)
+    return f"{match['dir']}{match['stem']}" if match else name
+
+
+def _unique(taken: dict[str, JobFile], name: str) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{name}.{n}", n + 1
+    return candidate
 
 
 def find_file(job: Job, name: str) -> JobFile | None:

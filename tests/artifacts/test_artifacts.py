@@ -22,6 +22,14 @@ def job(service: Service) -> dict[str, Any]:
     return trained_job(service)
 
 
+def _on_disk(job_dir: Path, name: str, item: dict[str, Any]) -> Path:
+    path = job_dir / name
+    if item["kind"] == "tensorboard":
+        # Served without TensorFlow's host name and process id: `events.out.tfevents.<time>`.
+        (path,) = path.parent.glob(f"{path.name}.*")
+    return path
+
+
 def _listing(service: Service, job_id: str) -> dict[str, dict[str, Any]]:
     response = service.client.get(f"/jobs/{job_id}/artifacts")
     assert response.status_code == 200, response.text
@@ -34,7 +42,7 @@ def test_artifacts_list_the_job_files_with_their_sizes(service: Service, job: di
     kinds = {item["kind"] for item in items.values()}
     assert {"ckpt_best", "ckpt_latest", "average_model", "console_log", "tensorboard"} <= kinds, items
     for name, item in items.items():
-        path = job_dir / name
+        path = _on_disk(job_dir, name, item)
         assert path.is_file() and item["size"] == path.stat().st_size
         assert item["url"] == f"/jobs/{job['id']}/artifacts/{name}"
     best = next(i for i in items.values() if i["kind"] == "ckpt_best")
@@ -50,8 +58,9 @@ def test_each_listed_file_downloads(service: Service, job: dict[str, Any]) -> No
         with service.client.stream("GET", item["url"]) as response:
             assert response.status_code == 200, name
             assert int(response.headers["content-length"]) == item["size"]
+            assert Path(name).name in response.headers["content-disposition"]
             if item["size"] < 5_000_000:  # checkpoints are 100+ MB: headers are enough for those
-                assert response.read() == (job_dir / name).read_bytes()
+                assert response.read() == _on_disk(job_dir, name, item).read_bytes()
 
 
 @pytest.mark.parametrize(

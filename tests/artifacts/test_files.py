@@ -165,7 +165,7 @@ def test_listing_while_running_and_after_recording(job_dir: Path) -> None:
         "checkpoints/train/RUN_2/ckpt_best.pth": "ckpt_best",
         "checkpoints/train/RUN_2/ckpt_latest.pth": "ckpt_latest",
         "console.log": "console_log",
-        "checkpoints/train/RUN_2/events.out.tfevents.1.host": "tensorboard",
+        "checkpoints/train/RUN_2/events.out.tfevents.1": "tensorboard",
     }
     # Once recorded, the recorded files are listed (here the older run's, to tell them apart).
     recorded = {
