@@ -22,6 +22,8 @@ from app.jobs.schemas import JobSpec
 from app.settings import Settings
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# The default of the setting, for tests that call the dataset functions directly.
+ANNOTATION_MAX_BYTES: int = Settings.model_fields["annotation_max_bytes"].default
 
 
 @dataclass
