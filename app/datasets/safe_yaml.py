@@ -4,8 +4,9 @@ PyYAML's `safe_load` runs no code, but it still expands aliases: a "billion laug
 few hundred bytes (`b: &b [*a, *a, ...]` nested ten deep) is a graph of shared lists that anything
 walking it (printing a class name, copying the card) turns into gigabytes. This loader counts, while
 composing, how many nodes every alias stands for and refuses the document once aliases would add more
-than `MAX_YAML_ALIAS_NODES`, before anything is constructed; recursive aliases are refused outright.
-Documents larger than `MAX_YAML_BYTES` are refused before they are read.
+than `MAX_YAML_ALIAS_NODES`, before anything is constructed; recursive aliases, and nesting too deep
+for PyYAML's recursion, are refused outright. Documents larger than `MAX_YAML_BYTES` are refused
+before they are read.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def load_yaml(text: str | bytes) -> Any:
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()
+    except RecursionError as exc:  # PyYAML composes and constructs nested collections by recursion
+        raise YamlTooComplex("nests collections too deeply ([[[...); flatten it") from exc
     finally:
         loader.dispose()
 

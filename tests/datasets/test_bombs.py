@@ -209,10 +209,14 @@ def test_billion_laughs_data_yaml_is_a_problem(yolo_root: Path) -> None:
     assert info.value.status_code == 422 and "MAX_YAML_ALIAS_NODES" in info.value.message
 
 
-def test_recursive_alias_and_oversized_data_yaml(yolo_root: Path) -> None:
+def test_recursive_deep_and_oversized_data_yaml(yolo_root: Path) -> None:
     (yolo_root / "data.yaml").write_text("names: &n [a, *n]\ntrain: images/train\nval: images/val\n")
     with pytest.raises(DatasetError, match="recursive alias"):
         check_layout(yolo_root, DatasetOptions(format="yolo"))
+    (yolo_root / "data.yaml").write_text("names: " + "[" * 100_000)
+    with pytest.raises(DatasetError, match="too deeply") as info:
+        check_layout(yolo_root, DatasetOptions(format="yolo"))
+    assert info.value.details[0]["code"] == "yaml_too_complex"
     sparse_file(yolo_root / "data.yaml", 64 * 2**30, b"names: [a]\n")
     with quick_and_small(), pytest.raises(DatasetError) as info:
         check_layout(yolo_root, DatasetOptions(format="yolo"))
