@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     upload_max_uncompressed_bytes: int = Field(default=32 * 2**30, ge=1024)
     upload_max_members: int = Field(default=500_000, ge=1)
     upload_max_ratio: float = Field(default=200.0, gt=1, description="Uncompressed / compressed size.")
+    # Annotation files a format parses whole (COCO JSON; a Hugging Face dataset's metadata, JSON and
+    # CSV files): parsing takes many times a file's size in memory, so larger ones are refused first.
+    # Also for datasets named by path, not only uploads.
+    annotation_max_bytes: int = Field(default=512 * 2**20, ge=1024, description="Largest annotation file.")
 
     # Weights uploads (`POST /weights`). A YOLO-NAS-L training checkpoint with its optimizer state is
     # about 0.8 GB; 4 GiB leaves room without letting one request fill the disk.

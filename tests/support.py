@@ -27,6 +27,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # Who tests act as when they call services directly: an admin of the default tenant, like the
 # service's own admin key.
 ADMIN = Principal(key_id="tests", tenant=DEFAULT_TENANT, role=Role.admin)
+# The default of the setting, for tests that call the dataset functions directly.
+ANNOTATION_MAX_BYTES: int = Settings.model_fields["annotation_max_bytes"].default
 
 
 @dataclass

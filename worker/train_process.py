@@ -122,6 +122,7 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
                 resolved.options,
                 files.dataset_dir(job_dir),
                 datasets.cache_root(settings, resolved.root),
+                annotation_max_bytes=settings.annotation_max_bytes,
             )
         except (DatasetError, InvalidInput) as exc:
             details = exc.details if isinstance(exc.details, list) else None

@@ -5,24 +5,49 @@ written are counted again while extracting (a zip's declared sizes can lie). Not
 the destination folder (zip slip), links and device files are refused, and the limits from the
 settings (compressed size, uncompressed size, member count, compression ratio) answer 413 (sizes)
 or 422 (everything else) naming the limit. Pure standard library.
+
+Planning must not be the bomb either: a compressed tar is decompressed through a counter that refuses
+to go past the limits before the decompressor produces the bytes (listing a tar skips over every
+member's data, and tarfile reads a pax or GNU long-name header whole), and a zip's central directory
+is sized and counted from its end record before zipfile parses it into memory.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import lzma
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
 from app.errors import InvalidInput, PayloadTooLarge
 from app.paths import resolve_inside
 
 CHUNK = 1 << 20
+# tarfile reads member data in the chunks `_copy` asks for; only a pax or GNU long-name header is read
+# whole, in one call. Such a header holds a name and a few attributes: past this it is an attack.
+MAX_TAR_HEADER_READ = 8 * CHUNK
+# A zip's central directory record is 46 bytes plus its name, extra field and comment: far less than
+# this for anything an archiver writes, so a directory larger than this per allowed member is refused.
+MAX_ZIP_RECORD_BYTES = 8 * 1024
+# tarfile's "r:*" opens these; recognised by their magic bytes.
+_COMPRESSED_TAR: tuple[tuple[bytes, Any], ...] = (
+    (b"\x1f\x8b", gzip.GzipFile),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
+_TOO_MANY_EXTENDED_HEADERS = "the tar archive is corrupt: too many pax or long-name headers in a row"
+_ZIP_END = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+_ZIP_RECORD = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header (46 bytes)
 # Archivers add these; they are not part of any dataset.
 _SKIPPED_PREFIXES = ("__MACOSX/",)
 _SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db"})
@@ -68,13 +93,21 @@ def _limit_error(limit: str, value: float, message: str) -> ArchiveError:
 
 
 def archive_kind(path: Path) -> str:
-    """'zip' or 'tar', from the magic bytes (the client's file name and content type are not trusted)."""
+    """'zip' or 'tar', from the magic bytes (the client's file name and content type are not trusted).
+
+    A compressed file counts as a tar until it is opened: `tarfile.is_tarfile` would decompress (and
+    read a first header of any size) without the limits.
+    """
     if zipfile.is_zipfile(path):
         return "zip"
+    with path.open("rb") as f:
+        head = f.read(tarfile.BLOCKSIZE)
+    if any(head.startswith(magic) for magic, _ in _COMPRESSED_TAR):
+        return "tar"
     try:
-        if tarfile.is_tarfile(path):
-            return "tar"
-    except (OSError, tarfile.TarError, EOFError):
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+        return "tar"
+    except tarfile.TarError:
         pass
     raise ArchiveError("the upload is not a zip or tar archive (or it is corrupt)")
 
@@ -116,6 +149,10 @@ class _Budget:
     def check_declared(self, total: int) -> None:
         self._check(total, declared=True)
 
+    def check_stream(self, position: int) -> None:
+        """Before a decompressed tar stream is read or skipped up to `position` (headers included)."""
+        self._check(position, declared=False)
+
     def add(self, count: int) -> None:
         self.written += count
         self._check(self.written, declared=False)
@@ -138,6 +175,107 @@ class _Budget:
             )
 
 
+class _BoundedStream:
+    """The decompressed tar stream, for tarfile: every read and seek is checked against the budget
+    before the decompressor runs, so planning stops at the limit instead of after gigabytes.
+
+    The position is what is checked, not the work: reading the plan's members after the listing
+    seeks back once, so the stream is decompressed at most about twice.
+    """
+
+    def __init__(self, raw: IO[bytes], budget: _Budget) -> None:
+        self._raw = raw
+        self._budget = budget
+        self._position = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_TAR_HEADER_READ:
+            raise _limit_error(
+                "MAX_TAR_HEADER_READ",
+                MAX_TAR_HEADER_READ,
+                f"the tar archive has a header (pax or GNU long name) larger than {MAX_TAR_HEADER_READ} "
+                "bytes (MAX_TAR_HEADER_READ); it is not a dataset archive",
+            )
+        self._budget.check_stream(self._position + size)
+        data = self._raw.read(size)
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset + (self._position if whence == 1 else 0)
+        if whence not in (0, 1):
+            raise OSError("a tar stream cannot be sought from its end")
+        self._budget.check_stream(target)
+        self._position = self._raw.seek(target)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+def _open_tar(path: Path, budget: _Budget) -> tarfile.TarFile:
+    """The tar archive read through `_BoundedStream` (also a plain one: its headers are bounded too)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    opener = next((o for magic, o in _COMPRESSED_TAR if head.startswith(magic)), None)
+    raw: IO[bytes] = opener(path, "rb") if opener is not None else path.open("rb")
+    try:
+        return tarfile.open(fileobj=_BoundedStream(raw, budget), mode="r:")  # type: ignore[call-overload]
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _check_zip_directory(path: Path, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose central directory lists more than upload_max_members entries, from its end
+    record and a walk over the records' fixed headers, before zipfile reads it all into memory."""
+    size = path.stat().st_size
+    with path.open("rb", buffering=CHUNK) as f:
+        tail_start = max(0, size - _ZIP_END.size - 0xFFFF)
+        f.seek(tail_start)
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _ZIP_END.size:
+            return  # zipfile reports it
+        end_offset = tail_start + at
+        *_, entries, directory_size, _, _ = _ZIP_END.unpack_from(tail, at)
+        start = end_offset - directory_size
+        locator_at = at - _ZIP64_LOCATOR.size
+        if locator_at >= 0 and tail[locator_at : locator_at + 4] == b"PK\x06\x07":
+            # zipfile takes the zip64 end record as the one right before the locator, as here.
+            f.seek(end_offset - _ZIP64_LOCATOR.size - _ZIP64_END.size)
+            record = f.read(_ZIP64_END.size)
+            if len(record) == _ZIP64_END.size and record[:4] == b"PK\x06\x06":
+                *_, entries, directory_size, _ = _ZIP64_END.unpack(record)
+                start = end_offset - _ZIP64_LOCATOR.size - _ZIP64_END.size - directory_size
+        _check_count(entries, limits)
+        if directory_size > limits.max_members * MAX_ZIP_RECORD_BYTES:
+            raise _limit_error(
+                "upload_max_members",
+                limits.max_members,
+                f"the zip archive's central directory is {directory_size} bytes, too large for "
+                f"upload_max_members ({limits.max_members}) entries",
+            )
+        # The end record's count can lie (zipfile reads records until the directory's size is used).
+        if start < 0:
+            return
+        f.seek(start)
+        used = count = 0
+        while used < directory_size:
+            header = f.read(_ZIP_RECORD.size)
+            if len(header) < _ZIP_RECORD.size or header[:4] != b"PK\x01\x02":
+                return  # zipfile reports the corruption
+            fields = _ZIP_RECORD.unpack(header)
+            variable = fields[12] + fields[13] + fields[14]  # name, extra field and comment lengths
+            f.seek(variable, 1)
+            used += _ZIP_RECORD.size + variable
+            count += 1
+            _check_count(count, limits)
+
+
 def _copy(source: IO[bytes], target: Path, budget: _Budget) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "xb") as out:
@@ -150,6 +288,7 @@ def _copy(source: IO[bytes], target: Path, budget: _Budget) -> None:
 
 
 def _extract_zip(path: Path, dest: Path, limits: ArchiveLimits, budget: _Budget) -> int:
+    _check_zip_directory(path, limits)
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -184,17 +323,22 @@ def _extract_zip(path: Path, dest: Path, limits: ArchiveLimits, budget: _Budget)
 
 def _extract_tar(path: Path, dest: Path, limits: ArchiveLimits, budget: _Budget) -> int:
     try:
-        archive = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        archive = _open_tar(path, budget)
+    except (tarfile.TarError, zlib.error, lzma.LZMAError, OSError, EOFError) as exc:
         raise ArchiveError(f"the tar archive is corrupt: {exc}") from exc
+    except RecursionError as exc:  # tarfile reads each pax or long-name header by recursion
+        raise ArchiveError(_TOO_MANY_EXTENDED_HEADERS) from exc
     with archive:
         # Read member headers one at a time so a huge member count is refused before it fills memory.
         plan: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
-        count = 0
+        count = declared = 0
         try:
             for info in archive:
                 count += 1
                 _check_count(count, limits)
+                # Before the next header is read, which skips (decompresses) this member's data.
+                declared += info.size
+                budget.check_declared(declared)
                 rel = _member_path(info.name)
                 if info.issym() or info.islnk():
                     raise ArchiveError(f"archive member {info.name!r} is a link; links are not allowed")
@@ -205,6 +349,8 @@ def _extract_tar(path: Path, dest: Path, limits: ArchiveLimits, budget: _Budget)
                 plan.append((info, rel))
         except (tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, OSError) as exc:
             raise ArchiveError(f"the tar archive is corrupt: {exc}") from exc
+        except RecursionError as exc:
+            raise ArchiveError(_TOO_MANY_EXTENDED_HEADERS) from exc
         budget.check_declared(sum(info.size for info, _ in plan))
         for info, rel in plan:
             try:

@@ -24,6 +24,7 @@ from app.datasets.pipeline import (
     Box,
     ImageRecord,
     PreparedDataset,
+    annotation_too_large,
     build_split,
     declared_size,
     finish,
@@ -184,8 +185,14 @@ class _LoadedSplit:
     annotations: list[Any]
 
 
-def _read_json(path: Path, rel_file: str, problems: Problems) -> dict[str, Any] | None:
+def _read_json(
+    path: Path, rel_file: str, problems: Problems, annotation_max_bytes: int
+) -> dict[str, Any] | None:
     """The annotation file's top-level object with its three lists; None (errors recorded) otherwise."""
+    too_large = annotation_too_large(path, annotation_max_bytes)
+    if too_large is not None:
+        problems.error(rel_file, too_large, "file_too_large")
+        return None
     try:
         with path.open("rb") as f:
             data = json.load(f)
@@ -244,7 +251,9 @@ def _categories(raw_categories: list[Any], rel_file: str, problems: Problems) ->
     return categories
 
 
-def _load_split(root: Path, name: str, ref: SplitRef, problems: Problems) -> _LoadedSplit | None:
+def _load_split(
+    root: Path, name: str, ref: SplitRef, problems: Problems, annotation_max_bytes: int
+) -> _LoadedSplit | None:
     """Read one split's JSON and check its shape; None (with errors recorded) if unusable."""
     rel_file = str(PurePosixPath(ref.annotations))
     unsafe = [rel for rel in (ref.annotations, ref.images) if unsafe_relative(rel)]
@@ -264,7 +273,7 @@ def _load_split(root: Path, name: str, ref: SplitRef, problems: Problems) -> _Lo
     if not annotation_path.is_file():
         problems.error(rel_file, f"annotation file of the {name} split does not exist", "missing_file")
         return None
-    data = _read_json(annotation_path, rel_file, problems)
+    data = _read_json(annotation_path, rel_file, problems, annotation_max_bytes)
     if data is None or not images_ok:
         return None
     return _LoadedSplit(
@@ -449,13 +458,15 @@ def _records(
     return list(records.values())
 
 
-def prepare_coco_dataset(root: Path, train: SplitRef, val: SplitRef, out_dir: Path) -> PreparedDataset:
+def prepare_coco_dataset(
+    root: Path, train: SplitRef, val: SplitRef, out_dir: Path, *, annotation_max_bytes: int
+) -> PreparedDataset:
     """Validate both splits and write sanitized annotation files `out_dir/train.json`, `out_dir/val.json`.
 
     Raises `DatasetError` (an `InvalidDataset` with counts) with every problem found, each naming its
     file; nothing is written in that case. Recoverable oddities (clipped or degenerate boxes, images
     without boxes, size mismatches) become aggregated warnings. `SplitFiles.images_dir` is absolute;
-    sanitized `file_name`s are relative to it.
+    sanitized `file_name`s are relative to it. Annotation files over `annotation_max_bytes` are not read.
     """
     root = root.resolve()
     if not root.is_dir():
@@ -464,8 +475,8 @@ def prepare_coco_dataset(root: Path, train: SplitRef, val: SplitRef, out_dir: Pa
             details=[problem(".", "dataset folder does not exist", "missing_file")],
         )
     problems = Problems()
-    loaded_train = _load_split(root, "train", train, problems)
-    loaded_val = _load_split(root, "val", val, problems)
+    loaded_train = _load_split(root, "train", train, problems, annotation_max_bytes)
+    loaded_val = _load_split(root, "val", val, problems, annotation_max_bytes)
     classes = _classes(loaded_train, loaded_val, problems)
     results = {}
     for loaded, mapping, skip in (

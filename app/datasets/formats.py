@@ -100,15 +100,18 @@ def check_layout(root: Path, options: DatasetOptions) -> None:
         raise _unknown_format(options.format)
 
 
-def prepare_dataset(root: Path, options: DatasetOptions, out_dir: Path, cache_root: Path) -> PreparedDataset:
+def prepare_dataset(
+    root: Path, options: DatasetOptions, out_dir: Path, cache_root: Path, *, annotation_max_bytes: int
+) -> PreparedDataset:
     """Validate the dataset and write the sanitized COCO files training reads into `out_dir`.
 
-    `cache_root` is where HF images are decoded once per dataset version. Raises `DatasetError` with
-    every problem found, each naming its file.
+    `cache_root` is where HF images are decoded once per dataset version; annotation files larger than
+    `annotation_max_bytes` (the setting) are refused unread. Raises `DatasetError` with every problem
+    found, each naming its file.
     """
     if options.format == "coco":
         train, val = resolve_coco_splits(root, options.coco_train, options.coco_val)
-        return prepare_coco_dataset(root, train, val, out_dir)
+        return prepare_coco_dataset(root, train, val, out_dir, annotation_max_bytes=annotation_max_bytes)
     if options.format == "yolo":
         return yolo.prepare_yolo_dataset(root, options.data_yaml, out_dir)
     if options.format == "hf":
@@ -119,6 +122,7 @@ def prepare_dataset(root: Path, options: DatasetOptions, out_dir: Path, cache_ro
             val_split=options.hf_val,
             out_dir=out_dir,
             cache_root=cache_root,
+            annotation_max_bytes=annotation_max_bytes,
         )
     raise _unknown_format(options.format)
 
@@ -128,7 +132,9 @@ def _unknown_format(name: str) -> DatasetError:
     return DatasetError(text, details=[problem(".", text, "format_not_recognised")])
 
 
-def validate_dataset(root: Path, options: DatasetOptions, cache_root: Path) -> dict[str, Any]:
+def validate_dataset(
+    root: Path, options: DatasetOptions, cache_root: Path, *, annotation_max_bytes: int
+) -> dict[str, Any]:
     """The validation report (never raises for a bad dataset: its problems are in the report).
 
     `{"format", "ok", "classes", "splits": {"train": {images, images_without_boxes, boxes,
@@ -140,7 +146,9 @@ def validate_dataset(root: Path, options: DatasetOptions, cache_root: Path) -> d
     problems: list[dict[str, str]]
     with tempfile.TemporaryDirectory(prefix="sgjobs-validate-") as tmp:
         try:
-            prepared = prepare_dataset(root, options, Path(tmp), cache_root)
+            prepared = prepare_dataset(
+                root, options, Path(tmp), cache_root, annotation_max_bytes=annotation_max_bytes
+            )
         except DatasetError as exc:
             problems = exc.details if isinstance(exc.details, list) else []
             if not problems:

@@ -20,17 +20,21 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from app.datasets.pipeline import (
     Box,
     ImageFault,
     ImageRecord,
     PreparedDataset,
+    annotation_too_large,
     build_split,
     declared_size,
     finish,
@@ -40,7 +44,8 @@ from app.datasets.pipeline import (
     write_json_atomic,
 )
 from app.datasets.problems import Problems, dataset_error
-from app.paths import is_inside, real
+from app.datasets.safe_yaml import UnsafeYaml, load_yaml, load_yaml_file
+from app.paths import is_inside, real, resolve_inside
 
 BBOX_FORMATS: tuple[str, ...] = ("xyxy", "xywh", "cxcywh")
 DEFAULT_BBOX_FORMAT = "xywh"
@@ -51,6 +56,14 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 DATA_SUFFIXES = frozenset({".parquet", ".arrow"})
 METADATA_FILES = frozenset({"metadata.jsonl", "metadata.csv", "metadata.parquet"})
+# Files `datasets` parses whole as text (metadata, save_to_disk's JSON, JSON or CSV data files).
+PARSED_WHOLE_SUFFIXES = frozenset({".json", ".jsonl", ".csv"})
+# The dataset card and its standalone YAML, as `datasets` names them; the card is read whole.
+CARD = "README.md"
+CARD_YAML = ".huggingface.yaml"
+MAX_CARD_BYTES = 16 * 2**20
+# A scheme (`http://`, `hf://`, `s3://`, `file://`, ...): fsspec would fetch it.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 
 
@@ -96,13 +109,96 @@ def default_cache_root(root: Path, fallback: Path) -> Path:
 
 
 def _import_datasets() -> Any:
-    # A local folder needs no network; offline mode makes sure nothing is looked up on the Hub.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A dataset is a local folder: nothing is ever looked up on the Hub or fetched from a URL, whatever
+    # the environment says. Forced, not defaulted, and set on the modules too: both libraries read the
+    # variables once, when first imported (possibly before this).
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
+    import huggingface_hub.constants
 
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.config.HF_DATASETS_OFFLINE = True
     datasets.disable_progress_bars()
     return datasets
+
+
+def _card_yaml(root: Path, name: str, problems: Problems) -> Any:
+    """The YAML that `datasets` reads from README.md's front matter or `.huggingface.yaml` (with the
+    one safe loader), None when there is none or it is refused (the problem recorded)."""
+    path = root / name
+    if not path.is_file():
+        return None
+    if not is_inside(path, root):
+        problems.error(name, "links outside the dataset", "outside_dataset")
+        return None
+    try:
+        if name == CARD_YAML:
+            return load_yaml_file(path)
+        if path.stat().st_size > MAX_CARD_BYTES:
+            text = f"is larger than {MAX_CARD_BYTES} bytes (MAX_CARD_BYTES); shorten the dataset card"
+            problems.error(name, text, "file_too_large")
+            return None
+        text = path.read_text(encoding="utf-8")
+        from huggingface_hub.repocard import REGEX_YAML_BLOCK  # what `datasets` takes as the front matter
+
+        match = REGEX_YAML_BLOCK.search(text)
+        return load_yaml(match.group(2)) if match else None
+    except UnsafeYaml as exc:
+        problems.error(name, exc.text, exc.code)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        problems.error(name, f"cannot be read as a dataset card: {first}", "unreadable_file")
+    return None
+
+
+def _data_file_patterns(config: dict[str, Any]) -> list[str]:
+    """Every path or pattern a `configs` entry names (`data_files` in any of its shapes, `data_dir`)."""
+    found: list[str] = []
+
+    def collect(value: object) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):  # {split: patterns} or a list's {split, path} items
+            for key, item in value.items():
+                if key != "split":
+                    collect(item)
+
+    collect(config.get("data_files"))
+    data_dir = config.get("data_dir")
+    if isinstance(data_dir, str):
+        found = [data_dir, *(f"{data_dir}/{p}" for p in found)]
+    return found
+
+
+def check_hf_files(root: Path, annotation_max_bytes: int) -> None:
+    """What must hold before `datasets` reads the folder: its card's YAML is safe to load, the data
+    files it names are inside the dataset (no URL: nothing is fetched), and no metadata or JSON file
+    is over `annotation_max_bytes`. Raises `DatasetError` listing every problem."""
+    problems = Problems()
+    for name in (CARD, CARD_YAML):
+        card = _card_yaml(root, name, problems)
+        configs = card.get("configs") if isinstance(card, dict) else None
+        for config in configs if isinstance(configs, list) else []:
+            if not isinstance(config, dict):
+                continue
+            for pattern in _data_file_patterns(config):
+                if _URL.match(pattern) or "::" in pattern:
+                    text = f"data_files names {pattern!r}, a URL; name files inside the dataset folder"
+                    problems.error(name, text, "remote_data_files")
+                elif resolve_inside(root, pattern) is None:
+                    text = f"data_files names {pattern!r}, which is not inside the dataset folder"
+                    problems.error(name, text, "outside_dataset")
+    for path in _visible_files(root):
+        if path.suffix.lower() in PARSED_WHOLE_SUFFIXES:
+            too_large = annotation_too_large(path, annotation_max_bytes)
+            if too_large is not None:
+                problems.error(path.relative_to(root).as_posix(), too_large, "file_too_large")
+    problems.raise_if_errors()
 
 
 def available_splits(root: Path, cache_root: Path, arrow_cache: Path) -> list[str]:
@@ -371,18 +467,21 @@ def prepare_hf_dataset(
     val_split: str | None,
     out_dir: Path,
     cache_root: Path,
+    annotation_max_bytes: int,
 ) -> PreparedDataset:
     """Validate an HF detection dataset and write sanitized COCO files `out_dir/{train,val}.json`.
 
     Images come from the per-dataset cache (decoded once). Raises `DatasetError` listing every problem:
-    unreadable splits, missing columns, missing or unreadable images, duplicate image ids, malformed
-    boxes, categories that are not classes; boxes outside their image are clipped and boxes without
+    an unsafe card, data files outside the dataset or files too large (`check_hf_files`), unreadable
+    splits, missing columns, missing or unreadable images, duplicate image ids, malformed boxes,
+    categories that are not classes; boxes outside their image are clipped and boxes without
     area dropped (warnings), as for every format (`app.datasets.pipeline`).
     """
     if bbox_format not in BBOX_FORMATS:
         text = f"bbox_format must be one of {', '.join(BBOX_FORMATS)}"
         raise dataset_error(".", text, "bad_option")
     root = root.resolve()
+    check_hf_files(root, annotation_max_bytes)
     cache_root.mkdir(parents=True, exist_ok=True)
     # `datasets` converts the files to arrow once more in its own cache: only needed while the images
     # are decoded, so it lives in a scratch folder and the dataset is not stored three times.

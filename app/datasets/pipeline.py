@@ -391,6 +391,23 @@ def finish(
     )
 
 
+def annotation_too_large(path: Path, annotation_max_bytes: int) -> str | None:
+    """Why the annotation file at `path` must not be parsed (it is larger than the setting), or None.
+
+    Checked before the file is opened: a parser holds many times the file's size in memory.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None  # reading it reports the problem
+    if size <= annotation_max_bytes:
+        return None
+    return (
+        f"is {size} bytes, larger than annotation_max_bytes ({annotation_max_bytes} bytes); "
+        "split the annotations or raise SGJOBS_ANNOTATION_MAX_BYTES"
+    )
+
+
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     """Write JSON through a temporary file and a rename, so no reader ever sees half a file."""
     # A half-written annotation file would be read by a later training run as a corrupt dataset.

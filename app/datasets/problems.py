@@ -28,7 +28,10 @@ ErrorCode = Literal[
     "no_split",  # a training or validation split cannot be found
     "missing_file",  # the dataset folder, an annotation file, an images folder or data.yaml is missing
     "outside_dataset",  # a path or symlink that leads out of its folder
+    "remote_data_files",  # a dataset card names data files by URL (http://, hf://, s3://, ...)
     "unreadable_file",  # an annotation, label, list or data file cannot be read or does not parse
+    "file_too_large",  # an annotation, metadata or YAML file is larger than its limit (named)
+    "yaml_too_complex",  # a YAML file's aliases expand too far (a "billion laughs") or recurse
     "bad_schema",  # a file parses but lacks required keys or columns, or they have the wrong type
     "bad_option",  # a dataset option (e.g. bbox_format) has a value that is not allowed
     "no_classes",  # there are no classes to train

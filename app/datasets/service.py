@@ -176,7 +176,12 @@ def register_upload(
             raise InvalidInput(f"bbox_format applies to Hugging Face datasets only; this one is {fmt}")
         options = {"bbox_format": bbox_format} if bbox_format else {}
         root = base.resolve()
-        report = validate_dataset(root, options_for(fmt, None, options), cache_root(settings, root))
+        report = validate_dataset(
+            root,
+            options_for(fmt, None, options),
+            cache_root(settings, root),
+            annotation_max_bytes=settings.annotation_max_bytes,
+        )
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -236,7 +241,12 @@ def validate(
     if bbox_format is not None:
         options["bbox_format"] = bbox_format
     root = dataset_root(settings, dataset)
-    report = validate_dataset(root, options_for(dataset.format, None, options), cache_root(settings, root))
+    report = validate_dataset(
+        root,
+        options_for(dataset.format, None, options),
+        cache_root(settings, root),
+        annotation_max_bytes=settings.annotation_max_bytes,
+    )
     dataset.options = options
     dataset.report = report
     dataset.classes = report["classes"] or None

@@ -32,6 +32,7 @@ from app.datasets.pipeline import (
     single_subfolder,
 )
 from app.datasets.problems import Problems, dataset_error, problem
+from app.datasets.safe_yaml import UnsafeYaml, load_yaml_file
 from app.errors import DatasetError
 from app.paths import is_inside, unsafe_relative
 
@@ -108,8 +109,9 @@ def load_layout(root: Path, data_yaml: str | None) -> YoloLayout:
     if not is_inside(path, root):
         raise dataset_error(rel, "links outside the dataset", "outside_dataset")
     try:
-        with path.open("rb") as f:
-            data = yaml.safe_load(f)
+        data = load_yaml_file(path)
+    except UnsafeYaml as exc:
+        raise dataset_error(rel, exc.text, exc.code) from exc
     except OSError as exc:
         raise dataset_error(rel, f"cannot be read: {exc.strerror or exc}", "unreadable_file") from exc
     except yaml.YAMLError as exc:

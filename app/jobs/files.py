@@ -21,7 +21,6 @@ backend, which may not import this module, can use them) are imported here.
 from __future__ import annotations
 
 import re
-
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import stat
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,5 +161,31 @@ def test_corrupt_member_data(tmp_path: Path) -> None:
     start = data.index(b"PK\x03\x04") + 30 + len("a.bin")
     data[start + 10 : start + 40] = b"\xff" * 30
     path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match="corrupt"):
+        extract_archive(path, tmp_path / "out", LIMITS)
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_every_tar_compression_extracts(tmp_path: Path, mode: str) -> None:
+    members = {"ds/a.txt": b"hello", "ds/sub/b.bin": bytes(range(256)) * 100}
+    path = make_tar(tmp_path / "a.tar", members, mode)
+    result = extract_archive(path, tmp_path / "out", LIMITS)
+    assert (result.files, result.bytes) == (2, 5 + 25_600)
+    assert (tmp_path / "out/ds/sub/b.bin").read_bytes() == members["ds/sub/b.bin"]
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2"])
+def test_tar_ratio_bomb_is_refused_while_listing(tmp_path: Path, mode: str) -> None:
+    path = make_tar(tmp_path / "bomb.tar", {"zeros.bin": b"\x00" * (30 * 2**20), "b.txt": b"x"}, mode)
+    with pytest.raises(ArchiveTooLarge) as info:
+        extract_archive(path, tmp_path / "out", LIMITS)
+    assert limit_of(info.value) == "upload_max_ratio"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_compressed_file_that_is_no_tar(tmp_path: Path, compress: Callable[[bytes], bytes]) -> None:
+    path = tmp_path / "notes.gz"
+    path.write_bytes(compress(b"just some text, not a tar archive\n" * 100))
     with pytest.raises(ArchiveError, match="corrupt"):
         extract_archive(path, tmp_path / "out", LIMITS)

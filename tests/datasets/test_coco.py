@@ -19,6 +19,7 @@ from app.datasets.coco import SplitRef, prepare_coco_dataset, resolve_coco_split
 from app.datasets.pipeline import PreparedDataset
 from app.datasets.problems import ERROR_CODES, MAX_ERRORS, WARNING_CODES
 from app.errors import DatasetError
+from tests.support import ANNOTATION_MAX_BYTES
 
 TRAIN = SplitRef(images="train", annotations="train/_annotations.coco.json")
 VAL = SplitRef(images="valid", annotations="valid/_annotations.coco.json")
@@ -101,7 +102,7 @@ def add_category(root: Path, category: dict[str, Any], rel: str = TRAIN_FILE) ->
 def prepare(root: Path, out_dir: Path) -> PreparedDataset:
     """Prepare with the default Roboflow splits."""
     train, val = resolve_coco_splits(root, None, None)
-    return prepare_coco_dataset(root, train, val, out_dir)
+    return prepare_coco_dataset(root, train, val, out_dir, annotation_max_bytes=ANNOTATION_MAX_BYTES)
 
 
 def prepare_error(root: Path, out_dir: Path) -> DatasetError:
@@ -184,7 +185,12 @@ def test_classic_coco_layout_resolution(shapes_root: Path, out_dir: Path) -> Non
     train, val = resolve_coco_splits(shapes_root, None, None)
     assert train == SplitRef("images/train2017", "annotations/instances_train2017.json")
     assert val == SplitRef("images/val2017", "annotations/instances_val2017.json")
-    assert prepare_coco_dataset(shapes_root, train, val, out_dir).stats["val"].images == 3
+    assert (
+        prepare_coco_dataset(shapes_root, train, val, out_dir, annotation_max_bytes=ANNOTATION_MAX_BYTES)
+        .stats["val"]
+        .images
+        == 3
+    )
 
 
 def test_dataset_wrapped_in_one_folder_is_found(tmp_path: Path, shapes_root: Path) -> None:
@@ -386,7 +392,7 @@ def test_json_with_wrong_shape(
 def test_annotation_file_missing(shapes_root: Path, out_dir: Path) -> None:
     (shapes_root / VAL_FILE).unlink()
     with pytest.raises(DatasetError) as info:
-        prepare_coco_dataset(shapes_root, TRAIN, VAL, out_dir)
+        prepare_coco_dataset(shapes_root, TRAIN, VAL, out_dir, annotation_max_bytes=ANNOTATION_MAX_BYTES)
     assert info.value.details[0]["file"] == VAL_FILE
     assert "annotation file of the val split does not exist" in info.value.message
 
@@ -608,7 +614,9 @@ def test_exif_rotated_image_gets_the_rotated_size(shapes_root: Path, out_dir: Pa
 
 
 def test_validation_images_shared_with_training(shapes_root: Path, out_dir: Path) -> None:
-    prepared = prepare_coco_dataset(shapes_root, TRAIN, TRAIN, out_dir)
+    prepared = prepare_coco_dataset(
+        shapes_root, TRAIN, TRAIN, out_dir, annotation_max_bytes=ANNOTATION_MAX_BYTES
+    )
     assert any(w.startswith("6 validation images are also in the training split") for w in prepared.warnings)
 
 

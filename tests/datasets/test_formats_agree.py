@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from app.datasets.demo import hf_features
 from app.datasets.formats import DatasetOptions, detect_format, prepare_dataset, validate_dataset
 from app.datasets.problems import ERROR_CODES, WARNING_CODES
+from tests.support import ANNOTATION_MAX_BYTES
 
 CLASSES = ("circle", "square", "triangle")
 UNKNOWN_CLASS = 7
@@ -216,7 +217,9 @@ def test_each_copy_is_detected_as_its_format(tmp_path: Path) -> None:
 
 def test_reports_agree_on_a_dataset_with_errors(tmp_path: Path) -> None:
     reports = {
-        fmt: validate_dataset(root, options(fmt), tmp_path / "cache")
+        fmt: validate_dataset(
+            root, options(fmt), tmp_path / "cache", annotation_max_bytes=ANNOTATION_MAX_BYTES
+        )
         for fmt, root in written(tmp_path, with_errors=True).items()
     }
     coco, yolo, hf = reports["coco"], reports["yolo"], reports["hf"]
@@ -266,7 +269,12 @@ def test_reports_agree_on_a_dataset_with_errors(tmp_path: Path) -> None:
 
 def test_reports_and_sanitized_files_agree_on_a_dataset_with_warnings(tmp_path: Path) -> None:
     roots = written(tmp_path, with_errors=False)
-    reports = {fmt: validate_dataset(root, options(fmt), tmp_path / "cache") for fmt, root in roots.items()}
+    reports = {
+        fmt: validate_dataset(
+            root, options(fmt), tmp_path / "cache", annotation_max_bytes=ANNOTATION_MAX_BYTES
+        )
+        for fmt, root in roots.items()
+    }
     assert all(r["ok"] for r in reports.values())
     assert reports["coco"]["splits"] == reports["yolo"]["splits"] == reports["hf"]["splits"]
     kinds = {fmt: sorted((p["code"], p["severity"]) for p in r["problems"]) for fmt, r in reports.items()}
@@ -285,7 +293,13 @@ def test_reports_and_sanitized_files_agree_on_a_dataset_with_warnings(tmp_path: 
     # The files training reads hold the same boxes, whatever the format.
     boxes: dict[str, list[Any]] = {}
     for fmt, root in roots.items():
-        prepared = prepare_dataset(root, options(fmt), tmp_path / f"out-{fmt}", tmp_path / "cache")
+        prepared = prepare_dataset(
+            root,
+            options(fmt),
+            tmp_path / f"out-{fmt}",
+            tmp_path / "cache",
+            annotation_max_bytes=ANNOTATION_MAX_BYTES,
+        )
         documents = [json.loads(f.annotation_file.read_text()) for f in (prepared.train, prepared.val)]
         boxes[fmt] = [
             [(a["image_id"], a["category_id"], a["bbox"], a["iscrowd"]) for a in d["annotations"]]
@@ -299,6 +313,8 @@ def test_reports_and_sanitized_files_agree_on_a_dataset_with_warnings(tmp_path: 
 @pytest.mark.parametrize("with_errors", [False, True])
 def test_every_problem_has_a_known_code(tmp_path: Path, with_errors: bool) -> None:
     for fmt, root in written(tmp_path, with_errors).items():
-        for problem in validate_dataset(root, options(fmt), tmp_path / "cache")["problems"]:
+        for problem in validate_dataset(
+            root, options(fmt), tmp_path / "cache", annotation_max_bytes=ANNOTATION_MAX_BYTES
+        )["problems"]:
             assert set(problem) == {"file", "problem", "severity", "code"}
             assert problem["code"] in (ERROR_CODES if problem["severity"] == "error" else WARNING_CODES)

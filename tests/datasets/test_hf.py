@@ -17,6 +17,7 @@ from app.datasets.formats import DatasetOptions, detect_format, validate_dataset
 from app.datasets.hf import CACHE_DIR_NAME, MANIFEST, prepare_hf_dataset
 from app.errors import DatasetError
 from tests.datasets.conftest import SMALL_SPEC
+from tests.support import ANNOTATION_MAX_BYTES
 
 TRAIN_FILE = "data/train-00000-of-00001.parquet"
 
@@ -29,7 +30,13 @@ def hf_root(tmp_path: Path) -> Path:
 def prepare(root: Path, out_dir: Path, **kwargs: Any) -> Any:
     options = {"bbox_format": "xywh", "train_split": None, "val_split": None}
     options.update(kwargs)
-    return prepare_hf_dataset(root, out_dir=out_dir, cache_root=root / CACHE_DIR_NAME, **options)
+    return prepare_hf_dataset(
+        root,
+        out_dir=out_dir,
+        cache_root=root / CACHE_DIR_NAME,
+        annotation_max_bytes=ANNOTATION_MAX_BYTES,
+        **options,
+    )
 
 
 def errors_of(root: Path, out_dir: Path, **kwargs: Any) -> list[dict[str, str]]:
@@ -50,7 +57,12 @@ def rewrite_train(root: Path, change: Any) -> None:
 
 def test_same_data_as_coco(hf_root: Path, tmp_path: Path) -> None:
     coco_root = write_shapes_dataset(tmp_path / "coco", SMALL_SPEC)
-    coco = prepare_coco_dataset(coco_root, *resolve_coco_splits(coco_root, None, None), tmp_path / "c")
+    coco = prepare_coco_dataset(
+        coco_root,
+        *resolve_coco_splits(coco_root, None, None),
+        tmp_path / "c",
+        annotation_max_bytes=ANNOTATION_MAX_BYTES,
+    )
     hf = prepare(hf_root, tmp_path / "h")
     assert hf.class_names == coco.class_names == ("circle", "square", "triangle")
     assert hf.warnings == []
@@ -191,7 +203,12 @@ def test_report_shape(hf_root: Path) -> None:
         rows[1]["objects"]["category"][0] = 7
 
     rewrite_train(hf_root, change)
-    result = validate_dataset(hf_root, DatasetOptions(format="hf"), hf_root / CACHE_DIR_NAME)
+    result = validate_dataset(
+        hf_root,
+        DatasetOptions(format="hf"),
+        hf_root / CACHE_DIR_NAME,
+        annotation_max_bytes=ANNOTATION_MAX_BYTES,
+    )
     assert result["ok"] is False and result["format"] == "hf" and result["errors"] == 1
     assert result["classes"] == ["circle", "square", "triangle"]
     assert result["splits"]["val"]["images"] == 3

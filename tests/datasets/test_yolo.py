@@ -16,6 +16,7 @@ from app.datasets.pipeline import PreparedDataset
 from app.datasets.yolo import label_path, load_layout, prepare_yolo_dataset
 from app.errors import DatasetError
 from tests.datasets.conftest import SMALL_SPEC
+from tests.support import ANNOTATION_MAX_BYTES
 
 
 @pytest.fixture
@@ -35,12 +36,19 @@ def first_label(root: Path, split: str = "train") -> Path:
 
 
 def report(root: Path) -> dict[str, object]:
-    return validate_dataset(root, DatasetOptions(format="yolo"), root / ".cache")
+    return validate_dataset(
+        root, DatasetOptions(format="yolo"), root / ".cache", annotation_max_bytes=ANNOTATION_MAX_BYTES
+    )
 
 
 def test_same_data_as_coco(yolo_root: Path, tmp_path: Path) -> None:
     coco_root = write_shapes_dataset(tmp_path / "coco", SMALL_SPEC)
-    coco = prepare_coco_dataset(coco_root, *resolve_coco_splits(coco_root, None, None), tmp_path / "c")
+    coco = prepare_coco_dataset(
+        coco_root,
+        *resolve_coco_splits(coco_root, None, None),
+        tmp_path / "c",
+        annotation_max_bytes=ANNOTATION_MAX_BYTES,
+    )
     yolo: PreparedDataset = prepare_yolo_dataset(yolo_root, None, tmp_path / "y")
     assert yolo.class_names == coco.class_names == ("circle", "square", "triangle")
     assert yolo.warnings == []
