@@ -21,6 +21,7 @@ settings are imported by the functions that need them), and nothing here imports
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -118,6 +119,8 @@ def backend_resources(
 def _env_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
     return str(value)
 
 

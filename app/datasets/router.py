@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
+from app.auth.principal import Principal
 from app.datasets import service
 from app.datasets.archive import ArchiveTooLarge
 from app.datasets.models import Dataset
@@ -105,12 +106,17 @@ async def _receive(request: Request, target: FilePath, settings: Settings) -> di
 
 
 def _register(
-    settings: Settings, archive: FilePath, tenant: str, name: str | None, bbox_format: str | None
+    settings: Settings, archive: FilePath, principal: Principal, name: str | None, bbox_format: str | None
 ) -> Dataset:
     session = get_sessionmaker(settings.database_url)()
     try:
         dataset = service.register_upload(
-            session, settings=settings, archive=archive, tenant=tenant, name=name, bbox_format=bbox_format
+            session,
+            settings=settings,
+            archive=archive,
+            principal=principal,
+            name=name,
+            bbox_format=bbox_format,
         )
         session.commit()
         return dataset
@@ -148,7 +154,7 @@ async def upload_dataset(
         if name is not None and not (1 <= len(name) <= 200 and _PRINTABLE.match(name)):
             raise InvalidInput.field(["body", "name"], "name must be 1 to 200 printable characters")
         # Extraction and validation read every file: off the event loop.
-        dataset = await run_in_threadpool(_register, settings, archive, principal.tenant, name, raw_format)
+        dataset = await run_in_threadpool(_register, settings, archive, principal, name, raw_format)
     finally:
         await anyio.Path(archive).unlink(missing_ok=True)
     return _out(dataset)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.auth.principal import sees, visible
+from app.auth.principal import Principal, sees, visible
 from app.datasets.archive import ArchiveLimits, extract_archive
 from app.datasets.coco import SplitRef
 from app.datasets.formats import DatasetOptions, detect_format, validate_dataset
@@ -23,6 +23,7 @@ from app.datasets.schemas import DatasetSpec
 from app.db import new_id, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.paths import UPLOADS_FOLDER, is_inside, real
+from app.quotas import check_storage
 from app.settings import Settings
 
 UPLOADS = UPLOADS_FOLDER
@@ -157,7 +158,7 @@ def register_upload(
     *,
     settings: Settings,
     archive: Path,
-    tenant: str,
+    principal: Principal,
     name: str | None,
     bbox_format: str | None,
 ) -> Dataset:
@@ -169,8 +170,11 @@ def register_upload(
     dataset_id = new_id()
     dest = upload_folder(settings, dataset_id)
     archive_bytes = archive.stat().st_size
+    # Before extracting (the archive's size), and after (the files' size): within the tenant's quota.
+    check_storage(session, settings=settings, principal=principal, adding=archive_bytes)
     extracted = extract_archive(archive, dest, limits(settings))
     try:
+        check_storage(session, settings=settings, principal=principal, adding=extracted.bytes)
         fmt, base = detect_format(dest)
         if bbox_format is not None and fmt != "hf":
             raise InvalidInput(f"bbox_format applies to Hugging Face datasets only; this one is {fmt}")
@@ -188,7 +192,7 @@ def register_upload(
     now = utcnow()
     dataset = Dataset(
         id=dataset_id,
-        tenant=tenant,
+        tenant=principal.tenant,
         name=name or dataset_id,
         format=fmt,
         path=root.relative_to(settings.datasets_dir.resolve()).as_posix(),

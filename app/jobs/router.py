@@ -43,7 +43,10 @@ def _cursor(value: str | None) -> int | None:
 
 
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=problems(400, 422, 503)
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    responses=problems(400, 413, 422, 429, 503),
 )
 def create_job(
     spec: JobSpec, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, redact: RedactorDep
@@ -117,7 +120,7 @@ def delete_job(
     "/{job_id}/resume",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
-    responses=problems(400, 404, 409, 422, 503),
+    responses=problems(400, 404, 409, 413, 422, 429, 503),
 )
 def resume_job(
     job_id: ObjectId,
@@ -131,7 +134,9 @@ def resume_job(
     """Queue a cancelled or failed job again to continue from its last checkpoint, optionally with a
     larger `max_epochs`. 409 while it is queued or running, once it succeeded, or without a
     checkpoint."""
-    job = service.resume_job(session, job_id=job_id, max_epochs=body.max_epochs, scope=principal.scope)
+    job = service.resume_job(
+        session, settings=settings, job_id=job_id, max_epochs=body.max_epochs, principal=principal
+    )
     session.commit()
     dispatch.send(settings, job_id=job.id)
     return service.to_out(job, redact)

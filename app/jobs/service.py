@@ -21,11 +21,12 @@ from app.auth.principal import PUBLISHED_TENANT, Principal, sees, visible
 from app.datasets.formats import check_layout
 from app.datasets.service import datasets_base, resolve_spec
 from app.db import changed, utcnow
-from app.errors import Conflict, DatasetError, InvalidInput, NotFound
+from app.errors import Conflict, DatasetError, InvalidInput, NotFound, PayloadTooLarge, TooManyRequests
 from app.jobs import files, lifecycle
 from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress, StartedFrom
 from app.paths import is_inside, real
+from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
 from app.settings import Settings
 from app.weights import folder
@@ -98,6 +99,39 @@ def _resolve_init(
     )
 
 
+# How long a client over its job quota should wait before trying again: about one short job.
+ACTIVE_JOBS_RETRY_AFTER_SECONDS = 60
+
+
+def check_quota(
+    session: Session, *, settings: Settings, principal: Principal, max_epochs: int, input_size: Sequence[int]
+) -> None:
+    """Before a job is queued (created or resumed): its compute (epochs x input pixels) within the
+    tenant's bound (413), and room for one more queued or running job (429). Admins are exempt."""
+    if principal.is_admin:
+        return
+    quota = quota_for(settings, principal.tenant)
+    asked = max_epochs * input_size[0] * input_size[1]
+    if asked > quota.epoch_pixels:
+        raise PayloadTooLarge(
+            f"max_epochs x input height x input width is {asked}, over this tenant's quota_epoch_pixels "
+            f"({quota.epoch_pixels}); train fewer epochs or on smaller images",
+            details=limit_details("epoch_pixels", quota.epoch_pixels),
+        )
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant == principal.tenant, Job.status.in_(ACTIVE_STATUSES))
+    )
+    if (active or 0) >= quota.active_jobs:
+        raise TooManyRequests(
+            f"this tenant has {active} jobs queued or running, its quota_active_jobs; wait for one to "
+            "finish (or cancel one) and try again",
+            details=limit_details("active_jobs", quota.active_jobs),
+            retry_after=ACTIVE_JOBS_RETRY_AFTER_SECONDS,
+        )
+
+
 def create_job(
     session: Session,
     *,
@@ -129,6 +163,13 @@ def create_job(
             ["body", "max_restarts"],
             f"at most {settings.max_restarts_limit} (SGJOBS_MAX_RESTARTS_LIMIT on this server)",
         )
+    check_quota(
+        session,
+        settings=settings,
+        principal=principal,
+        max_epochs=spec.training.max_epochs,
+        input_size=spec.input_size,
+    )
     started_from = _resolve_init(
         session, spec=spec, settings=settings, scope=principal.scope, inspector=inspector
     )
@@ -191,7 +232,9 @@ def _current_status(session: Session, *, job_id: str) -> str:
     return status
 
 
-def resume_job(session: Session, *, job_id: str, max_epochs: int | None, scope: str | None) -> Job:
+def resume_job(
+    session: Session, *, settings: Settings, job_id: str, max_epochs: int | None, principal: Principal
+) -> Job:
     """Queue a cancelled or failed job again, to continue from its last checkpoint (the worker picks
     the newest valid one). `max_epochs` (at least the current one, else 422) extends the training.
 
@@ -199,7 +242,7 @@ def resume_job(session: Session, *, job_id: str, max_epochs: int | None, scope: 
     when its status changed meanwhile. Its error, cancel request, lease and restart count are
     cleared; the caller sends it to the broker after committing.
     """
-    job = get_job(session, job_id=job_id, scope=scope)
+    job = get_job(session, job_id=job_id, scope=principal.scope)
     if job.status == JobStatus.succeeded:
         raise Conflict(
             f"job {job_id!r} already succeeded; to train it further, create a new job that starts "
@@ -215,6 +258,13 @@ def resume_job(session: Session, *, job_id: str, max_epochs: int | None, scope: 
             ["body", "max_epochs"],
             f"must be at least the job's current max_epochs ({job.max_epochs}); leave it out to keep it",
         )
+    check_quota(
+        session,
+        settings=settings,
+        principal=principal,
+        max_epochs=max_epochs or job.max_epochs,
+        input_size=JobSpec.model_validate(job.spec).input_size,
+    )
     checkpoint = files.find_checkpoint(job, files.CKPT_LATEST, files.CKPT_BEST)
     if checkpoint is None:
         raise Conflict(

@@ -13,10 +13,11 @@ from pydantic import ValidationError
 
 from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.auth.principal import Principal
-from app.db import get_sessionmaker
+from app.db import get_sessionmaker, session_scope
 from app.errors import InvalidInput, PayloadTooLarge
 from app.ml.types import ModelName
 from app.openapi import form_body, problems
+from app.quotas import check_storage
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
 from app.uploads import Received, media_type, receive_file
@@ -113,18 +114,24 @@ async def _promote_request(request: Request) -> PromoteRequest:
         raise InvalidInput(summary, details=errors) from exc
 
 
+def _check_storage(settings: Settings, principal: Principal, adding: int) -> None:
+    with session_scope(settings.database_url) as session:
+        check_storage(session, settings=settings, principal=principal, adding=adding)
+
+
 def _register_upload(
     settings: Settings,
     received: Received,
     staged: service.Staged,
-    tenant: str,
+    principal: Principal,
     name: str | None,
     model: str | None,
 ) -> tuple[Weights, bool]:
+    _check_storage(settings, principal, staged.size)
     return service.register_staged(
         settings,
         staged=staged,
-        tenant=tenant,
+        tenant=principal.tenant,
         name=name or _default_name(received),
         inspector=service.model_server_inspector(settings),
         source=WeightsSource.upload,
@@ -142,6 +149,7 @@ def _promote(
         session.close()
     staged = service.stage_copy(settings, found.path)
     try:
+        _check_storage(settings, principal, staged.size)
         return service.register_staged(
             settings,
             staged=staged,
@@ -214,7 +222,7 @@ async def create_weights(
                 settings,
                 received,
                 staged,
-                principal.tenant,
+                principal,
                 name or _name(received.fields.get("name")),
                 model or _model(received.fields.get("model")),
             )
@@ -248,7 +256,7 @@ def get_weights(weights_id: ObjectId, session: SessionDep, principal: PrincipalD
     "/{weights_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=problems(404, 409, 422, 503),
+    responses=problems(403, 404, 409, 422, 503),
 )
 def delete_weights(
     weights_id: ObjectId,

@@ -30,7 +30,7 @@ from app.ml.types import CHECKPOINTS_DIR, MetricPoint
 from app.settings import Settings
 from app.weights.models import Weights, WeightsSource
 from app.weights.service import weights_file
-from tests.support import Service, insert_job, make_unreadable_dataset, tiny_spec
+from tests.support import ADMIN, Service, insert_job, make_unreadable_dataset, tiny_spec
 
 NEVER = timedelta(days=365)
 
@@ -340,7 +340,9 @@ def test_resume_clears_the_outcome_and_extends_the_training(service_settings: Se
     latest = _write_checkpoint(service_settings, job_id, CKPT_LATEST)
     session = get_sessionmaker(service_settings.database_url)()
     try:
-        job = jobs.resume_job(session, job_id=job_id, max_epochs=5, scope=None)
+        job = jobs.resume_job(
+            session, settings=service_settings, job_id=job_id, max_epochs=5, principal=ADMIN
+        )
         session.expire_all()
         row = session.get(Job, job_id)
         assert row is not None and row is job
@@ -375,7 +377,9 @@ def test_a_resume_that_loses_a_race_is_409(
         with session_scope(service_settings.database_url) as other:
             other.execute(update(Job).where(Job.id == job_id).values(status="running"))
         with pytest.raises(Conflict, match="changed meanwhile"):
-            jobs.resume_job(session, job_id=job_id, max_epochs=None, scope=None)
+            jobs.resume_job(
+                session, settings=service_settings, job_id=job_id, max_epochs=None, principal=ADMIN
+            )
     finally:
         session.rollback()
         session.close()
