@@ -54,8 +54,8 @@ def _problem(
     )
 
 
-async def _app_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AppError)
+def problem_response(request: Request, exc: AppError) -> JSONResponse:
+    """The answer to a domain error; also for middleware, which answers outside the exception handlers."""
     extensions: dict[str, Any] = {}
     if exc.extension is not None and exc.details:
         extensions[exc.extension] = exc.details
@@ -63,6 +63,11 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     return _problem(
         request, status=exc.status_code, code=exc.code, detail=exc.message, headers=headers, **extensions
     )
+
+
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return problem_response(request, exc)
 
 
 def _location(loc: Sequence[Any]) -> str:

@@ -16,6 +16,7 @@ from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
+from app.limits import JsonBodyLimit
 from app.openapi import install_openapi, operation_id
 from app.prediction.router import router as prediction_router
 from app.settings import Settings, get_settings
@@ -65,6 +66,7 @@ def create_app() -> FastAPI:
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
     install_error_handlers(app)
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.json_max_bytes)
     app.include_router(health_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
