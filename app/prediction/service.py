@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 PREDICT_TIMEOUT_SECONDS = 300.0
 # The PIL formats /predict opens: those the service trains on. Any other is never handed to a decoder.
-IMAGE_FORMATS: tuple[str, ...] = tuple(sorted(TRAINABLE_FORMATS))
-IMAGE_FORMATS_TEXT = ", ".join(f for f in IMAGE_FORMATS if f != "MPO")  # MPO is a JPEG (phone cameras)
+# MPO (a phone camera's JPEG) is opened by PIL's JPEG opener, which has no opener of its own.
+IMAGE_FORMATS: tuple[str, ...] = tuple(sorted(TRAINABLE_FORMATS - {"MPO"}))
+IMAGE_FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
 
 
 @dataclass(frozen=True)
