@@ -49,9 +49,10 @@ def multipart_error(exc: BaseException) -> AppError | None:
 
     python-multipart says which limit only in its message.
     """
-    while exc is not None and not isinstance(exc, FormParserError):
-        exc = exc.__cause__  # type: ignore[assignment]
-    message = str(exc).lower() if exc is not None else ""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, FormParserError):
+        cause = cause.__cause__
+    message = str(cause).lower() if cause is not None else ""
     if "header count" in message:
         return too_large(
             "MULTIPART_MAX_PART_HEADERS",
@@ -63,7 +64,8 @@ def multipart_error(exc: BaseException) -> AppError | None:
         return too_large(
             "MULTIPART_MAX_HEADER_BYTES",
             MULTIPART_MAX_HEADER_BYTES,
-            f"a multipart part has a header line over {MULTIPART_MAX_HEADER_BYTES} bytes",
+            f"a multipart part has a header line over {MULTIPART_MAX_HEADER_BYTES} bytes; "
+            "send each part with only Content-Disposition and Content-Type",
         )
     return None
 
