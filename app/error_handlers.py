@@ -71,8 +71,8 @@ def _problem(
     )
 
 
-async def _app_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AppError)
+def error_response(request: Request, exc: AppError) -> JSONResponse:
+    """The answer to a domain error; also for middleware, which answers outside the exception handlers."""
     extensions: dict[str, Any] = {}
     if exc.extension is not None and exc.details:
         extensions[exc.extension] = exc.details
@@ -84,6 +84,11 @@ async def _app_error(request: Request, exc: Exception) -> JSONResponse:
         headers=exc.headers(),
         **extensions,
     )
+
+
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return error_response(request, exc)
 
 
 def _location(loc: Sequence[Any]) -> str:

@@ -18,6 +18,7 @@ from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
+from app.limits import JsonBodyLimit
 from app.openapi import install_openapi, operation_id, problems
 from app.prediction.router import router as prediction_router
 from app.security import RequestGuard, allowed_hosts
@@ -68,6 +69,7 @@ def create_app() -> FastAPI:
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
     install_error_handlers(app)
+    app.add_middleware(JsonBodyLimit, max_bytes=settings.json_max_bytes)
     # Health checks answer anyone (load balancers, orchestrators); everything else needs a key.
     app.include_router(health_router)
     authenticated = [Depends(get_principal)]

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     predict_max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
     predict_max_images: int = Field(default=32, ge=1, le=1024)
     predict_max_image_pixels: int = Field(default=50_000_000, ge=1, description="Decompression-bomb guard.")
+    # All the images of one request together, from their headers before any is decoded: 32 small
+    # files can decode to gigabytes.
+    predict_max_total_pixels: int = Field(
+        default=100_000_000, ge=1, description="Pixels of all the images of one request."
+    )
+
+    # JSON bodies (and any body a route reads into memory), `app.limits.JsonBodyLimit`.
+    json_max_bytes: int = Field(default=2**20, ge=1024, description="Largest JSON request body.")
 
     # Dataset uploads (`POST /datasets`).
     upload_max_bytes: int = Field(default=8 * 2**30, ge=1024, description="Compressed archive size.")

@@ -2,7 +2,8 @@
 
 Used by every upload route (datasets, weights): the file part is written to disk chunk by chunk as
 it arrives, hashed on the way, and refused (413) as soon as it grows past the limit; small form
-fields are kept in memory, each at most `MAX_FORM_FIELD` bytes.
+fields are kept in memory under the bounds of `app.limits` (parts, bytes of each field and of all of
+them, headers of each part).
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import AppError, InvalidInput, UnsupportedMediaType
+from app.limits import (
+    MULTIPART_MAX_FIELD_BYTES,
+    MULTIPART_MAX_HEADER_BYTES,
+    MULTIPART_MAX_PART_HEADERS,
+    UPLOAD_MAX_FORM_BYTES,
+    UPLOAD_MAX_PARTS,
+    multipart_error,
+    own_body_limit,
+    too_large,
+)
 
-MAX_FORM_FIELD = 1024
 FILE_FIELD = "file"
 # Multipart framing around the file: a Content-Length this far over the limit may still fit it.
 FRAMING_ALLOWANCE = 64 * 1024
@@ -36,7 +46,12 @@ class Received:
 
 
 class _Form:
-    """Streaming multipart parsing: the `file` part goes to disk chunk by chunk, small fields to memory."""
+    """Streaming multipart parsing: the `file` part goes to disk chunk by chunk, small fields to memory.
+
+    Everything but the file is bounded (`app.limits`): the parser bounds each part's headers, this
+    the number of parts and the bytes of the other parts, counted whether kept or not (a part
+    without a name is parsed and dropped, but its bytes count).
+    """
 
     def __init__(self, boundary: bytes) -> None:
         self.fields: dict[str, bytearray] = {}
@@ -47,6 +62,8 @@ class _Form:
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
         self._current: str | None = None
+        self._parts = 0
+        self._form_bytes = 0
         self.parser = MultipartParser(
             boundary,
             {
@@ -57,10 +74,20 @@ class _Form:
                 "on_headers_finished": self._headers_done,
                 "on_part_data": self._data,
             },
+            max_header_count=MULTIPART_MAX_PART_HEADERS,
+            max_header_size=MULTIPART_MAX_HEADER_BYTES,
         )
 
     def _part_begin(self) -> None:
         self._headers, self._current = {}, None
+        self._parts += 1
+        if self._parts > UPLOAD_MAX_PARTS:
+            raise too_large(
+                "UPLOAD_MAX_PARTS",
+                UPLOAD_MAX_PARTS,
+                f"the multipart upload has more than {UPLOAD_MAX_PARTS} parts; "
+                f"send the '{FILE_FIELD}' part and the few fields the route takes",
+            )
 
     def _field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
@@ -86,11 +113,24 @@ class _Form:
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._current == FILE_FIELD:
             self.pending.append(bytes(data[start:end]))
-        elif self._current:
+            return
+        self._form_bytes += end - start
+        if self._form_bytes > UPLOAD_MAX_FORM_BYTES:
+            raise too_large(
+                "UPLOAD_MAX_FORM_BYTES",
+                UPLOAD_MAX_FORM_BYTES,
+                f"the parts of the upload other than '{FILE_FIELD}' are over {UPLOAD_MAX_FORM_BYTES} "
+                "bytes together",
+            )
+        if self._current:
             value = self.fields.setdefault(self._current, bytearray())
             value += data[start:end]
-            if len(value) > MAX_FORM_FIELD:
-                raise InvalidInput(f"form field {self._current!r} is too long")
+            if len(value) > MULTIPART_MAX_FIELD_BYTES:
+                raise too_large(
+                    "MULTIPART_MAX_FIELD_BYTES",
+                    MULTIPART_MAX_FIELD_BYTES,
+                    f"form field {self._current!r} is over {MULTIPART_MAX_FIELD_BYTES} bytes",
+                )
 
 
 def media_type(request: Request) -> str:
@@ -115,6 +155,7 @@ async def receive_file(
     byte is read), UnsupportedMediaType (message `unsupported`) for any other media type, and
     InvalidInput for a body that does not parse, has no file or is empty. The caller removes `target`.
     """
+    own_body_limit(request)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_bytes + FRAMING_ALLOWANCE:
         raise too_large()  # refused before a byte is read
@@ -136,10 +177,12 @@ async def receive_file(
             if form is not None:
                 try:
                     form.parser.write(chunk)
-                except InvalidInput:
+                except AppError:
                     raise
-                except Exception as exc:  # python-multipart's parse errors
-                    raise InvalidInput(f"the multipart body does not parse: {exc}") from exc
+                except Exception as exc:  # python-multipart's parse errors, its header limits among them
+                    raise multipart_error(exc) or InvalidInput(
+                        f"the multipart body does not parse: {exc}"
+                    ) from exc
                 pieces, form.pending = form.pending, []
             for piece in pieces:
                 written += len(piece)

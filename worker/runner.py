@@ -12,7 +12,6 @@ exited, so one worker never runs two trainings.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from typing import TypeVar
 from app.db import session_scope
 from app.jobs import dispatch, files, lifecycle
 from app.jobs.models import FINISHED_STATUSES, JobStatus
-from app.ml.sg_setup import sg_environment
+from app.ml.sg_setup import child_environment
 from app.process import die_with_parent
 from app.settings import Settings
 from worker.outcome import LEASE_LOST, record_outcome
@@ -83,7 +82,7 @@ def run_training_process(
     on from this attempt (nothing is recorded then).
     """
     job_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **settings.as_env(), **sg_environment(files.sg_log_dir(job_dir))}
+    env = child_environment(files.sg_log_dir(job_dir), extra=settings.as_env())
     killed_for_cancel = False
     stalled_for: float | None = None
     with open(files.console_log(job_dir), "ab") as console:

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from app.ml.sg_setup import setup_device, sg_environment
+from app.ml.sg_setup import child_environment, setup_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ModelServer:
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         # Only errors from SG on the console: the inference log is about requests, not SG's chatter.
-        env = {**os.environ, **sg_environment(self.sg_log_dir, console_level="ERROR")}
+        env = child_environment(self.sg_log_dir, console_level="ERROR")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self._proc = subprocess.Popen(

@@ -8,11 +8,18 @@ processes); torch and super-gradients are imported inside `setup_device` only.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # SG's console output in a child's log: warnings by default; an operator's CONSOLE_LOG_LEVEL wins.
 DEFAULT_CONSOLE_LEVEL = "WARNING"
+# torch reads both at every torch.load. Forced weights-only loading holds even where a caller passes
+# weights_only=False (torch.hub's loader does): whatever a checkpoint holds, no pickled code runs.
+# The other would make every load that passes nothing (most of super-gradients') unpickle anything,
+# so a child never inherits it, whatever the operator's environment says (torch refuses both together).
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+UNSAFE_LOAD_VARIABLES: tuple[str, ...] = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)
 
 
 def sg_environment(log_dir: Path, *, console_level: str = DEFAULT_CONSOLE_LEVEL) -> dict[str, str]:
@@ -22,7 +29,8 @@ def sg_environment(log_dir: Path, *, console_level: str = DEFAULT_CONSOLE_LEVEL)
     instead of `~/sg_logs`, SG's console output at `console_level` unless CONSOLE_LOG_LEVEL is set
     in this process's environment, and unbuffered output so that a redirected log is current.
     Also no update check by albumentations (imported by SG), which otherwise asks PyPI for its latest
-    version over the network on every import, in every training and inference process.
+    version over the network on every import, in every training and inference process; and
+    weights-only loading forced (`FORCE_WEIGHTS_ONLY`).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     return {
@@ -31,18 +39,38 @@ def sg_environment(log_dir: Path, *, console_level: str = DEFAULT_CONSOLE_LEVEL)
         "SUPER_GRADIENTS_LOG_DIR": str(log_dir),
         "PYTHONUNBUFFERED": "1",
         "NO_ALBUMENTATIONS_UPDATE": "1",
+        FORCE_WEIGHTS_ONLY: "1",
     }
 
 
+def child_environment(
+    log_dir: Path,
+    *,
+    console_level: str = DEFAULT_CONSOLE_LEVEL,
+    extra: Mapping[str, str] | None = None,
+    parent: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The whole environment of a child process that runs super-gradients (training, inference):
+    `parent`'s (default: this process's) without `UNSAFE_LOAD_VARIABLES`, then `extra`, then
+    `sg_environment`."""
+    inherited = os.environ if parent is None else parent
+    env = {k: v for k, v in inherited.items() if k not in UNSAFE_LOAD_VARIABLES}
+    return {**env, **(extra or {}), **sg_environment(log_dir, console_level=console_level)}
+
+
 def prepare_this_process(log_dir: Path) -> None:
-    """Set, in this process, whichever of `sg_environment`'s variables are not set yet.
+    """Set, in this process, whichever of `sg_environment`'s variables are not set yet, and force
+    weights-only loading as a child gets it (`child_environment`).
 
     For a process that imports super-gradients itself (`run_training` called directly, as the
     tests do); must run before the first `import super_gradients`. A child started with
-    `sg_environment` already has them all, and keeps them.
+    `child_environment` already has them all, and keeps them.
     """
     for name, value in sg_environment(log_dir).items():
         os.environ.setdefault(name, value)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    for name in UNSAFE_LOAD_VARIABLES:
+        os.environ.pop(name, None)
     Path(os.environ["SUPER_GRADIENTS_LOG_DIR"]).mkdir(parents=True, exist_ok=True)
 
 

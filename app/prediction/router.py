@@ -14,7 +14,14 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api import PrincipalDep, SessionDep, SettingsDep
-from app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.errors import AppError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.limits import (
+    MULTIPART_MAX_FIELD_BYTES,
+    PREDICT_MAX_FORM_FIELDS,
+    multipart_error,
+    own_body_limit,
+    too_large,
+)
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.openapi import form_body, problems
 from app.prediction import service
@@ -26,7 +33,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/predict", tags=["predict"])
 
 FILE_FIELDS = ("files", "file")
-MAX_FORM_FIELDS = 16
 
 
 class PredictForm(BaseModel):
@@ -46,7 +52,7 @@ class PredictForm(BaseModel):
         pattern=ID_PATTERN,
         description="Registered weights that predict (or give job_id).",
     )
-    files: list[bytes] = Field(description="One or more images (JPEG, PNG, BMP, WebP, TIFF, ...).")
+    files: list[bytes] = Field(description=f"One or more images ({service.IMAGE_FORMATS_TEXT}).")
     conf: float = Field(default=DEFAULT_CONF, ge=0, le=1, description="Score threshold.")
     iou: float = Field(default=DEFAULT_IOU, ge=0, le=1, description="NMS IoU threshold.")
     format: Literal["json", "image"] = Field(default="json", description="image: the image with boxes drawn.")
@@ -63,7 +69,7 @@ async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     async for chunk in request.stream():
         received += len(chunk)
         if received > limit:
-            raise PayloadTooLarge(f"the request is over the limit of {limit} bytes")
+            raise _request_too_large(f"the request is over the limit of {limit} bytes", limit)
         yield chunk
 
 
@@ -71,22 +77,55 @@ async def _read_form(request: Request, settings: Settings) -> FormData:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise UnsupportedMediaType("send the images as multipart/form-data")
+    own_body_limit(request)
     limit = settings.predict_max_request_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"the request is {length} bytes, over the limit of {limit} bytes")
+        raise _request_too_large(f"the request is {length} bytes, over the limit of {limit} bytes", limit)
     parser = MultiPartParser(
         request.headers,
         _limited(request, limit),
         max_files=settings.predict_max_images,
-        max_fields=MAX_FORM_FIELDS,
+        max_fields=PREDICT_MAX_FORM_FIELDS,
+        max_part_size=MULTIPART_MAX_FIELD_BYTES,
     )
     try:
         return await parser.parse()
     except MultiPartException as exc:
-        if exc.message.startswith("Too many files"):
-            raise PayloadTooLarge(f"at most {settings.predict_max_images} images per request") from exc
-        raise InvalidInput(f"invalid multipart body: {exc.message}") from exc
+        raise _form_error(exc, settings) from exc
+
+
+def _request_too_large(message: str, limit: int) -> PayloadTooLarge:
+    return too_large("predict_max_request_bytes", limit, f"{message} (SGJOBS_PREDICT_MAX_REQUEST_BYTES)")
+
+
+def _form_error(exc: MultiPartException, settings: Settings) -> AppError:
+    """Starlette's parser names the limit it applied only in its message; ours name it in `limits`."""
+    if exc.message.startswith("Too many files"):
+        return too_large(
+            "predict_max_images",
+            settings.predict_max_images,
+            f"at most {settings.predict_max_images} images per request (SGJOBS_PREDICT_MAX_IMAGES)",
+        )
+    if exc.message.startswith("Too many fields"):
+        return too_large(
+            "PREDICT_MAX_FORM_FIELDS",
+            PREDICT_MAX_FORM_FIELDS,
+            f"at most {PREDICT_MAX_FORM_FIELDS} form fields besides the images; send images as files "
+            "(with a filename)",
+        )
+    if exc.message.startswith("Part exceeded maximum size"):
+        return too_large(
+            "MULTIPART_MAX_FIELD_BYTES",
+            MULTIPART_MAX_FIELD_BYTES,
+            f"a form field is over {MULTIPART_MAX_FIELD_BYTES} bytes; send images as files (with a filename)",
+        )
+    if "name" in exc.message and "Content-Disposition" in exc.message:
+        return InvalidInput(
+            'every part needs a Content-Disposition header with a name (form-data; name="files"; '
+            'filename="...")'
+        )
+    return multipart_error(exc) or InvalidInput(f"invalid multipart body: {exc.message}")
 
 
 def _text(form: FormData, name: str) -> str | None:

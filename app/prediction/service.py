@@ -1,11 +1,12 @@
 """Prediction: find a job's best checkpoint (or registered weights), check and decode the uploads, ask
 the inference process.
 
-The images are checked and decoded here, in the API process, with PIL: the size in the header is
-checked against the pixel limit before anything is decoded (decompression bombs), and every error
-names its file. Only decoded RGB arrays reach the inference process (`app.ml.model_server`), which
-loads checkpoints only from paths this module found through the job or the weights registry, never
-from the request.
+The images are checked and decoded here, in the API process, with PIL: every image's header is read
+first, for its format (only `IMAGE_FORMATS` are opened) and its size, which is checked against the
+limits per image and for the whole request before anything is decoded (decompression bombs: a few
+MB of PNG can decode to gigabytes), and every error names its file. Only decoded RGB arrays reach
+the inference process (`app.ml.model_server`), which loads checkpoints only from paths this module
+found through the job or the weights registry, never from the request.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
+from app.datasets.pipeline import TRAINABLE_FORMATS
 from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
 from app.inference import call_model_server, model_server
 from app.jobs import files
 from app.jobs.models import Job
 from app.jobs.service import get_job
+from app.limits import too_large
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
@@ -32,6 +36,10 @@ from app.weights import service as weights
 logger = logging.getLogger(__name__)
 
 PREDICT_TIMEOUT_SECONDS = 300.0
+# The PIL formats /predict opens: those the service trains on. Any other is never handed to a decoder.
+# MPO (a phone camera's JPEG) is opened by PIL's JPEG opener, which has no opener of its own.
+IMAGE_FORMATS: tuple[str, ...] = tuple(sorted(TRAINABLE_FORMATS - {"MPO"}))
+IMAGE_FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -59,38 +67,71 @@ def best_checkpoint(job: Job) -> Path:
     return checkpoint
 
 
-def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
-    """HWC RGB uint8 pixels of `upload`, EXIF orientation applied.
-
-    415 when the bytes are not an image format PIL knows; 422 when the image is over the pixel
-    limit (checked from the header, before decoding) or cannot be decoded (truncated, corrupt).
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _open(upload: Upload, *, max_pixels: int) -> Any:
+    """`upload` opened by PIL, its header read but nothing decoded; 415 for a format not in
+    IMAGE_FORMATS, 422 for an image over `max_pixels` or a header that does not parse."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             # PIL warns (and past twice its own limit raises) for big images; our limit is checked below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(upload.data))
-        with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InvalidInput(
-                    f"{upload.name}: {width}x{height} is {width * height} pixels, "
-                    f"over the limit of {max_pixels}"
-                )
-            image.load()  # decodes: a truncated or corrupt file fails here
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8)
-    except AppError:
-        raise
+            image = Image.open(io.BytesIO(upload.data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as exc:
-        raise UnsupportedMediaType(f"{upload.name}: not an image in a format the service can read") from exc
+        raise UnsupportedMediaType(
+            f"{upload.name}: not an image in a format the service reads ({IMAGE_FORMATS_TEXT})"
+        ) from exc
     except Image.DecompressionBombError as exc:
         raise InvalidInput(f"{upload.name}: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # What PIL raises for truncated data, broken headers and unsupported modes.
-        raise InvalidInput(f"{upload.name}: the image cannot be decoded ({exc})") from exc
+        raise InvalidInput(f"{upload.name}: the image header cannot be read ({exc})") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise InvalidInput(
+            f"{upload.name}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
+            "(SGJOBS_PREDICT_MAX_IMAGE_PIXELS)"
+        )
+    return image
+
+
+def check_images(uploads: list[Upload], *, max_pixels: int, max_total_pixels: int) -> None:
+    """Every upload's format and size, from its header alone (nothing is decoded): 415 or 422 as
+    `decode_image` says, 413 when the images together are over `max_total_pixels`."""
+    total = 0
+    for upload in uploads:
+        with _open(upload, max_pixels=max_pixels) as image:
+            width, height = image.size
+        total += width * height
+    if total > max_total_pixels:
+        raise too_large(
+            "predict_max_total_pixels",
+            max_total_pixels,
+            f"the {len(uploads)} images are {total} pixels together, over the limit of {max_total_pixels} "
+            "per request (SGJOBS_PREDICT_MAX_TOTAL_PIXELS); send fewer or smaller images per request",
+        )
+
+
+def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
+    """HWC RGB uint8 pixels of `upload`, EXIF orientation applied.
+
+    415 when the bytes are not an image in one of IMAGE_FORMATS; 422 when the image is over the pixel
+    limit (checked from the header, before decoding) or cannot be decoded (truncated, corrupt).
+    """
+    from PIL import Image, ImageOps
+
+    with _open(upload, max_pixels=max_pixels) as image:
+        try:
+            image.load()  # decodes: a truncated or corrupt file fails here
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8)
+        except AppError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise InvalidInput(f"{upload.name}: {exc}") from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            # What PIL raises for truncated data, broken headers and unsupported modes.
+            raise InvalidInput(f"{upload.name}: the image cannot be decoded ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -138,8 +179,14 @@ def predict(
     """Detections for every upload with the job's best model or the registered weights (one of
     `job_id` and `weights_id`), as one batch. With `image_format` ("jpeg" or "png") and one upload,
     that image with its boxes drawn instead."""
+    # Every image is checked, from its header, before anything is decoded or looked up: one bad file
+    # fails the request, naming it.
+    check_images(
+        uploads,
+        max_pixels=settings.predict_max_image_pixels,
+        max_total_pixels=settings.predict_max_total_pixels,
+    )
     source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id, scope=scope)
-    # Every image is checked before any inference: one bad file fails the request, naming it.
     images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
     result = call_model_server(
         settings,

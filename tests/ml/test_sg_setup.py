@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from app.ml.sg_setup import choose_device, prepare_this_process, sg_environment
+from app.ml.sg_setup import (
+    FORCE_WEIGHTS_ONLY,
+    UNSAFE_LOAD_VARIABLES,
+    child_environment,
+    choose_device,
+    prepare_this_process,
+    sg_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,6 +57,7 @@ def test_sg_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         "SUPER_GRADIENTS_LOG_DIR": str(tmp_path / "logs"),
         "PYTHONUNBUFFERED": "1",
         "NO_ALBUMENTATIONS_UPDATE": "1",
+        "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1",
     }
     assert (tmp_path / "logs").is_dir()
     assert sg_environment(tmp_path, console_level="ERROR")["CONSOLE_LOG_LEVEL"] == "ERROR"
@@ -67,6 +75,38 @@ def test_prepare_this_process_keeps_what_a_parent_set(
     assert os.environ["SUPER_GRADIENTS_LOG_DIR"] == str(tmp_path / "from-parent")
     assert (tmp_path / "from-parent").is_dir()
     assert os.environ["CRASH_HANDLER"] == "FALSE" and os.environ["CONSOLE_LOG_LEVEL"] == "WARNING"
+
+
+def test_a_child_never_inherits_unsafe_loading(tmp_path: Path) -> None:
+    parent = {
+        "PATH": "/usr/bin",
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "0",
+        "SGJOBS_HOME": "/elsewhere",
+    }
+    env = child_environment(tmp_path / "logs", extra={"SGJOBS_HOME": "/srv/sgjobs"}, parent=parent)
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in env
+    assert env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+    assert env["PATH"] == "/usr/bin" and env["SGJOBS_HOME"] == "/srv/sgjobs"
+    assert env["SUPER_GRADIENTS_LOG_DIR"] == str(tmp_path / "logs")
+
+
+def test_the_child_environment_defaults_to_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.setenv("SGJOBS_SOMETHING", "kept")
+    env = child_environment(tmp_path, console_level="ERROR")
+    assert not set(UNSAFE_LOAD_VARIABLES) & set(env)
+    assert env[FORCE_WEIGHTS_ONLY] == "1" and env["SGJOBS_SOMETHING"] == "kept"
+
+
+def test_prepare_this_process_forces_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.setenv(FORCE_WEIGHTS_ONLY, "0")
+    prepare_this_process(tmp_path / "logs")
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert os.environ[FORCE_WEIGHTS_ONLY] == "1"
 
 
 class _FakeModel:

@@ -26,7 +26,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from app.errors import PayloadTooLarge
-from app.ml.sg_setup import sg_environment
+from app.ml.sg_setup import child_environment
 from app.prediction.router import _read_form
 from app.settings import Settings
 from tests.prediction.helpers import encode, job_without_checkpoint, scene, trained_job
@@ -69,7 +69,7 @@ rows = zip(boxes, p.confidence, p.labels)
 out = [{{"box": b.tolist(), "score": float(s), "class_id": int(c)}} for b, s, c in rows]
 sys.__stdout__.write("RESULT" + json.dumps(out) + "\\n")
 """
-    env = {**os.environ, **sg_environment(image_path.parent / "sg_logs", console_level="ERROR")}
+    env = child_environment(image_path.parent / "sg_logs", console_level="ERROR")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
     )
