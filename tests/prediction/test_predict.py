@@ -227,8 +227,9 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(
     url = urlparse(service.base_url)
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n"
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + f"Authorization: Bearer {service.admin_key}\r\n".encode()
+            + b"Content-Length: 1000000000\r\nConnection: close\r\n\r\n"
         )
         answer = sock.recv(65536).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 413"), answer

@@ -139,7 +139,8 @@ def test_size_limit_is_413_before_reading(service: Service) -> None:
     url = urlparse(service.base_url)
     with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
         conn.sendall(
-            b"POST /weights HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"POST /weights HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            + f"Authorization: Bearer {service.admin_key}\r\n".encode()
             + f"Content-Length: {5 * 2**30}\r\nConnection: close\r\n\r\n".encode()
             + b"--x\r\n"
         )
