@@ -56,28 +56,13 @@ def problem_response(
     )
 
 
-def _problem(
-    request: Request,
-    *,
-    status: int,
-    code: str,
-    detail: str,
-    type_: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    **extensions: Any,
-) -> JSONResponse:
-    return problem_response(
-        request.url.path, status=status, code=code, detail=detail, type_=type_, headers=headers, **extensions
-    )
-
-
 def error_response(request: Request, exc: AppError) -> JSONResponse:
     """The answer to a domain error; also for middleware, which answers outside the exception handlers."""
     extensions: dict[str, Any] = {}
     if exc.extension is not None and exc.details:
         extensions[exc.extension] = exc.details
-    return _problem(
-        request,
+    return problem_response(
+        request.url.path,
         status=exc.status_code,
         code=exc.code,
         detail=exc.message,
@@ -106,7 +91,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     summary = "; ".join(f"{_location(e.loc)}: {e.msg}" for e in errors) or "invalid request"
-    return _problem(request, status=422, code=InvalidInput.code, detail=summary, errors=errors)
+    return problem_response(
+        request.url.path, status=422, code=InvalidInput.code, detail=summary, errors=errors
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -119,7 +106,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 405:
         # Starlette names only the methods of the one route that matched; the path may have more.
         headers["Allow"] = ", ".join(_allowed_methods(request))
-    return _problem(request, status=status, code=code, detail=detail, type_="about:blank", headers=headers)
+    return problem_response(
+        request.url.path, status=status, code=code, detail=detail, type_="about:blank", headers=headers
+    )
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -140,8 +129,8 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if not exc.connection_invalidated and not _is_unavailable(exc):
         return await _unexpected(request, exc)
     logger.warning("database unavailable: %s", exc.__class__.__name__)
-    return _problem(
-        request,
+    return problem_response(
+        request.url.path,
         status=503,
         code="database_unavailable",
         detail="the database is not reachable; try again shortly",
@@ -156,7 +145,9 @@ def _is_unavailable(exc: DBAPIError) -> bool:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug: logged with its traceback; the client gets no internals.
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _problem(request, status=500, code="internal", detail="internal error; see the service log")
+    return problem_response(
+        request.url.path, status=500, code="internal", detail="internal error; see the service log"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -56,28 +56,32 @@ class RequestGuard:
             return
         headers = Headers(scope=scope)
         host = _host_name(headers.get("host", ""))
+        refusal: tuple[int, str, str] | None = None
         if not self.any_host and host not in self.hosts:
-            response = problem_response(
-                scope["path"],
-                status=400,
-                code="host_not_allowed",
-                detail=f"this service does not answer to the host name {host!r}; an operator can "
-                "add it to SGJOBS_ALLOWED_HOSTS",
+            refusal = (
+                400,
+                "host_not_allowed",
+                f"this service does not answer to the host name {host!r}; an operator can add it to "
+                "SGJOBS_ALLOWED_HOSTS",
             )
-            await response(scope, receive, send)
-            return
         origin = headers.get("origin")
-        if origin and scope["method"] not in SAFE_METHODS and not self._origin_allowed(origin, host):
-            response = problem_response(
-                scope["path"],
-                status=403,
-                code="cross_origin",
-                detail=f"requests from the web origin {origin!r} may not change anything here; an "
-                "operator can allow it in SGJOBS_CORS_ORIGINS",
+        if (
+            refusal is None
+            and origin
+            and scope["method"] not in SAFE_METHODS
+            and not self._origin_allowed(origin, host)
+        ):
+            refusal = (
+                403,
+                "cross_origin",
+                f"requests from the web origin {origin!r} may not change anything here; an operator "
+                "can allow it in SGJOBS_CORS_ORIGINS",
             )
-            await response(scope, receive, send)
+        if refusal is None:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        status, code, detail = refusal
+        await problem_response(scope["path"], status=status, code=code, detail=detail)(scope, receive, send)
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
         origin = origin.rstrip("/").lower()
