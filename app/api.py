@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request, Security
+from fastapi import Depends, Path, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -41,9 +41,7 @@ bearer = HTTPBearer(
 )
 
 
-def get_principal(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
-) -> Principal:
+def get_principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
     """The caller, from `Authorization: Bearer <key>`; 401 without a valid, unrevoked key."""
     if credentials is None or not credentials.credentials:
         raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
@@ -53,7 +51,6 @@ def get_principal(
         principal = auth.authenticate(session, key=credentials.credentials)
     if principal is None:
         raise Unauthorized("the API key is unknown or revoked", invalid_token=True)
-    request.state.principal = principal
     return principal
 
 

@@ -212,22 +212,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(key)
             elif args.keys_command == "list":
                 keys = auth.list_keys(session, include_revoked=args.all)
-                header = (
-                    ("id", 32),
-                    ("prefix", 12),
-                    ("tenant", 16),
-                    ("role", 6),
-                    ("created", 19),
-                    ("last used", 19),
-                )
-                print("  ".join(f"{title:{width}}" for title, width in header) + "  name")
+                widths = {"id": 32, "prefix": 12, "tenant": 16, "role": 6, "created": 19, "last used": 19}
+
+                def row(values: list[str]) -> str:
+                    return "  ".join(f"{v:{w}}" for v, w in zip(values, widths.values(), strict=True))
+
+                print(row(list(widths)) + "  name")
                 for k in keys:
-                    used = k.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if k.last_used_at else "-"
+                    used = f"{k.last_used_at:%Y-%m-%d %H:%M:%S}" if k.last_used_at else "-"
+                    created = f"{k.created_at:%Y-%m-%d %H:%M:%S}"
                     state = " (revoked)" if k.revoked_at else ""
-                    print(
-                        f"{k.id:32}  {k.prefix:12}  {k.tenant:16}  {k.role:6}  "
-                        f"{k.created_at:%Y-%m-%d %H:%M:%S}  {used:19}  {k.name or ''}{state}"
-                    )
+                    print(row([k.id, k.prefix, k.tenant, k.role, created, used]) + f"  {k.name or ''}{state}")
             else:
                 record = auth.revoke_key(session, key_id=args.key_id)
                 print(f"revoked key {record.id} (tenant {record.tenant!r})")

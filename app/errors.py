@@ -112,7 +112,7 @@ class TooManyRequests(AppError):
     code = "quota_exceeded"
     extension = "limits"
 
-    def __init__(self, message: str, *, details: Any = None, retry_after: int = 60) -> None:
+    def __init__(self, message: str, *, retry_after: int, details: Any = None) -> None:
         super().__init__(message, details=details)
         self.retry_after = retry_after
 

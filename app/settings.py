@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     # max_epochs x input height x input width of one job (the compute one job may ask for): the
     # default allows 1000 epochs at 640x640.
     quota_epoch_pixels: int = Field(default=1000 * 640 * 640, ge=1)
-    # {"tenant": {"active_jobs": 20, "storage_bytes": ..., "epoch_pixels": ...}}, as JSON.
+    # {"tenant": {"active_jobs": 20, "storage_bytes": ..., "epoch_pixels": ...}}, as JSON; the names
+    # are those of the quota_* settings above.
     tenant_quotas: dict[str, dict[str, int]] = Field(default_factory=dict)
 
     @field_validator("allowed_hosts", "cors_origins", mode="before")
@@ -123,6 +124,20 @@ class Settings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("tenant_quotas")
+    @classmethod
+    def _known_quotas(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        # A misspelt override would silently leave the default in force: refused at start instead.
+        known = {name.removeprefix("quota_") for name in cls.model_fields if name.startswith("quota_")}
+        for tenant, overrides in value.items():
+            unknown = set(overrides) - known
+            if unknown:
+                raise ValueError(
+                    f"tenant_quotas[{tenant!r}] names unknown quotas {sorted(unknown)}; "
+                    f"known: {sorted(known)}"
+                )
         return value
 
     @field_validator("batch_metrics_retention_days", mode="before")
