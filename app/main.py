@@ -20,6 +20,7 @@ from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
 from app.limits import JsonBodyLimit
 from app.openapi import install_openapi, operation_id, problems
+from app.prediction.router import document_limits as document_predict_limits
 from app.prediction.router import router as prediction_router
 from app.security import RequestGuard, allowed_hosts
 from app.settings import Settings, get_settings
@@ -92,5 +93,6 @@ def create_app() -> FastAPI:
         )
     # Outermost: a request for a host name this service does not have is refused before anything.
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
+    document_predict_limits(settings)
     install_openapi(app)
     return app

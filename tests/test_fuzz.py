@@ -106,11 +106,16 @@ checks.positive_data_acceptance.expected-statuses = [
 ]
 
 # The files must be images the server can decode (415 for another media type, 422 for a broken or
-# oversized image); any other bytes are valid `format: binary` parts.
+# oversized image); any other bytes are valid `format: binary` parts. More files than the document's
+# `maxItems` (the server's predict_max_images) is a schema violation the server refuses as 413, the
+# status of every size limit here: a refusal like the default list's.
 [[operations]]
 include-name = "POST /predict"
 checks.positive_data_acceptance.expected-statuses = [
   "2xx", "3xx", "401", "403", "404", "409", "415", "422", "429", "5xx",
+]
+checks.negative_data_rejection.expected-statuses = [
+  "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx",
 ]
 
 # `bbox_format` applies to Hugging Face datasets only: a valid value for a dataset of another format

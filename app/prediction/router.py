@@ -52,11 +52,24 @@ class PredictForm(BaseModel):
         pattern=ID_PATTERN,
         description="Registered weights that predict (or give job_id).",
     )
-    files: list[bytes] = Field(description=f"One or more images ({service.IMAGE_FORMATS_TEXT}).")
+    files: list[bytes] = Field(
+        min_length=1, description=f"One or more images ({service.IMAGE_FORMATS_TEXT})."
+    )
     conf: float = Field(default=DEFAULT_CONF, ge=0, le=1, description="Score threshold.")
     iou: float = Field(default=DEFAULT_IOU, ge=0, le=1, description="NMS IoU threshold.")
     format: Literal["json", "image"] = Field(default="json", description="image: the image with boxes drawn.")
     image_format: Literal["jpeg", "png"] = Field(default="jpeg", description="With format=image.")
+
+
+# The documented form; `document_limits` adds this server's limit on the number of images.
+_PREDICT_FORM = form_body(PredictForm)
+
+
+def document_limits(settings: Settings) -> None:
+    """State the server's `predict_max_images` in the OpenAPI document (`files.maxItems`): a client
+    (or a fuzzer) that keeps to the document is never refused for sending too many images."""
+    schema = _PREDICT_FORM["requestBody"]["content"]["multipart/form-data"]["schema"]
+    schema["properties"]["files"]["maxItems"] = settings.predict_max_images
 
 
 def _field_error(field: str, message: str) -> InvalidInput:
@@ -139,8 +152,9 @@ def _text(form: FormData, name: str) -> str | None:
 
 def _object_id(form: FormData, name: str) -> str | None:
     value = _text(form, name)
-    if not value:
+    if value is None:
         return None
+    # An empty field is not "left out": the document says at least one character, as here.
     if len(value) > ID_MAX_LENGTH or not re.fullmatch(ID_PATTERN, value):
         raise _field_error(name, "is not an id (letters, digits, '-' and '_')")
     return value
@@ -148,7 +162,7 @@ def _object_id(form: FormData, name: str) -> str | None:
 
 def _threshold(form: FormData, name: str, default: float) -> float:
     raw = _text(form, name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = float(raw)
@@ -177,7 +191,7 @@ def _image_format(form: FormData, request: Request) -> str | None:
 @router.post(
     "",
     response_model=PredictResponse,
-    openapi_extra=form_body(PredictForm),
+    openapi_extra=_PREDICT_FORM,
     responses={
         200: {
             "content": {"image/jpeg": {}, "image/png": {}},

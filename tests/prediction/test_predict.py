@@ -204,6 +204,8 @@ def test_bad_input_gets_its_status_and_names_the_file(
         ("too many", _predict(service, job["id"], [(f"{i}.png", png) for i in range(33)]), 413, None),
         ("conf > 1", _predict(service, job["id"], [good], conf="1.5"), 422, "conf"),
         ("iou not a number", _predict(service, job["id"], [good], iou="high"), 422, "iou"),
+        ("empty conf", _predict(service, job["id"], [good], conf=""), 422, "conf"),
+        ("empty weights id", _predict(service, job["id"], [good], weights_id=""), 422, "weights_id"),
         ("bad format", _predict(service, job["id"], [good], format="svg"), 422, "format"),
         ("image of two", _predict(service, job["id"], [good, good], format="image"), 422, "format"),
         ("no job id", service.client.post("/predict", files=[("files", good)]), 422, "job_id"),
@@ -288,3 +290,10 @@ def test_jobs_answer_while_the_inference_process_restarts(service: Service, job:
     after = service.client.get("/predict/stats").json()
     assert after["process_starts"] == stats["process_starts"] + 1
     assert after["pid"] != stats["pid"]
+
+
+def test_the_document_states_the_image_count_limit(service: Service) -> None:
+    schema = service.client.get("/openapi.json").json()
+    form = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    files = form["properties"]["files"]
+    assert (files["minItems"], files["maxItems"]) == (1, Settings().predict_max_images)
