@@ -32,8 +32,12 @@ SERVICE_SETTINGS: dict[str, object] = {
     "sweep_interval_seconds": 1,
     "resend_after_seconds": 5,
     "lease_seconds": 30,
-    # A tenant with small quotas, for tests/auth/test_quotas.py.
-    "tenant_quotas": {"team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64}},
+    # Tenants with small quotas, for tests/auth/test_quotas.py; team-weights' storage holds one
+    # YOLO-NAS-S checkpoint (about 77 MB) but not two.
+    "tenant_quotas": {
+        "team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64},
+        "team-weights": {"storage_bytes": 100_000_000},
+    },
 }
 
 

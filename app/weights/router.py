@@ -13,11 +13,10 @@ from pydantic import ValidationError
 
 from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.auth.principal import Principal
-from app.db import get_sessionmaker, session_scope
+from app.db import get_sessionmaker
 from app.errors import InvalidInput, PayloadTooLarge
 from app.ml.types import ModelName
 from app.openapi import form_body, problems
-from app.quotas import check_storage
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
 from app.uploads import Received, media_type, receive_file
@@ -114,11 +113,6 @@ async def _promote_request(request: Request) -> PromoteRequest:
         raise InvalidInput(summary, details=errors) from exc
 
 
-def _check_storage(settings: Settings, principal: Principal, adding: int) -> None:
-    with session_scope(settings.database_url) as session:
-        check_storage(session, settings=settings, principal=principal, adding=adding)
-
-
 def _register_upload(
     settings: Settings,
     received: Received,
@@ -127,11 +121,11 @@ def _register_upload(
     name: str | None,
     model: str | None,
 ) -> tuple[Weights, bool]:
-    _check_storage(settings, principal, staged.size)
     return service.register_staged(
         settings,
         staged=staged,
         tenant=principal.tenant,
+        charge=principal,
         name=name or _default_name(received),
         inspector=service.model_server_inspector(settings),
         source=WeightsSource.upload,
@@ -149,11 +143,11 @@ def _promote(
         session.close()
     staged = service.stage_copy(settings, found.path)
     try:
-        _check_storage(settings, principal, staged.size)
         return service.register_staged(
             settings,
             staged=staged,
             tenant=principal.tenant,
+            charge=principal,
             name=body.name or found.job_name or f"job-{found.job_id}",
             inspector=service.model_server_inspector(settings),
             source=WeightsSource.job,

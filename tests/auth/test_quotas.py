@@ -82,3 +82,26 @@ def test_storage_quota(service: Service, service_settings: Settings, tmp_path: P
         assert _limit(response.json()) == "quota_storage_bytes"
     # Nothing was kept.
     assert not any(d["tenant"] == TENANT for d in service.client.get("/datasets").json()["items"])
+
+
+def test_storage_quota_charges_new_files_only(
+    service: Service, service_settings: Settings, standins: Path
+) -> None:
+    with client_for(service, make_key(service_settings, "team-weights")) as client:
+
+        def upload(name: str) -> httpx.Response:
+            with open(standins / name, "rb") as file:
+                return client.post("/weights", files={"file": (name, file)})
+
+        first = upload("s5_named.pth")
+        assert first.status_code == 201, first.text
+        try:
+            # The same file again is the same weights: nothing new is stored, so the full quota is no bar.
+            again = upload("s5_named.pth")
+            assert again.status_code == 200, again.text
+            assert again.json()["id"] == first.json()["id"]
+            other = upload("s80_ema.pth")
+            assert other.status_code == 413, other.text
+            assert _limit(other.json()) == "quota_storage_bytes"
+        finally:
+            client.delete(f"/weights/{first.json()['id']}")
