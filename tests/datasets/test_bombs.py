@@ -24,9 +24,9 @@ from app.datasets.archive import ArchiveError, ArchiveLimits, ArchiveTooLarge, e
 from app.datasets.coco import prepare_coco_dataset, resolve_coco_splits
 from app.datasets.demo import write_shapes_hf, write_shapes_yolo
 from app.datasets.formats import DatasetOptions, check_layout, validate_dataset
-from app.datasets.hf import CACHE_DIR_NAME
 from app.datasets.safe_yaml import MAX_YAML_BYTES
 from app.errors import DatasetError
+from app.paths import DATASET_CACHE_FOLDER
 from app.settings import Settings
 from tests.datasets.conftest import SMALL_SPEC
 from tests.support import ANNOTATION_MAX_BYTES, Service
@@ -239,7 +239,10 @@ def hf_root(tmp_path: Path) -> Path:
 
 def hf_report(root: Path, annotation_max_bytes: int = ANNOTATION_MAX_BYTES) -> dict[str, Any]:
     return validate_dataset(
-        root, DatasetOptions(format="hf"), root / CACHE_DIR_NAME, annotation_max_bytes=annotation_max_bytes
+        root,
+        DatasetOptions(format="hf"),
+        root / DATASET_CACHE_FOLDER,
+        annotation_max_bytes=annotation_max_bytes,
     )
 
 
