@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from app.errors import InvalidInput, PayloadTooLarge
+from app.errors import InvalidInput, PayloadTooLarge, broken_limit
 from app.paths import DATASET_CACHE_FOLDER, resolve_inside
 
 CHUNK = 1 << 20
@@ -85,11 +85,11 @@ class ArchiveTooLarge(PayloadTooLarge):
 
 
 def _too_large(limit: str, value: float, message: str) -> ArchiveTooLarge:
-    return ArchiveTooLarge(message, details=[{"limit": limit, "value": value}])
+    return ArchiveTooLarge(message, details=broken_limit(limit, value))
 
 
 def _limit_error(limit: str, value: float, message: str) -> ArchiveError:
-    return ArchiveError(message, details=[{"limit": limit, "value": value}])
+    return ArchiveError(message, details=broken_limit(limit, value))
 
 
 def archive_kind(path: Path) -> str:

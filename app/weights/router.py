@@ -15,6 +15,7 @@ from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.auth.principal import Principal
 from app.db import get_sessionmaker
 from app.errors import InvalidInput, PayloadTooLarge
+from app.limits import too_large
 from app.ml.types import ModelName
 from app.openapi import form_body, problems
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
@@ -63,10 +64,8 @@ def get_job_checkpoints(request: Request) -> service.JobCheckpoints:
 
 
 def _too_large(settings: Settings) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"the checkpoint is larger than weights_max_bytes ({settings.weights_max_bytes})",
-        details=[{"limit": "weights_max_bytes", "value": settings.weights_max_bytes}],
-    )
+    limit = settings.weights_max_bytes
+    return too_large("weights_max_bytes", limit, f"the checkpoint is larger than weights_max_bytes ({limit})")
 
 
 def _field_error(field: str, message: str) -> InvalidInput:
