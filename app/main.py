@@ -97,7 +97,7 @@ def create_app() -> FastAPI:
     # Outermost: a request for a host name this service does not have is refused before anything.
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
     # Around everything, so every answer is timed, refusals and errors included.
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestMetrics, routes=app.routes)
     document_predict_limits(settings)
     install_openapi(app)
     return app

@@ -9,9 +9,12 @@ process answers the same.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
 PREFIX = "sgjobs_"
+# The text format has no place for a series' creation time: prometheus-client would write it as one
+# more gauge per series (`*_created`). Nothing else in the API process uses prometheus-client.
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # Request latency up to the slow end of the API: uploads and a /predict that loads a model.

@@ -157,12 +157,16 @@ def test_request_latency_is_counted_by_route_template(service: Service) -> None:
     count = LATENCY + "_count"
     template = {"route": "/jobs/{job_id}", "method": "GET", "status": "4xx"}
     unmatched = {"route": "unmatched", "method": "GET", "status": "4xx"}
+    # A route of Starlette's own (the document), not an API route.
+    document = {"route": "/openapi.json", "method": "GET", "status": "2xx"}
     before = scrape(service.client)
     assert service.client.get(f"/jobs/{missing}").status_code == 404
     assert service.client.get(f"/no-such-route/{missing}").status_code == 404
+    assert service.client.get("/openapi.json").status_code == 200
     after = scrape(service.client)
     assert value(after, count, **template) == value(before, count, **template) + 1
     assert value(after, count, **unmatched) == value(before, count, **unmatched) + 1
+    assert value(after, count, **document) == value(before, count, **document) + 1
     assert value(after, LATENCY + "_sum", **template) > value(before, LATENCY + "_sum", **template)
     # The request's own path (and its id) is never a label.
     assert not [s for s in after if any(missing in v for v in s.labels.values())]
