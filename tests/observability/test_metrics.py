@@ -103,11 +103,15 @@ def test_every_name_is_prefixed_and_every_family_is_there(service: Service) -> N
     assert statuses == {status.value for status in JobStatus}
 
 
+def _set_status(settings: Settings, job_id: str, status: JobStatus) -> None:
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status=status))
+
+
 def test_a_queued_job_is_counted_with_the_time_since_it_was_last_queued(
     service: Service, service_settings: Settings, dataset: str, stop_later: list[str]
 ) -> None:
-    before = scrape(service.client)
-    job_id = insert_job(service_settings, dataset, enqueued_at=utcnow() + NEVER)
+    job_id = insert_job(service_settings, dataset, status=JobStatus.cancelled, enqueued_at=utcnow() + NEVER)
     stop_later.append(job_id)
     # Submitted two days ago, queued again (resumed) an hour ago: it has waited an hour.
     long_ago, an_hour_ago = utcnow() - timedelta(days=2), utcnow() - timedelta(hours=1)
@@ -115,10 +119,18 @@ def test_a_queued_job_is_counted_with_the_time_since_it_was_last_queued(
         session.execute(update(Job).where(Job.id == job_id).values(created_at=long_ago))
         session.execute(update(JobEvent).where(JobEvent.job_id == job_id).values(time=long_ago))
         lifecycle.add_event(session, job_id=job_id, kind="state", message="resumed", time=an_hour_ago)
-    after = scrape(service.client)
+    # The job goes into the queue between two scrapes. Another test's job may move meanwhile (the
+    # service's worker claims what it is sent): then the job leaves the queue and goes in again.
+    for _ in range(5):
+        before = scrape(service.client)
+        _set_status(service_settings, job_id, JobStatus.queued)
+        after = scrape(service.client)
+        queued = [value(s, "sgjobs_jobs", status="queued") for s in (before, after)]
+        if queued[1] == queued[0] + 1:
+            break
+        _set_status(service_settings, job_id, JobStatus.cancelled)
+    assert queued[1] == queued[0] + 1, queued
     assert value(after, "sgjobs_queue_depth") == value(before, "sgjobs_queue_depth") + 1
-    assert value(after, "sgjobs_jobs", status="queued") == value(before, "sgjobs_jobs", status="queued") + 1
-    assert value(after, "sgjobs_queue_depth") == value(after, "sgjobs_jobs", status="queued")
     # The oldest wait is at least this job's; no job of this session waited two days.
     oldest = value(after, "sgjobs_queue_oldest_age_seconds")
     assert 3600 <= oldest < 2 * 86400, oldest
