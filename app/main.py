@@ -19,6 +19,8 @@ from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
 from app.limits import JsonBodyLimit
+from app.observability.middleware import RequestMetrics
+from app.observability.router import router as observability_router
 from app.openapi import install_openapi, operation_id, problems
 from app.prediction.router import document_limits as document_predict_limits
 from app.prediction.router import router as prediction_router
@@ -81,6 +83,7 @@ def create_app() -> FastAPI:
         artifacts_router,
         weights_artifacts_router,
         prediction_router,
+        observability_router,
     ):
         app.include_router(router, dependencies=authenticated, responses=problems(401))
     if settings.cors_origins:
@@ -93,6 +96,8 @@ def create_app() -> FastAPI:
         )
     # Outermost: a request for a host name this service does not have is refused before anything.
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
+    # Around everything, so every answer is timed, refusals and errors included.
+    app.add_middleware(RequestMetrics, routes=app.routes)
     document_predict_limits(settings)
     install_openapi(app)
     return app
