@@ -32,6 +32,8 @@ SERVICE_SETTINGS: dict[str, object] = {
     "sweep_interval_seconds": 1,
     "resend_after_seconds": 5,
     "lease_seconds": 30,
+    # Keep-alive comments every second, so tests/jobs/test_stream.py sees one on a quiet stream.
+    "stream_ping_seconds": 1,
     # A tenant with small quotas, for tests/auth/test_quotas.py.
     "tenant_quotas": {"team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64}},
 }

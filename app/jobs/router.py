@@ -252,7 +252,7 @@ async def stream_job(
     ] = None,
 ) -> EventSourceResponse:
     """The job's status, progress, metric points and events as they are written (Server-Sent
-    Events). A stream starts with the current `status` and `progress`; without an id it then sends
+    Events). A stream starts with the current `progress` and `status`; without an id it then sends
     the whole history. It ends after a terminal status, or after the server's stream_max_seconds
     (reconnect with `Last-Event-ID`: nothing is lost or repeated). `superseded` (an event row): an
     attempt resuming at epoch `data.superseded_from_epoch` deleted the points of that epoch and

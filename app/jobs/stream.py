@@ -13,8 +13,8 @@ increase strictly (compared as tuples), and `Last-Event-ID: e.m.s` resumes with 
 and the points after `m`: no gap, no duplicate. Row ids follow commit order within a job, because
 every transaction that writes a job's rows first updates its `jobs` row (the lease fence, a state
 change), which holds the row lock until it commits; SQLite serializes all writes anyway. Status and
-progress are snapshots, not rows: every connection starts with the current ones, and `s` only keeps
-ids increasing across reconnects.
+progress are snapshots, not rows: every connection starts with the current ones (`progress`, then
+`status`), and `s` only keeps ids increasing across reconnects.
 
 Messages (`event:` names): `status` (the job as GET /jobs/{id} shows it) when anything but its
 progress changes, `progress` (its `progress`) when the epoch or batch moves, `metric` (a point, as
@@ -325,9 +325,10 @@ async def job_stream(
                 return  # past stream_max_seconds, or the job was deleted
             out = batch.job_out(redact)
             if first:
-                # Every connection starts with where the job is now.
-                yield writer.status(out)
+                # Every connection starts with where the job is now (status last, which is also
+                # how a stream of a finished job ends).
                 yield writer.progress_of(out)
+                yield writer.status(out)
             if first or dropped:
                 # The rows between where this stream is and where the batch starts.
                 async for events, metrics in hub.rows_between(job_id, writer.cursor, batch.after):
