@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
-from pydantic import StringConstraints
+from pydantic import StringConstraints, WithJsonSchema
 from sse_starlette import EventSourceResponse
 
 from app.api import ObjectId, PrincipalDep, RedactorDep, SessionDep, SettingsDep
@@ -214,6 +214,34 @@ def get_stream_hub(request: Request) -> stream.StreamHub:
 
 
 _STREAM_ID = "`<event>.<metric>.<n>`, the `id:` of the last message received"
+# Documented as a string, not "string or null": left out is how a client says "from the start" (a
+# generated client would otherwise send the header as `null`).
+_StreamId = WithJsonSchema({"type": "string", "pattern": stream.ID_PATTERN})
+# What each message is (OpenAPI 3.2's reading of a text/event-stream schema: one event), its
+# `data` a JSON document of the schema its `event` names.
+_STREAM_DATA = {
+    "status": "JobOut",
+    "progress": "Progress",
+    "metric": "MetricOut",
+    "event": "EventOut",
+    "superseded": "EventOut",
+}
+_STREAM_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data", "id"],
+    "properties": {
+        "event": {"type": "string", "enum": list(_STREAM_DATA)},
+        "id": {"type": "string", "pattern": stream.ID_PATTERN},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "allOf": [
+        {
+            "if": {"properties": {"event": {"const": name}}},
+            "then": {"properties": {"data": {"contentSchema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        }
+        for name, schema in _STREAM_DATA.items()
+    ],
+}
 
 
 @router.get(
@@ -223,7 +251,7 @@ _STREAM_ID = "`<event>.<metric>.<n>`, the `id:` of the last message received"
         200: {
             "description": "Server-Sent Events: `status`, `progress`, `metric`, `event` and `superseded` "
             "messages (JSON data), each with an `id:`, and keep-alive comments.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _STREAM_EVENT_SCHEMA}},
         },
         **problems(404, 422, 503),
     },
@@ -236,6 +264,7 @@ async def stream_job(
     hub: Annotated[stream.StreamHub, Depends(get_stream_hub)],
     last_event_id_header: Annotated[
         str | None,
+        _StreamId,
         Header(
             alias="Last-Event-ID",
             pattern=stream.ID_PATTERN,
@@ -244,6 +273,7 @@ async def stream_job(
     ] = None,
     last_event_id: Annotated[
         str | None,
+        _StreamId,
         Query(
             pattern=stream.ID_PATTERN,
             description=f"Resume after {_STREAM_ID}, for clients that cannot set the header "
