@@ -237,7 +237,14 @@ _STREAM_EVENT_SCHEMA: dict[str, Any] = {
     "allOf": [
         {
             "if": {"properties": {"event": {"const": name}}},
-            "then": {"properties": {"data": {"contentSchema": {"$ref": f"#/components/schemas/{schema}"}}}},
+            "then": {
+                "properties": {
+                    "data": {
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": f"#/components/schemas/{schema}"},
+                    }
+                }
+            },
         }
         for name, schema in _STREAM_DATA.items()
     ],
@@ -251,7 +258,7 @@ _STREAM_EVENT_SCHEMA: dict[str, Any] = {
         200: {
             "description": "Server-Sent Events: `status`, `progress`, `metric`, `event` and `superseded` "
             "messages (JSON data), each with an `id:`, and keep-alive comments.",
-            "content": {"text/event-stream": {"schema": _STREAM_EVENT_SCHEMA}},
+            "content": {"text/event-stream": {"itemSchema": _STREAM_EVENT_SCHEMA}},
         },
         **problems(404, 422, 503),
     },
