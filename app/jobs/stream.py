@@ -89,8 +89,10 @@ class Batch:
     metrics: Sequence[Metric]
     # Both queries returned less than a page: nothing written before the job row was read is left.
     complete: bool
-    # The job as members and as admins see it: built once per batch, not once per subscriber.
+    # The job and the rows as members and as admins see them: built once per batch, not once per
+    # subscriber (keyed by "redacted", and the row's kind and id).
     _outs: dict[bool, JobOut] = field(default_factory=dict)
+    rendered: dict[tuple[bool, str, int], str] = field(default_factory=dict)
 
     def job_out(self, redact: Redactor | None) -> JobOut:
         assert self.job is not None
@@ -269,20 +271,34 @@ class _Writer:
         self.last = name
         return ServerSentEvent(data=data, event=name, id=str(self.cursor))
 
-    def rows(self, events: Sequence[JobEvent], metrics: Sequence[Metric]) -> list[ServerSentEvent]:
+    def rows(
+        self,
+        events: Sequence[JobEvent],
+        metrics: Sequence[Metric],
+        rendered: dict[tuple[bool, str, int], str] | None = None,
+    ) -> list[ServerSentEvent]:
+        """Messages for the rows after the cursor; `rendered` caches their JSON across streams."""
+        cache = {} if rendered is None else rendered
+        redacted = self.redact is not None
         messages = []
         for row in _merged(events, metrics):
             if isinstance(row, Metric):
                 if row.id <= self.cursor.metric:
                     continue
                 self.cursor = Cursor(self.cursor.event, row.id, self.cursor.snapshots)
-                messages.append(self._message("metric", service.metric_to_out(row).model_dump_json()))
+                key = (False, "metric", row.id)  # the same for everyone
+                if key not in cache:
+                    cache[key] = service.metric_to_out(row).model_dump_json()
+                messages.append(self._message("metric", cache[key]))
             else:
                 if row.id <= self.cursor.event:
                     continue
                 self.cursor = Cursor(row.id, self.cursor.metric, self.cursor.snapshots)
+                key = (redacted, "event", row.id)
+                if key not in cache:
+                    cache[key] = service.event_to_out(row, self.redact).model_dump_json()
                 name = SUPERSEDED_KIND if row.kind == SUPERSEDED_KIND else "event"
-                messages.append(self._message(name, service.event_to_out(row, self.redact).model_dump_json()))
+                messages.append(self._message(name, cache[key]))
         return messages
 
     def status(self, out: JobOut) -> ServerSentEvent:
@@ -335,7 +351,7 @@ async def job_stream(
                     for message in writer.rows(events, metrics):
                         yield message
             first = False
-            for message in writer.rows(batch.events, batch.metrics):
+            for message in writer.rows(batch.events, batch.metrics, batch.rendered):
                 yield message
             for message in writer.changes(out):
                 yield message
