@@ -138,6 +138,9 @@ class Feed:
         self.subscribers: set[Subscription] = set()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # A subscriber joined: the next batch goes out even if nothing changed (its first one).
+        self.joined = False
+        self._seen: tuple[object, ...] | None = None
 
     async def run(self) -> None:
         while True:
@@ -153,8 +156,12 @@ class Feed:
                     self.head = Cursor(batch.events[-1].id, self.head.metric)
                 if batch.metrics:
                     self.head = Cursor(self.head.event, batch.metrics[-1].id)
-                for subscriber in self.subscribers:
-                    subscriber.put(batch)
+                # A quiet tick (no rows, the job unchanged) wakes no one.
+                seen = _fingerprint(batch.job)
+                if batch.events or batch.metrics or seen != self._seen or self.joined:
+                    self._seen, self.joined = seen, False
+                    for subscriber in self.subscribers:
+                        subscriber.put(batch)
                 if not batch.complete:
                     continue  # more rows are waiting: the next page at once
             with anyio.move_on_after(self.hub.settings.stream_poll_seconds):
@@ -175,6 +182,16 @@ class Feed:
                 session.expunge(job)
         complete = len(events) < PAGE_ROWS and len(metrics) < PAGE_ROWS
         return Batch(job, after, events, metrics, complete)
+
+
+# Written with every lease renewal and heartbeat; not what a client sees.
+_NOT_SHOWN = frozenset({"heartbeat_at", "lease_expires_at"})
+
+
+def _fingerprint(job: Job | None) -> tuple[object, ...] | None:
+    if job is None:
+        return None
+    return tuple(repr(getattr(job, c.key)) for c in Job.__table__.columns if c.key not in _NOT_SHOWN)
 
 
 class StreamHub:
@@ -203,6 +220,7 @@ class StreamHub:
             feed.task = asyncio.get_running_loop().create_task(feed.run(), name=f"stream-feed-{job_id}")
         subscription = Subscription()
         feed.subscribers.add(subscription)
+        feed.joined = True
         feed.wake.set()  # a poll now: the new stream's first messages come at once
         return feed, subscription
 
