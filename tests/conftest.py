@@ -34,8 +34,12 @@ SERVICE_SETTINGS: dict[str, object] = {
     "lease_seconds": 30,
     # Keep-alive comments every second, so tests/jobs/test_stream.py sees one on a quiet stream.
     "stream_ping_seconds": 1,
-    # A tenant with small quotas, for tests/auth/test_quotas.py.
-    "tenant_quotas": {"team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64}},
+    # Tenants with small quotas, for tests/auth/test_quotas.py; team-weights' storage holds one
+    # YOLO-NAS-S checkpoint (about 77 MB) but not two.
+    "tenant_quotas": {
+        "team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64},
+        "team-weights": {"storage_bytes": 100_000_000},
+    },
 }
 
 

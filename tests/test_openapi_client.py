@@ -340,6 +340,14 @@ def test_health(api: Api) -> None:
     assert readiness.checks.additional_properties == {"database": "ok", "workers": "ok", "broker": "ok"}
 
 
+@operations("get_metrics")
+def test_metrics(api: Api) -> None:
+    response = api("get_metrics")
+    assert response.status_code == 200, response.content
+    assert response.headers["content-type"].startswith("text/plain")
+    assert isinstance(response.parsed, str) and "\nsgjobs_queue_depth " in response.parsed
+
+
 @operations("upload_dataset", "list_datasets", "get_dataset", "validate_dataset", "delete_dataset")
 def test_datasets(api: Api, tmp_path: Path) -> None:
     dataset = _upload(api, tmp_path, "client-upload")

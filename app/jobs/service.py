@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from app.auth.principal import PUBLISHED_TENANT, Principal, sees, visible
 from app.datasets.formats import check_layout
 from app.datasets.service import datasets_base, resolve_spec
-from app.db import changed, utcnow
+from app.db import changed, serialize_on, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound, PayloadTooLarge, TooManyRequests
 from app.jobs import downsample, files, lifecycle
 from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
@@ -127,6 +127,8 @@ def check_quota(
             f"({quota.epoch_pixels}); train fewer epochs or on smaller images",
             details=limit_details("epoch_pixels", quota.epoch_pixels),
         )
+    # Counted under a per-tenant lock held to the commit, so concurrent submits cannot all see room.
+    serialize_on(session, f"quota_active_jobs:{principal.tenant}", table=Job.__tablename__)
     active = session.scalar(
         select(func.count())
         .select_from(Job)
