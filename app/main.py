@@ -19,6 +19,7 @@ from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
+from app.jobs.stream import StreamHub
 from app.limits import JsonBodyLimit
 from app.observability.middleware import RequestMetrics
 from app.observability.router import router as observability_router
@@ -73,6 +74,8 @@ def create_app() -> FastAPI:
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    # The pollers behind GET /jobs/{id}/stream: one per job with open streams, in this process.
+    app.state.job_streams = StreamHub(settings)
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.json_max_bytes)
     # Health checks answer anyone (load balancers, orchestrators); everything else needs a key.
