@@ -13,6 +13,7 @@ from app.observability.metrics import REQUEST_SECONDS
 # A method outside these is counted as `other`: a client's made-up methods never make new series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
+EVENT_STREAM = "text/event-stream"
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
@@ -32,7 +33,8 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
 
 class RequestMetrics:
     """Observes `sgjobs_http_request_duration_seconds` for every HTTP request: from its arrival to the
-    end of its answer, labelled with the route template the router matched (recorded in the scope),
+    end of its answer (for a stream of Server-Sent Events, to its start: a stream lasts as long as
+    its job, which says nothing about how fast the API answers), labelled with the route template the router matched (recorded in the scope),
     the method and the status class. An exception that escapes the application is a 5xx.
 
     `routes`: the application's routes (its live list), where a plain Starlette route's template is
@@ -48,11 +50,14 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        answered: float | None = None
 
         async def recording_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                if _content_type(message).startswith(EVENT_STREAM):
+                    answered = time.perf_counter()
             await send(message)
 
         try:
@@ -60,5 +65,12 @@ class RequestMetrics:
         finally:
             method = scope["method"] if scope["method"] in METHODS else "other"
             REQUEST_SECONDS.labels(route_template(scope, self.routes), method, f"{status // 100}xx").observe(
-                time.perf_counter() - started
+                (answered or time.perf_counter()) - started
             )
+
+
+def _content_type(start: Message) -> str:
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"content-type":
+            return str(value.decode("latin-1")).lower()
+    return ""

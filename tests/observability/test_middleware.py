@@ -55,3 +55,25 @@ def test_made_up_methods_share_one_series() -> None:
         asyncio.run(RequestMetrics(_ok)(_scope(method, _Route()), _receive, _send))
     assert _count("/x/{x_id}", "other", "2xx") == before + 2
     assert _count("/x/{x_id}", "FOO", "2xx") == 0
+
+
+def _sum(route: str) -> float:
+    labels = {"route": route, "method": "GET", "status": "2xx"}
+    return REGISTRY.get_sample_value("sgjobs_http_request_duration_seconds_sum", labels) or 0.0
+
+
+class _StreamRoute:
+    path_format = "/s/{s_id}"
+
+
+async def _stream(scope: Scope, receive: Receive, send: Send) -> None:
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await asyncio.sleep(0.5)  # a stream stays open as long as its job runs
+    await send({"type": "http.response.body", "body": b"data: x\n\n"})
+
+
+def test_a_stream_counts_until_it_starts_not_until_it_ends() -> None:
+    before = _sum("/s/{s_id}")
+    asyncio.run(RequestMetrics(_stream)(_scope("GET", _StreamRoute()), _receive, _send))
+    assert 0 < _sum("/s/{s_id}") - before < 0.25
