@@ -34,8 +34,9 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
 class RequestMetrics:
     """Observes `sgjobs_http_request_duration_seconds` for every HTTP request: from its arrival to the
     end of its answer (for a stream of Server-Sent Events, to its start: a stream lasts as long as
-    its job, which says nothing about how fast the API answers), labelled with the route template the router matched (recorded in the scope),
-    the method and the status class. An exception that escapes the application is a 5xx.
+    its job, which says nothing about how fast the API answers), labelled with the route template
+    the router matched (recorded in the scope), the method and the status class. An exception that
+    escapes the application is a 5xx.
 
     `routes`: the application's routes (its live list), where a plain Starlette route's template is
     found."""
