@@ -18,11 +18,16 @@ install: $(STAMP)
 serve: install
 	$(BIN)/sgjobs serve $(ARGS)
 
+# Two pytest workers: most of a test's time is spent waiting (processes starting, trainings,
+# leases running out), so two share the 2 CPUs well. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
 test: install
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 bench-smoke: install
 	$(BIN)/python -m bench.smoke

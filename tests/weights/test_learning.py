@@ -15,7 +15,8 @@ import pytest
 from tests.support import Service, make_shapes
 from tests.worker.helpers import learned_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
+# One worker runs both learning tests (with pytest-xdist): they share `learned_job`'s training.
+pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite"), pytest.mark.xdist_group("learned_job")]
 
 # Measured on the 2-core machine (16 training / 16 validation images, 64 px, 3 epochs, lr 5e-4, no
 # warm-up): from A's weights mAP@0.50 reaches 0.36-0.47 by epoch 3 (0.2 after the first), from random

@@ -7,7 +7,8 @@ import pytest
 from tests.support import Service
 from tests.worker.helpers import LEARN_EPOCHS, learned_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
+# One worker runs both learning tests (with pytest-xdist): they share `learned_job`'s training.
+pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite"), pytest.mark.xdist_group("learned_job")]
 
 # Measured on the 2-core CI machine (48 training images, 96 px, no pretrained weights): mAP@0.50 stays
 # at 0 for the first ~10 epochs, then reaches 0.3-0.5 by epoch 15 and 0.8-0.99 by epochs 20-25.
