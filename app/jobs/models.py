@@ -77,6 +77,9 @@ class Job(Base):
     # Attempts lost (worker killed, lease expired) and resumed automatically; at most max_restarts.
     restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_restarts: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
+    # Final statuses reached so far (a resumed job can end again): set by the status change, it
+    # numbers the job's webhook messages (`app.webhooks.models.WebhookDelivery.sequence`).
+    finishes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -29,6 +29,7 @@ from app.paths import is_inside, real
 from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
 from app.settings import Settings
+from app.webhooks import targets
 from app.weights import folder
 from app.weights import service as weights
 from app.weights.models import Weights
@@ -143,8 +144,13 @@ def create_job(
     """Validate what the spec points at (dataset layout, init job or weights) and insert a queued job.
 
     `init_from.pretrained` registers the published file from the weights folder on first use, which
-    `inspector` checks (default: the inference process).
+    `inspector` checks (default: the inference process). A webhook URL must name an allowed host.
     """
+    if spec.webhook is not None:
+        try:
+            targets.check_url(settings, str(spec.webhook.url))
+        except targets.Refused as exc:
+            raise InvalidInput.field(["body", "webhook", "url"], str(exc)) from exc
     try:
         resolved = resolve_spec(session, settings=settings, spec=spec.dataset, scope=principal.scope)
     except InvalidInput as exc:
