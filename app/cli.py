@@ -15,7 +15,7 @@ import uuid
 
 from app.process import die_with_parent
 from app.queue import prepare_broker
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 logger = logging.getLogger("sgjobs")
 
@@ -81,10 +81,30 @@ def _bootstrap_admin_key() -> None:
         print(f"admin API key: {path} (send it as `Authorization: Bearer $(cat {path})`)", flush=True)
 
 
+def _listen_args(args: argparse.Namespace) -> Settings:
+    """--host and --port become SGJOBS_HOST and SGJOBS_PORT, for this process and its children (the
+    worker): every part then agrees on the API's address (the links in webhook messages)."""
+    if args.host:
+        os.environ["SGJOBS_HOST"] = args.host
+    if args.port:
+        os.environ["SGJOBS_PORT"] = str(args.port)
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def _bootstrap_webhook_secret(settings: Settings) -> None:
+    from app.webhooks.signing import secret, secret_path
+
+    if settings.webhook_secret is None:
+        secret(settings)
+        print(f"webhook signing key: {secret_path(settings)} (or set SGJOBS_WEBHOOK_SECRET)", flush=True)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
-    settings = get_settings()
+    settings = _listen_args(args)
     _bootstrap_admin_key()
-    _run_api(args.host or settings.host, args.port or settings.port)
+    _bootstrap_webhook_secret(settings)
+    _run_api(settings.host, settings.port)
     return 0
 
 
@@ -161,14 +181,15 @@ class WorkerKeeper:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, keep one worker running as a child process and the API in this one; stop both together."""
-    settings = get_settings()
+    settings = _listen_args(args)
     cmd_migrate(args)
     _bootstrap_admin_key()
+    _bootstrap_webhook_secret(settings)
     prepare_broker(settings)
     keeper = WorkerKeeper().start()
     print(f"datasets directory: {settings.datasets_dir}", flush=True)
     try:
-        _run_api(args.host or settings.host, args.port or settings.port)
+        _run_api(settings.host, settings.port)
     finally:
         keeper.stop()
     return 0

@@ -32,6 +32,12 @@ SERVICE_SETTINGS: dict[str, object] = {
     "sweep_interval_seconds": 1,
     "resend_after_seconds": 5,
     "lease_seconds": 30,
+    # Webhooks to the tests' own receivers (tests/webhooks), retried quickly and not too often.
+    "webhook_allowed_hosts": ["127.0.0.1"],
+    "webhook_poll_seconds": 0.2,
+    "webhook_backoff_seconds": 0.2,
+    "webhook_max_attempts": 4,
+    "webhook_timeout_seconds": 5,
     # A tenant with small quotas, for tests/auth/test_quotas.py.
     "tenant_quotas": {"team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64}},
 }
