@@ -10,7 +10,15 @@ import pytest
 
 from app.settings import Settings
 from app.webhooks import signing
+from tests.conftest import SERVICE_SETTINGS
 from tests.webhooks.receiver import Received, Receiver
+
+
+@pytest.fixture(scope="session")
+def hook_settings(service_settings: Settings) -> Settings:
+    """`service_settings` with the service's webhook settings, for jobs made directly."""
+    webhooks = {k: v for k, v in SERVICE_SETTINGS.items() if k.startswith("webhook_")}
+    return service_settings.model_copy(update=webhooks)
 
 
 @pytest.fixture(scope="session")
