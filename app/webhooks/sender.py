@@ -53,6 +53,9 @@ class Sender:
             timeout=settings.webhook_timeout_seconds,
             follow_redirects=False,
             trust_env=False,
+            # No connection reuse: a pooled connection is keyed by address, not by the host name
+            # it was opened (and its certificate checked) for.
+            limits=httpx.Limits(max_keepalive_connections=0),
             transport=transport,
             headers={"User-Agent": USER_AGENT},
         )

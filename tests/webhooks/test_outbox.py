@@ -3,12 +3,14 @@ claims that one sender wins; a lapsed claim taken over; the sender's HTTP behavi
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 
@@ -18,7 +20,7 @@ from app.jobs.models import FailureReason, Job, JobEvent, JobStatus
 from app.migrate import upgrade
 from app.settings import Settings
 from app.testing import backend_resources
-from app.webhooks import outbox
+from app.webhooks import outbox, targets
 from app.webhooks.models import DeliveryState, WebhookDelivery
 from app.webhooks.sender import Sender
 from tests.conftest import PG_ADMIN_URL, REDIS_URL
@@ -240,3 +242,37 @@ def test_message_body_has_the_promised_fields(settings: Settings) -> None:
     # Redacted as for a member: no host path.
     assert str(settings.home) not in data["error"]["message"] and "<datasets>" in data["error"]["message"]
     assert set(data["links"]) == {"job", "metrics", "events", "artifacts"}
+
+
+def test_https_goes_to_the_checked_address_under_its_own_name(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The DNS answer and the network are stand-ins here (a public name cannot be reached from a
+    # test); what is checked is the request the sender hands to the transport.
+    monkeypatch.setattr(targets, "resolve", lambda host, port: [ipaddress.ip_address("93.184.216.34")])
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    job_id = _job(settings, url="https://user:pw@hooks.example.com:8443/in?team=a")
+    with session_scope(settings.database_url) as session:
+        lifecycle.cancel_queued(session, job_id=job_id)
+    allowed = settings.model_copy(update={"webhook_allowed_hosts": ["hooks.example.com:8443"]})
+    sender = Sender(allowed, note=lifecycle.note, transport=httpx.MockTransport(answer))
+    try:
+        assert sender.send_due() == 1
+    finally:
+        sender.close()
+    (request,) = seen
+    assert (request.url.host, request.url.port, request.url.raw_path) == (
+        "93.184.216.34",
+        8443,
+        b"/in?team=a",
+    )
+    assert request.headers["host"] == "hooks.example.com:8443"
+    assert request.extensions["sni_hostname"] == "hooks.example.com"
+    assert request.headers["authorization"].startswith("Basic ")
+    (row,) = _rows(settings, job_id)
+    assert (row.state, row.last_status_code) == (DeliveryState.delivered, 204)
