@@ -23,6 +23,7 @@ from app.jobs.schemas import (
 )
 from app.openapi import problems
 from app.schemas import MAX_OFFSET
+from app.webhooks.schemas import WebhookDeliveryList
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -192,3 +193,12 @@ def list_job_events(
         ],
         next_cursor=str(rows[-1].id) if rows else cursor,
     )
+
+
+@router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=problems(404, 422, 503))
+def list_job_webhooks(
+    job_id: ObjectId, session: SessionDep, principal: PrincipalDep, redact: RedactorDep
+) -> WebhookDeliveryList:
+    """The job's webhook messages (one per time it ended), oldest first, and how sending each went."""
+    rows = service.list_webhooks(session, job_id=job_id, scope=principal.scope)
+    return WebhookDeliveryList(items=[service.webhook_out(r, redact) for r in rows])

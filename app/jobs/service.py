@@ -29,7 +29,9 @@ from app.paths import is_inside, real
 from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
 from app.settings import Settings
-from app.webhooks import targets
+from app.webhooks import outbox, targets
+from app.webhooks.models import DeliveryState, WebhookDelivery
+from app.webhooks.schemas import WebhookDeliveryOut
 from app.weights import folder
 from app.weights import service as weights
 from app.weights.models import Weights
@@ -406,6 +408,30 @@ def list_events(
     if cursor is not None:
         query = query.where(JobEvent.id > cursor)
     return session.scalars(query.order_by(JobEvent.id).limit(limit)).all()
+
+
+def list_webhooks(session: Session, *, job_id: str, scope: str | None) -> Sequence[WebhookDelivery]:
+    """The job's webhook messages, oldest first; 404 as for the job."""
+    get_job(session, job_id=job_id, scope=scope)
+    return outbox.of_job(session, job_id=job_id)
+
+
+def webhook_out(delivery: WebhookDelivery, redact: Redactor | None) -> WebhookDeliveryOut:
+    """The API's view of a message; the last error redacted for a non-admin caller."""
+    error = delivery.last_error
+    return WebhookDeliveryOut(
+        id=delivery.id,
+        event=delivery.event,
+        status=str(delivery.payload.get("status")),
+        url=delivery.url,
+        state=DeliveryState(delivery.state),
+        attempts=delivery.attempts,
+        last_status_code=delivery.last_status_code,
+        last_error=redact.text(error) if redact is not None and error else error,
+        created_at=delivery.created_at,
+        next_attempt_at=delivery.next_attempt_at if delivery.state == DeliveryState.pending else None,
+        completed_at=delivery.completed_at,
+    )
 
 
 def _progress(job: Job, now: datetime) -> Progress:

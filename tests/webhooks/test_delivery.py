@@ -99,6 +99,14 @@ def test_cancelled_job_is_reported_once_after_retries(
 
     (row,) = _deliveries(service_settings, job_id)
     assert (row.state, row.attempts, row.id) == (DeliveryState.delivered, 3, body["delivery_id"])
+    (shown,) = service.client.get(f"/jobs/{job_id}/webhooks").json()["items"]
+    assert (shown["id"], shown["state"], shown["attempts"], shown["status"]) == (
+        body["delivery_id"],
+        "delivered",
+        3,
+        "cancelled",
+    )
+    assert shown["last_status_code"] == 200 and shown["completed_at"] and shown["next_attempt_at"] is None
     # Delivered is final: no other attempt comes.
     time.sleep(1.5)
     assert len(receiver.received(f"cancel-{service.backend}")) == 3
@@ -119,6 +127,8 @@ def test_a_receiver_that_keeps_failing_is_given_up(
     assert receiver.received(f"{path}-redirected") == []  # the redirect was not followed
     (row,) = _deliveries(service_settings, job_id)
     assert (row.state, row.attempts, row.last_status_code) == (DeliveryState.failed, MAX_ATTEMPTS, 503)
+    (shown,) = service.client.get(f"/jobs/{job_id}/webhooks").json()["items"]
+    assert (shown["state"], shown["last_error"]) == ("failed", "HTTP 503")
 
 
 def test_a_claim_held_by_a_sender_that_died_is_taken_over(
