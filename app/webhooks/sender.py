@@ -155,7 +155,8 @@ class Sender:
             signing.TIMESTAMP_HEADER: str(timestamp),
         }
         extensions = {"sni_hostname": target.host} if url.scheme == "https" else {}
-        pinned = url.copy_with(host=target.address)
+        # Host and port as checked, whatever another URL parser would make of the text.
+        pinned = url.copy_with(host=target.address, port=target.port)
         # Streamed and not read: a receiver's answer body, however large, is not loaded.
         with self.client.stream(
             "POST", pinned, content=body, headers=headers, extensions=extensions

@@ -215,6 +215,7 @@ def test_operation_ids_are_short_and_every_error_is_declared(service: Service) -
         "delete_job",
         "list_job_metrics",
         "list_job_events",
+        "list_job_webhooks",
         "list_artifacts",
         "download_artifact",
         "export_job",
