@@ -101,7 +101,16 @@ def _bootstrap_webhook_secret(settings: Settings) -> None:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from app.migrate import pending
+
     settings = _listen_args(args)
+    settings.ensure_dirs()
+    # `api` leaves migrating to `sgjobs migrate` (run once per deployment, before the API processes);
+    # on an old schema every request would fail, so refuse to start and say what to run.
+    behind = pending(settings.database_url)
+    if behind is not None:
+        print(f"sgjobs api: {_redact(settings.database_url)}: {behind}", file=sys.stderr)
+        return 2
     _bootstrap_admin_key()
     _bootstrap_webhook_secret(settings)
     _run_api(settings.host, settings.port)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     create_engine,
     event,
     literal,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
@@ -129,6 +130,21 @@ def get_sessionmaker(url: str) -> sessionmaker[Session]:
 def changed(session: Session, statement: Executable) -> int:
     """Rows an UPDATE or DELETE changed: how a conditional state change tells whether it won."""
     return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
+def serialize_on(session: Session, key: str, *, table: str) -> None:
+    """Hold off every other transaction that calls this with the same `key` until this one ends.
+
+    For check-then-insert rules (a tenant's quota): the count and the insert happen under the lock,
+    so two requests cannot both see room for one more. PostgreSQL: a transaction-scoped advisory lock
+    on the key's hash. SQLite allows one writer at a time: a write that changes nothing takes the
+    database's write lock now rather than at the insert (the lock is the whole database, not the key,
+    which SQLite's single writer costs anyway); `table` names any table the transaction may write.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+    else:
+        session.execute(text(f'UPDATE "{table}" SET rowid = rowid WHERE 0'))
 
 
 @contextmanager

@@ -46,6 +46,12 @@ class LimitInfo(BaseModel):
     value: float
 
 
+def broken_limit(limit: str, value: float) -> list[dict[str, Any]]:
+    """`details` of an error whose extension is `limits`: the broken limit (a setting's or a constant's
+    name) and its value."""
+    return [{"limit": limit, "value": value}]
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details: the body of every 4xx and 5xx answer."""
 

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.error_handlers import error_response
-from app.errors import AppError, PayloadTooLarge
+from app.errors import AppError, PayloadTooLarge, broken_limit
 
 # Headers of one multipart part. python-multipart's own defaults: Starlette's parser (`/predict`)
 # cannot be given others, and `app.uploads` passes these to the parser explicitly. A real part has
@@ -41,7 +41,7 @@ _OWN_LIMIT = "sgjobs.own_body_limit"
 
 def too_large(limit: str, value: float, message: str) -> PayloadTooLarge:
     """413 naming the broken limit (a setting's or a constant's name) and its value."""
-    return PayloadTooLarge(message, details=[{"limit": limit, "value": value}])
+    return PayloadTooLarge(message, details=broken_limit(limit, value))
 
 
 def multipart_error(exc: BaseException) -> AppError | None:

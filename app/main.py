@@ -13,13 +13,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api import get_principal
 from app.artifacts.router import router as artifacts_router
 from app.artifacts.router import weights_router as weights_artifacts_router
+from app.auth.cache import KeyCache
 from app.datasets.router import router as datasets_router
 from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs import lifecycle
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
+from app.jobs.stream import StreamHub
 from app.limits import JsonBodyLimit
+from app.observability.middleware import RequestMetrics
+from app.observability.router import router as observability_router
 from app.openapi import install_openapi, operation_id, problems
 from app.prediction.router import document_limits as document_predict_limits
 from app.prediction.router import router as prediction_router
@@ -78,6 +82,9 @@ def create_app() -> FastAPI:
     # Likewise weights: who starts from them, and a job's best checkpoint to promote.
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    # The pollers behind GET /jobs/{id}/stream: one per job with open streams, in this process.
+    app.state.job_streams = StreamHub(settings)
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.json_max_bytes)
     # Health checks answer anyone (load balancers, orchestrators); everything else needs a key.
@@ -90,6 +97,7 @@ def create_app() -> FastAPI:
         artifacts_router,
         weights_artifacts_router,
         prediction_router,
+        observability_router,
     ):
         app.include_router(router, dependencies=authenticated, responses=problems(401))
     if settings.cors_origins:
@@ -102,6 +110,8 @@ def create_app() -> FastAPI:
         )
     # Outermost: a request for a host name this service does not have is refused before anything.
     app.add_middleware(RequestGuard, hosts=allowed_hosts(settings), origins=settings.cors_origins)
+    # Around everything, so every answer is timed, refusals and errors included.
+    app.add_middleware(RequestMetrics, routes=app.routes)
     document_predict_limits(settings)
     install_openapi(app)
     return app

@@ -13,6 +13,9 @@ from pathlib import Path, PurePosixPath
 # The datasets directory's folder of uploaded datasets. Tenants' own folders sit beside it, so no
 # tenant may have this name.
 UPLOADS_FOLDER = "uploads"
+# The folder inside a dataset where the service caches what it derived from it (decoded Hugging Face
+# splits). Only the service writes it: an uploaded archive's copy is never extracted.
+DATASET_CACHE_FOLDER = ".sgjobs-cache"
 
 
 def unsafe_relative(name: str) -> bool:

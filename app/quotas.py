@@ -8,13 +8,14 @@ is 429 with Retry-After; over one that a smaller request would fit, 413 naming t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.auth.principal import Principal
 from app.datasets.models import Dataset
-from app.errors import PayloadTooLarge
+from app.errors import PayloadTooLarge, broken_limit
 from app.settings import Settings
 from app.weights.models import Weights
 
@@ -36,9 +37,9 @@ def quota_for(settings: Settings, tenant: str) -> Quota:
     )
 
 
-def limit_details(name: str, value: int) -> list[dict[str, object]]:
+def limit_details(name: str, value: int) -> list[dict[str, Any]]:
     """The `limits` member of a problem naming the quota `name`."""
-    return [{"limit": f"quota_{name}", "value": value}]
+    return broken_limit(f"quota_{name}", value)
 
 
 def storage_used(session: Session, *, tenant: str) -> int:

@@ -12,6 +12,10 @@ has ended, a small open-loop asyncio + httpx client sends, each at `--rate` requ
 * GET /jobs/{id}/metrics?cursor=<latest next_cursor> (an incremental poll; it starts 100 points
   before the end of the stored 100,000 and follows next_cursor like a dashboard).
 
+Each round runs twice, back to back in alternating order, on the same job and database: against the
+service (every request checks its `Authorization: Bearer` key) and against `bench.open_api`, the
+same app with the key check taken out, so the table shows what authentication costs.
+
 Requests are scheduled at fixed times; latency is measured from the scheduled time to the end of
 the response (so a stalled server cannot hide queueing delay). Reported: p50/p95/p99/max and
 errors (non-200 or transport errors). Targets: p95 < 50 ms, no errors. The load client runs on the
@@ -21,13 +25,17 @@ same machine and competes for the same CPUs. `--repeats` repeats the load phase 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 
+from app.testing import free_port
 from bench.harness import (
     BenchError,
     Size,
@@ -40,6 +48,7 @@ from bench.harness import (
     parse_options,
     percentile,
     remove_job_dir,
+    service_env,
     services,
     target,
     workspace,
@@ -140,6 +149,38 @@ async def drive(
     return out
 
 
+# The two ways each round is run: label, and whether requests carry the service's key.
+AUTH_MODES = (("auth on", True), ("auth off", False))
+
+
+@contextmanager
+def open_api(service: Any, datasets_dir: Any, device: str) -> Iterator[str]:
+    """`bench.open_api` (the API without the key check) on the service's database; yields its URL."""
+    port = free_port()
+    env = service_env(service.backend, service.home, datasets_dir, device)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.open_api", "--port", str(port)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"bench.open_api did not start (exit code {proc.poll()})")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main() -> int:
     parser = build_parser(__doc__ or "", DEFAULTS, SMOKE)
     parser.add_argument("--rate", type=float, help="requests/s per endpoint (default 25; smoke 10)")
@@ -158,21 +199,28 @@ def main() -> int:
             for name, service in svc.items():
                 print(f"{name}: storing {args.points} points", file=sys.stderr, flush=True)
                 job = service.submit(make_job_spec(dataset, size, f"control-{name}"))
+                rounds: dict[str, list[dict[str, list[Any]]]] = {mode: [] for mode, _ in AUTH_MODES}
                 try:
                     insert_s, max_id = store_points(service, job["id"], args.points)
-                    first_batch(service, job["id"])
-                    rounds = []
-                    for round_ in range(size.repeats):
-                        print(f"{name}: load round {round_ + 1}/{size.repeats}", file=sys.stderr, flush=True)
-                        if service.job(job["id"])["status"] != "running":
-                            raise BenchError("the training job is no longer running; raise --epochs")
-                        rounds.append(
-                            asyncio.run(
-                                drive(
-                                    service.base_url, service.headers, job["id"], max_id - 100, rate, duration
+                    with open_api(service, datasets_dir, size.device) as open_url:
+                        first_batch(service, job["id"])
+                        for round_ in range(size.repeats):
+                            # Alternate which mode goes first, so drift in the training's load
+                            # does not favour one of them.
+                            order = AUTH_MODES if round_ % 2 == 0 else AUTH_MODES[::-1]
+                            for mode, keyed in order:
+                                print(
+                                    f"{name}: load round {round_ + 1}/{size.repeats}, {mode}",
+                                    file=sys.stderr,
+                                    flush=True,
                                 )
-                            )
-                        )
+                                if service.job(job["id"])["status"] != "running":
+                                    raise BenchError("the training job is no longer running; raise --epochs")
+                                url, headers = (
+                                    (service.base_url, service.headers) if keyed else (open_url, {})
+                                )
+                                load = drive(url, headers, job["id"], max_id - 100, rate, duration)
+                                rounds[mode].append(asyncio.run(load))
                         if service.job(job["id"])["status"] != "running":
                             raise BenchError("the training ended during the load; raise --epochs")
                 finally:
@@ -180,35 +228,41 @@ def main() -> int:
                     remove_job_dir(done)
                 results[name] = {"insert_s": insert_s, "stored_points": args.points, "rounds": rounds}
                 for kind, label in (("job", "GET /jobs/{id}"), ("metrics", "GET /jobs/{id}/metrics?cursor=")):
-                    lat = [x * 1000 for r in rounds for x in r[kind]]
-                    errors = sum(len(r[f"{kind}_errors"]) for r in rounds)
-                    p95 = percentile(lat, 95)
-                    results[name][kind] = {
-                        "requests": len(lat) + errors,
-                        "errors": errors,
-                        "p50_ms": percentile(lat, 50),
-                        "p95_ms": p95,
-                        "p99_ms": percentile(lat, 99),
-                        "max_ms": max(lat) if lat else None,
-                        "median_ms": median(lat),
-                    }
-                    rows.append(
-                        [
-                            name,
-                            label,
-                            len(lat) + errors,
-                            fmt(percentile(lat, 50), 1),
-                            fmt(p95, 1),
-                            fmt(percentile(lat, 99), 1),
-                            fmt(max(lat) if lat else None, 1),
-                            errors,
-                            target(p95 < 50 and errors == 0),
-                        ]
-                    )
+                    p95s = {}
+                    for mode, _ in AUTH_MODES:
+                        lat = [x * 1000 for r in rounds[mode] for x in r[kind]]
+                        errors = sum(len(r[f"{kind}_errors"]) for r in rounds[mode])
+                        p95 = p95s[mode] = percentile(lat, 95)
+                        results[name][f"{kind} {mode}"] = {
+                            "requests": len(lat) + errors,
+                            "errors": errors,
+                            "p50_ms": percentile(lat, 50),
+                            "p95_ms": p95,
+                            "p99_ms": percentile(lat, 99),
+                            "max_ms": max(lat) if lat else None,
+                            "median_ms": median(lat),
+                        }
+                        rows.append(
+                            [
+                                name,
+                                label,
+                                mode,
+                                len(lat) + errors,
+                                fmt(percentile(lat, 50), 1),
+                                fmt(p95, 1),
+                                fmt(percentile(lat, 99), 1),
+                                fmt(max(lat) if lat else None, 1),
+                                errors,
+                                target(p95 < 50 and errors == 0),
+                            ]
+                        )
+                    on, off = p95s["auth on"], p95s["auth off"]
+                    results[name][f"{kind} p95 auth on / off"] = on / off if on and off else None
     table = markdown_table(
         [
             "backend",
             "request",
+            "keys",
             "requests",
             "p50 ms",
             "p95 ms",

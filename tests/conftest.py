@@ -38,8 +38,14 @@ SERVICE_SETTINGS: dict[str, object] = {
     "webhook_backoff_seconds": 0.2,
     "webhook_max_attempts": 4,
     "webhook_timeout_seconds": 5,
-    # A tenant with small quotas, for tests/auth/test_quotas.py.
-    "tenant_quotas": {"team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64}},
+    # Keep-alive comments every second, so tests/jobs/test_stream.py sees one on a quiet stream.
+    "stream_ping_seconds": 1,
+    # Tenants with small quotas, for tests/auth/test_quotas.py; team-weights' storage holds one
+    # YOLO-NAS-S checkpoint (about 77 MB) but not two.
+    "tenant_quotas": {
+        "team-quota": {"active_jobs": 1, "storage_bytes": 10_000, "epoch_pixels": 2 * 64 * 64},
+        "team-weights": {"storage_bytes": 100_000_000},
+    },
 }
 
 

@@ -17,7 +17,8 @@ import app.webhooks.models
 import app.weights.models
 import app.workers.models  # noqa: F401  (registers the tables)
 from app.db import Base
-from app.migrate import upgrade
+from app.migrate import pending, upgrade
+from app.settings import Settings
 from app.testing import backend_resources
 from tests.conftest import PG_ADMIN_URL, REDIS_URL
 
@@ -52,3 +53,18 @@ def test_migrations_match_the_models(fresh_url: str) -> None:
             )
     finally:
         engine.dispose()
+
+
+def test_api_refuses_an_unmigrated_database(fresh_url: str, tmp_path: Path) -> None:
+    from tests.auth.helpers import sgjobs
+
+    settings = Settings(home=tmp_path / "home", database_url=fresh_url)
+    refused = sgjobs(settings, "api", "--port", "1")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "not migrated" in refused.stderr and "sgjobs migrate" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    upgrade(fresh_url, "0004")
+    behind = pending(fresh_url)
+    assert behind is not None and "at revision 0004" in behind
+    upgrade(fresh_url)
+    assert pending(fresh_url) is None

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from app.errors import InvalidInput, PayloadTooLarge
-from app.paths import resolve_inside
+from app.errors import InvalidInput, PayloadTooLarge, broken_limit
+from app.paths import DATASET_CACHE_FOLDER, resolve_inside
 
 CHUNK = 1 << 20
 # tarfile reads member data in the chunks `_copy` asks for; only a pax or GNU long-name header is read
@@ -85,11 +85,11 @@ class ArchiveTooLarge(PayloadTooLarge):
 
 
 def _too_large(limit: str, value: float, message: str) -> ArchiveTooLarge:
-    return ArchiveTooLarge(message, details=[{"limit": limit, "value": value}])
+    return ArchiveTooLarge(message, details=broken_limit(limit, value))
 
 
 def _limit_error(limit: str, value: float, message: str) -> ArchiveError:
-    return ArchiveError(message, details=[{"limit": limit, "value": value}])
+    return ArchiveError(message, details=broken_limit(limit, value))
 
 
 def archive_kind(path: Path) -> str:
@@ -123,6 +123,8 @@ def _member_path(name: str) -> PurePosixPath | None:
     if ".." in path.parts:
         raise ArchiveError(f"archive member {name!r} leads outside the dataset folder (zip slip)")
     if any(clean.startswith(p) for p in _SKIPPED_PREFIXES) or path.name in _SKIPPED_NAMES:
+        return None
+    if DATASET_CACHE_FOLDER in path.parts:  # the service's own cache: a planted one would be trusted
         return None
     parts = [p for p in path.parts if p not in ("", ".")]
     return PurePosixPath(*parts) if parts else None

@@ -113,7 +113,9 @@ def prepare_dataset(
         train, val = resolve_coco_splits(root, options.coco_train, options.coco_val)
         return prepare_coco_dataset(root, train, val, out_dir, annotation_max_bytes=annotation_max_bytes)
     if options.format == "yolo":
-        return yolo.prepare_yolo_dataset(root, options.data_yaml, out_dir)
+        return yolo.prepare_yolo_dataset(
+            root, options.data_yaml, out_dir, annotation_max_bytes=annotation_max_bytes
+        )
     if options.format == "hf":
         return hf.prepare_hf_dataset(
             hf_root(root),

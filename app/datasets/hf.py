@@ -45,12 +45,11 @@ from app.datasets.pipeline import (
 )
 from app.datasets.problems import Problems, dataset_error
 from app.datasets.safe_yaml import UnsafeYaml, load_yaml, load_yaml_file
-from app.paths import is_inside, real, resolve_inside
+from app.paths import DATASET_CACHE_FOLDER, is_inside, real, resolve_inside
 
 BBOX_FORMATS: tuple[str, ...] = ("xyxy", "xywh", "cxcywh")
 DEFAULT_BBOX_FORMAT = "xywh"
 VAL_SPLIT_NAMES: tuple[str, ...] = ("validation", "valid", "val", "test")
-CACHE_DIR_NAME = ".sgjobs-cache"
 MANIFEST = "manifest.json"
 # 2: rows carry the error's code and the image's sha256.
 MANIFEST_VERSION = 2
@@ -96,7 +95,7 @@ def fingerprint(root: Path) -> str:
 
 def default_cache_root(root: Path, fallback: Path) -> Path:
     """`<root>/.sgjobs-cache` when the dataset folder is writable, else a folder under `fallback`."""
-    preferred = root / CACHE_DIR_NAME
+    preferred = root / DATASET_CACHE_FOLDER
     try:
         preferred.mkdir(exist_ok=True)
         probe = preferred / f".probe-{uuid.uuid4().hex}"
@@ -351,6 +350,20 @@ def _extract_row(root: Path, index: int, row: dict[str, Any], target: Path) -> d
     return entry
 
 
+def _usable(manifest: Any) -> bool:
+    """A manifest of this version whose image files are plain names in its folder (the cache is the
+    service's own, but a file read from disk is checked before a path is built from it)."""
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        return False
+    for row in manifest.get("rows", []):
+        name = row.get("file")
+        if name is not None and (
+            not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".")
+        ):
+            return False
+    return True
+
+
 def split_cache(root: Path, split: str, cache_root: Path, arrow_cache: Path) -> tuple[Path, dict[str, Any]]:
     """The cached split (images folder and manifest), decoding it now if this dataset version has none."""
     root = root.resolve()
@@ -360,9 +373,9 @@ def split_cache(root: Path, split: str, cache_root: Path, arrow_cache: Path) -> 
     if manifest_file.is_file():
         try:
             manifest: dict[str, Any] = json.loads(manifest_file.read_text())
-            if manifest.get("version") == MANIFEST_VERSION:
+            if _usable(manifest):
                 return final, manifest
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, TypeError, AttributeError):
             pass  # a damaged cache is rebuilt below
     staging = cache_root / version / f".{_safe_split_dir(split)}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)

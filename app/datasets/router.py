@@ -26,7 +26,7 @@ from app.datasets.schemas import (
     report_model,
 )
 from app.db import get_sessionmaker
-from app.errors import InvalidInput
+from app.errors import InvalidInput, broken_limit
 from app.openapi import form_body, problems
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
@@ -85,7 +85,7 @@ def _out(dataset: Dataset) -> DatasetOut:
 def _too_large(settings: Settings) -> ArchiveTooLarge:
     return ArchiveTooLarge(
         f"the upload is larger than upload_max_bytes ({settings.upload_max_bytes})",
-        details=[{"limit": "upload_max_bytes", "value": settings.upload_max_bytes}],
+        details=broken_limit("upload_max_bytes", settings.upload_max_bytes),
     )
 
 

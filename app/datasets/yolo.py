@@ -26,6 +26,7 @@ from app.datasets.pipeline import (
     Box,
     ImageRecord,
     PreparedDataset,
+    annotation_too_large,
     build_split,
     finish,
     read_image,
@@ -196,7 +197,7 @@ def label_path(image: Path) -> Path:
     return Path(text).with_suffix(".txt")
 
 
-def _list_images(root: Path, source: Path, problems: Problems) -> list[Path]:
+def _list_images(root: Path, source: Path, problems: Problems, annotation_max_bytes: int) -> list[Path]:
     if source.is_dir():
         found = []
         for dirpath, dirs, files in os.walk(source):
@@ -206,6 +207,10 @@ def _list_images(root: Path, source: Path, problems: Problems) -> list[Path]:
                     found.append(Path(dirpath) / name)
         return found
     rel = source.relative_to(root).as_posix()
+    too_large = annotation_too_large(source, annotation_max_bytes)
+    if too_large is not None:
+        problems.error(rel, too_large, "file_too_large")
+        return []
     try:
         lines = source.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -278,14 +283,14 @@ def _parse_labels(
 
 
 def _read_split(
-    root: Path, sources: tuple[Path, ...], layout: YoloLayout, problems: Problems
+    root: Path, sources: tuple[Path, ...], layout: YoloLayout, problems: Problems, annotation_max_bytes: int
 ) -> list[ImageRecord]:
     """The split's images, read (labels are normalised: the image size is needed to parse them)."""
     records: list[ImageRecord] = []
     by_label: dict[Path, str] = {}
     used_labels: set[Path] = set()
     for source in sources:
-        for image in _list_images(root, source, problems):
+        for image in _list_images(root, source, problems, annotation_max_bytes):
             shown = image.relative_to(root).as_posix() if image.is_relative_to(root) else image.name
             label = label_path(image)
             if label in by_label:
@@ -313,8 +318,12 @@ def _read_split(
     return records
 
 
-def prepare_yolo_dataset(root: Path, data_yaml: str | None, out_dir: Path) -> PreparedDataset:
+def prepare_yolo_dataset(
+    root: Path, data_yaml: str | None, out_dir: Path, *, annotation_max_bytes: int
+) -> PreparedDataset:
     """Validate a YOLO dataset and write sanitized COCO files `out_dir/{train,val}.json`.
+
+    An image list (`.txt`) larger than `annotation_max_bytes` is refused unread.
 
     Images are referenced where they are (`images_dir` is the dataset root). Raises `DatasetError`
     (an `InvalidDataset` with counts) listing every problem with its file.
@@ -324,7 +333,7 @@ def prepare_yolo_dataset(root: Path, data_yaml: str | None, out_dir: Path) -> Pr
     problems = Problems()
     results = {}
     for name, sources in (("train", layout.train), ("val", layout.val)):
-        records = _read_split(root, sources, layout, problems)
+        records = _read_split(root, sources, layout, problems, annotation_max_bytes)
         source = ", ".join(s.relative_to(root).as_posix() for s in sources)
         results[name] = build_split(
             name, source, records, root, layout.class_names, problems, inside=root, box_hint=BOX_HINT

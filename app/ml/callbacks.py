@@ -7,12 +7,20 @@ Imports super_gradients at its top: import it only inside the training process, 
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 
 from super_gradients.training.utils.callbacks import Callback, PhaseContext
 
 from app import failpoints
-from app.ml.types import BATCH_PREFIX, MetricPoint, Reporter, TrainingCancelled, greater_is_better
+from app.ml.types import (
+    BATCH_PREFIX,
+    IMAGES_PER_SECOND,
+    MetricPoint,
+    Reporter,
+    TrainingCancelled,
+    greater_is_better,
+)
 
 
 class ReporterCallback(Callback):
@@ -40,6 +48,8 @@ class ReporterCallback(Callback):
         self.greater_is_better = greater_is_better(metric_to_watch)
         self.best_value: float | None = best_value
         self.epochs_validated = epochs_done
+        # perf_counter when the previous training batch ended (or the epoch's loader started).
+        self._batch_started: float | None = None
 
     def _check_stop(self, where: str) -> None:
         # SG's own context.stop_training is read only at the next epoch start (issue #1151); an
@@ -48,8 +58,12 @@ class ReporterCallback(Callback):
         if self.reporter.should_stop():
             raise TrainingCancelled(f"training cancelled during {where}")
 
+    def on_train_loader_start(self, context: PhaseContext) -> None:
+        self._batch_started = time.perf_counter()
+
     def on_train_batch_end(self, context: PhaseContext) -> None:
-        """Report loss components, learning rate and progress; then honour a cancel request."""
+        """Report loss components, learning rate, throughput and progress; then honour a cancel request."""
+        ended = time.perf_counter()
         epoch = int(context.epoch)
         batch_idx = int(context.batch_idx)
         batches = len(context.train_loader) if context.train_loader is not None else batch_idx + 1
@@ -65,6 +79,11 @@ class ReporterCallback(Callback):
             # All groups share one schedule (the bias/BN group differs only in weight decay).
             lr = float(context.optimizer.param_groups[0]["lr"])
             points.append(MetricPoint(BATCH_PREFIX + "LR", lr, epoch=epoch, step=step, time=now))
+        images = len(context.inputs) if context.inputs is not None else 0
+        if self._batch_started is not None and images and ended > self._batch_started:
+            rate = images / (ended - self._batch_started)
+            points.append(MetricPoint(IMAGES_PER_SECOND, rate, epoch=epoch, step=step, time=now))
+        self._batch_started = ended
         if points:
             self.reporter.metrics(points)
         self.reporter.progress(

@@ -40,6 +40,9 @@ CHECKPOINTS_DIR = "checkpoints"
 # Per-batch series (written by the training callback) carry this prefix, never mixed with SG's
 # per-epoch "Train_..." series; retention prunes them.
 BATCH_PREFIX = "Batch_"
+# The training's throughput, a per-batch series: images of the batch over the seconds since the
+# previous batch ended (data loading, forward, backward, step). GET /metrics reads it.
+IMAGES_PER_SECOND = BATCH_PREFIX + "images_per_second"
 SG_LOG_DIR = "logs"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from app.jobs.models import Job
 from app.jobs.service import get_job
 from app.limits import too_large
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
+from app.observability.metrics import record_prediction
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
 from app.weights import service as weights
@@ -179,6 +181,7 @@ def predict(
     """Detections for every upload with the job's best model or the registered weights (one of
     `job_id` and `weights_id`), as one batch. With `image_format` ("jpeg" or "png") and one upload,
     that image with its boxes drawn instead."""
+    started = time.perf_counter()
     # Every image is checked, from its header, before anything is decoded or looked up: one bad file
     # fails the request, naming it.
     check_images(
@@ -219,6 +222,9 @@ def predict(
         cached=result["cached"],
         model_loads=result["model_loads"],
         inference_ms=round(result["seconds"] * 1000, 2),
+    )
+    record_prediction(
+        seconds=time.perf_counter() - started, inference_seconds=result["seconds"], cached=result["cached"]
     )
     if image_format is None:
         return response

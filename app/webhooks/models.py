@@ -18,7 +18,7 @@ class DeliveryState(enum.StrEnum):
     failed = "failed"  # every attempt failed; `last_error` says why
 
 
-# The CHECK constraint on webhook_deliveries.state; migration 0006 creates it from this same text.
+# The CHECK constraint on webhook_deliveries.state; migration 0007 creates it from this same text.
 STATE_CHECK = "state IN ('pending', 'delivered', 'failed')"
 
 

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 
 from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.auth.principal import Principal
-from app.db import get_sessionmaker, session_scope
+from app.db import get_sessionmaker
 from app.errors import InvalidInput, PayloadTooLarge
+from app.limits import too_large
 from app.ml.types import ModelName
 from app.openapi import form_body, problems
-from app.quotas import check_storage
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
 from app.uploads import Received, media_type, receive_file
@@ -64,10 +64,8 @@ def get_job_checkpoints(request: Request) -> service.JobCheckpoints:
 
 
 def _too_large(settings: Settings) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"the checkpoint is larger than weights_max_bytes ({settings.weights_max_bytes})",
-        details=[{"limit": "weights_max_bytes", "value": settings.weights_max_bytes}],
-    )
+    limit = settings.weights_max_bytes
+    return too_large("weights_max_bytes", limit, f"the checkpoint is larger than weights_max_bytes ({limit})")
 
 
 def _field_error(field: str, message: str) -> InvalidInput:
@@ -114,11 +112,6 @@ async def _promote_request(request: Request) -> PromoteRequest:
         raise InvalidInput(summary, details=errors) from exc
 
 
-def _check_storage(settings: Settings, principal: Principal, adding: int) -> None:
-    with session_scope(settings.database_url) as session:
-        check_storage(session, settings=settings, principal=principal, adding=adding)
-
-
 def _register_upload(
     settings: Settings,
     received: Received,
@@ -127,11 +120,11 @@ def _register_upload(
     name: str | None,
     model: str | None,
 ) -> tuple[Weights, bool]:
-    _check_storage(settings, principal, staged.size)
     return service.register_staged(
         settings,
         staged=staged,
         tenant=principal.tenant,
+        charge=principal,
         name=name or _default_name(received),
         inspector=service.model_server_inspector(settings),
         source=WeightsSource.upload,
@@ -149,11 +142,11 @@ def _promote(
         session.close()
     staged = service.stage_copy(settings, found.path)
     try:
-        _check_storage(settings, principal, staged.size)
         return service.register_staged(
             settings,
             staged=staged,
             tenant=principal.tenant,
+            charge=principal,
             name=body.name or found.job_name or f"job-{found.job_id}",
             inspector=service.model_server_inspector(settings),
             source=WeightsSource.job,

@@ -21,11 +21,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.auth.principal import PUBLISHED_TENANT, sees, visible
+from app.auth.principal import PUBLISHED_TENANT, Principal, sees, visible
 from app.db import new_id, session_scope, utcnow
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.inference import call_model_server
 from app.ml.types import CheckpointInfo
+from app.quotas import check_storage
 from app.settings import Settings
 from app.weights.models import Weights, WeightsSource
 
@@ -153,12 +154,14 @@ def register_file(
     model_loc: Sequence[str] = ("body", "model"),
     job_id: str | None = None,
     pretrained: str | None = None,
+    charge: Principal | None = None,
 ) -> tuple[Weights, bool]:
     """Register a staged file; returns the weights and whether they are new.
 
     The same file (by SHA-256) registered before by the tenant is those weights (nothing is inspected
-    or stored again). Otherwise the inference process inspects it: 422 with the reason when it is not a usable
-    YOLO-NAS checkpoint, or when it is another architecture than `expected_model` (naming both). New
+    or stored again, and no quota is charged). Otherwise a new file must fit `charge`'s storage quota
+    (413; None: not charged), and the inference process inspects it: 422 with the reason when it is
+    not a usable YOLO-NAS checkpoint, or when it is another architecture than `expected_model`. New
     weights are flushed, then the file is moved into the store. The caller removes the staged file
     (a no-op once moved) and commits; a concurrent registration of the same file makes the flush
     raise IntegrityError, and `find_by_sha` then finds the winner.
@@ -168,6 +171,8 @@ def register_file(
         if expected_model is not None and existing.model != expected_model:
             raise _model_mismatch(existing.model, expected_model, model_loc)
         return existing, False
+    if charge is not None:
+        check_storage(session, settings=settings, principal=charge, adding=staged.size)
     info = inspector(staged.path)
     if expected_model is not None and info.model != expected_model:
         raise _model_mismatch(info.model, expected_model, model_loc)

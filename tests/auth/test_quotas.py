@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.settings import Settings
@@ -18,6 +20,12 @@ def _limit(body: dict[str, object]) -> str:
     limits = body["limits"]
     assert isinstance(limits, list)
     return str(limits[0]["limit"])
+
+
+def _cancel(service: Service, job_id: str) -> None:
+    """Cancel and wait for the end, so the tenant's next test starts with no active job."""
+    service.client.post(f"/jobs/{job_id}/cancel")
+    service.wait(job_id)
 
 
 def test_job_quotas(service: Service, service_settings: Settings) -> None:
@@ -35,11 +43,31 @@ def test_job_quotas(service: Service, service_settings: Settings) -> None:
             assert int(second.headers["retry-after"]) > 0
             assert _limit(second.json()) == "quota_active_jobs"
         finally:
-            client.post(f"/jobs/{first.json()['id']}/cancel")
+            _cancel(service, first.json()["id"])
     # An admin is not held to a tenant's quotas.
     admins = service.client.post("/jobs", json=tiny_spec(f"{TENANT}/q", training={"max_epochs": 3}))
     assert admins.status_code == 201, admins.text
-    service.client.post(f"/jobs/{admins.json()['id']}/cancel")
+    _cancel(service, admins.json()["id"])
+
+
+def test_job_quota_holds_for_concurrent_submits(service: Service, service_settings: Settings) -> None:
+    make_shapes(service.datasets_dir / TENANT, "race", splits=(("train", 4), ("valid", 2)))
+    key = make_key(service_settings, TENANT)
+
+    def submit(_: int) -> httpx.Response:
+        with client_for(service, key) as client:
+            return client.post("/jobs", json=tiny_spec("race"))
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(submit, range(8)))
+    created = [r.json()["id"] for r in responses if r.status_code == 201]
+    try:
+        # The quota is one active job: one submit wins, all the others see it.
+        assert len(created) == 1, [r.status_code for r in responses]
+        assert sorted(r.status_code for r in responses) == [201] + [429] * 7, [r.text for r in responses]
+    finally:
+        for job_id in created:
+            _cancel(service, job_id)
 
 
 def test_storage_quota(service: Service, service_settings: Settings, tmp_path: Path, standins: Path) -> None:
@@ -54,3 +82,26 @@ def test_storage_quota(service: Service, service_settings: Settings, tmp_path: P
         assert _limit(response.json()) == "quota_storage_bytes"
     # Nothing was kept.
     assert not any(d["tenant"] == TENANT for d in service.client.get("/datasets").json()["items"])
+
+
+def test_storage_quota_charges_new_files_only(
+    service: Service, service_settings: Settings, standins: Path
+) -> None:
+    with client_for(service, make_key(service_settings, "team-weights")) as client:
+
+        def upload(name: str) -> httpx.Response:
+            with open(standins / name, "rb") as file:
+                return client.post("/weights", files={"file": (name, file)})
+
+        first = upload("s5_named.pth")
+        assert first.status_code == 201, first.text
+        try:
+            # The same file again is the same weights: nothing new is stored, so the full quota is no bar.
+            again = upload("s5_named.pth")
+            assert again.status_code == 200, again.text
+            assert again.json()["id"] == first.json()["id"]
+            other = upload("s80_ema.pth")
+            assert other.status_code == 413, other.text
+            assert _limit(other.json()) == "quota_storage_bytes"
+        finally:
+            client.delete(f"/weights/{first.json()['id']}")

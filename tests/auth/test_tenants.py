@@ -33,6 +33,7 @@ PATH_BODIES: dict[str, Any] = {
     "list_job_metrics": None,
     "list_job_events": None,
     "list_job_webhooks": None,
+    "stream_job": None,
     "list_artifacts": None,
     "download_artifact": None,
     "export_job": None,
@@ -54,6 +55,8 @@ BODY_OR_LIST = {
     "list_weights": "test_lists_show_only_the_tenants_own",
     "upload_dataset": "test_lists_show_only_the_tenants_own",
     "get_predict_stats": "tests/auth/test_keys.py::test_a_member_key_is_a_member",
+    # Counts every tenant's jobs: admin keys only.
+    "get_metrics": "tests/observability/test_metrics.py::test_only_admin_keys_may_scrape",
 }
 PUBLIC = {"healthz", "readyz"}
 

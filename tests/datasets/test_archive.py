@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.datasets.archive import ArchiveError, ArchiveLimits, ArchiveTooLarge, extract_archive
+from app.paths import DATASET_CACHE_FOLDER
 
 LIMITS = ArchiveLimits(max_bytes=10 * 2**20, max_uncompressed_bytes=40 * 2**20, max_members=50, max_ratio=200)
 
@@ -47,6 +48,14 @@ def test_extracts_files_and_skips_macos_junk(tmp_path: Path, kind: str) -> None:
     assert (result.files, result.bytes) == (2, 105)
     assert (tmp_path / "out/ds/train/a.txt").read_bytes() == b"hello"
     assert not (tmp_path / "out/__MACOSX").exists()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_planted_service_cache_is_not_extracted(tmp_path: Path, kind: str) -> None:
+    members = {"ds/train/a.txt": b"hello", f"ds/{DATASET_CACHE_FOLDER}/hf-x/train/manifest.json": b"{}"}
+    path = (make_zip if kind == "zip" else make_tar)(tmp_path / f"a.{kind}", members)
+    assert extract_archive(path, tmp_path / "out", LIMITS).files == 1
+    assert not (tmp_path / "out/ds" / DATASET_CACHE_FOLDER).exists()
 
 
 @pytest.mark.parametrize("name", ["../evil.txt", "ds/../../evil.txt", "/etc/evil.txt", "C:/evil.txt"])

@@ -8,6 +8,7 @@ import bz2
 import functools
 import io
 import os
+import struct
 import tarfile
 import threading
 import time
@@ -24,9 +25,9 @@ from app.datasets.archive import ArchiveError, ArchiveLimits, ArchiveTooLarge, e
 from app.datasets.coco import prepare_coco_dataset, resolve_coco_splits
 from app.datasets.demo import write_shapes_hf, write_shapes_yolo
 from app.datasets.formats import DatasetOptions, check_layout, validate_dataset
-from app.datasets.hf import CACHE_DIR_NAME
 from app.datasets.safe_yaml import MAX_YAML_BYTES
 from app.errors import DatasetError
+from app.paths import DATASET_CACHE_FOLDER
 from app.settings import Settings
 from tests.datasets.conftest import SMALL_SPEC
 from tests.support import ANNOTATION_MAX_BYTES, Service
@@ -119,6 +120,24 @@ def zip_claiming(path: Path, entries: int, directory_size: int) -> Path:
     data[at + 8 : at + 12] = (min(entries, 0xFFFF).to_bytes(2, "little")) * 2
     data[at + 12 : at + 16] = min(directory_size, 0xFFFFFFFF).to_bytes(4, "little")
     path.write_bytes(bytes(data))
+    return path
+
+
+def zip64_claiming(path: Path, entries: int, directory_size: int | None = None) -> Path:
+    """A small valid zip given zip64 end records (as for more than 65535 entries) claiming `entries`
+    entries in a directory of `directory_size` bytes (default: the true size)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ds/a.txt", b"a")
+    data = path.read_bytes()
+    at = data.rindex(b"PK\x05\x06")
+    true_size, offset = struct.unpack_from("<2L", data, at + 12)
+    zip64_end = struct.pack(
+        "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries,
+        true_size if directory_size is None else directory_size, offset,
+    )  # fmt: skip
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, at, 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(data[:at] + zip64_end + locator + end)
     return path
 
 
@@ -239,7 +258,10 @@ def hf_root(tmp_path: Path) -> Path:
 
 def hf_report(root: Path, annotation_max_bytes: int = ANNOTATION_MAX_BYTES) -> dict[str, Any]:
     return validate_dataset(
-        root, DatasetOptions(format="hf"), root / CACHE_DIR_NAME, annotation_max_bytes=annotation_max_bytes
+        root,
+        DatasetOptions(format="hf"),
+        root / DATASET_CACHE_FOLDER,
+        annotation_max_bytes=annotation_max_bytes,
     )
 
 
@@ -408,6 +430,16 @@ def test_zip_end_record_claiming_too_many_entries(tmp_path: Path) -> None:
 def test_zip_central_directory_far_beyond_the_members_limit(tmp_path: Path) -> None:
     path = zip_claiming(tmp_path / "huge-cd.zip", entries=1, directory_size=0xFFFF0000)
     error = refusal(path, tmp_path / "out")
+    assert error.details[0]["limit"] == "upload_max_members" and "central directory" in error.message
+
+
+def test_zip64_end_records_are_checked_too(tmp_path: Path) -> None:
+    honest = zip64_claiming(tmp_path / "honest.zip", entries=1)
+    assert extract_archive(honest, tmp_path / "honest", DEFAULT_LIMITS).files == 1
+    many = zip64_claiming(tmp_path / "many.zip", entries=10**12)
+    assert refusal(many, tmp_path / "out").details[0]["limit"] == "upload_max_members"
+    huge = zip64_claiming(tmp_path / "huge.zip", entries=1, directory_size=2**40)
+    error = refusal(huge, tmp_path / "out")
     assert error.details[0]["limit"] == "upload_max_members" and "central directory" in error.message
 
 

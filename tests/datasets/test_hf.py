@@ -14,8 +14,9 @@ import pytest
 from app.datasets.coco import prepare_coco_dataset, resolve_coco_splits
 from app.datasets.demo import write_shapes_dataset, write_shapes_hf
 from app.datasets.formats import DatasetOptions, detect_format, validate_dataset
-from app.datasets.hf import CACHE_DIR_NAME, MANIFEST, prepare_hf_dataset
+from app.datasets.hf import MANIFEST, prepare_hf_dataset
 from app.errors import DatasetError
+from app.paths import DATASET_CACHE_FOLDER
 from tests.datasets.conftest import SMALL_SPEC
 from tests.support import ANNOTATION_MAX_BYTES
 
@@ -33,7 +34,7 @@ def prepare(root: Path, out_dir: Path, **kwargs: Any) -> Any:
     return prepare_hf_dataset(
         root,
         out_dir=out_dir,
-        cache_root=root / CACHE_DIR_NAME,
+        cache_root=root / DATASET_CACHE_FOLDER,
         annotation_max_bytes=ANNOTATION_MAX_BYTES,
         **options,
     )
@@ -93,7 +94,7 @@ def test_wrong_bbox_format_is_reported(tmp_path: Path) -> None:
 def test_images_are_decoded_once_per_dataset_version(hf_root: Path, tmp_path: Path) -> None:
     first = prepare(hf_root, tmp_path / "job1")
     images_dir = first.train.images_dir
-    assert images_dir.is_relative_to(hf_root / CACHE_DIR_NAME)
+    assert images_dir.is_relative_to(hf_root / DATASET_CACHE_FOLDER)
     manifest = images_dir / MANIFEST
     stamp = manifest.stat().st_mtime_ns
     second = prepare(hf_root, tmp_path / "job2")
@@ -104,6 +105,15 @@ def test_images_are_decoded_once_per_dataset_version(hf_root: Path, tmp_path: Pa
     third = prepare(hf_root, tmp_path / "job3")
     assert third.train.images_dir != images_dir and not images_dir.exists()
     assert third.stats["train"].images == 5
+
+
+def test_a_cache_naming_files_outside_its_folder_is_rebuilt(hf_root: Path, tmp_path: Path) -> None:
+    images_dir = prepare(hf_root, tmp_path / "job1").train.images_dir
+    manifest = json.loads((images_dir / MANIFEST).read_text())
+    manifest["rows"][0]["file"] = "../../../../secret.jpg"
+    (images_dir / MANIFEST).write_text(json.dumps(manifest))
+    assert prepare(hf_root, tmp_path / "job2").train.images_dir == images_dir
+    assert json.loads((images_dir / MANIFEST).read_text())["rows"][0]["file"] == "0000000.jpg"
 
 
 def test_named_splits_and_missing_split(hf_root: Path, tmp_path: Path) -> None:
@@ -206,7 +216,7 @@ def test_report_shape(hf_root: Path) -> None:
     result = validate_dataset(
         hf_root,
         DatasetOptions(format="hf"),
-        hf_root / CACHE_DIR_NAME,
+        hf_root / DATASET_CACHE_FOLDER,
         annotation_max_bytes=ANNOTATION_MAX_BYTES,
     )
     assert result["ok"] is False and result["format"] == "hf" and result["errors"] == 1

@@ -26,7 +26,7 @@ def yolo_root(tmp_path: Path) -> Path:
 
 def errors_of(root: Path, out_dir: Path) -> list[dict[str, str]]:
     with pytest.raises(DatasetError) as info:
-        prepare_yolo_dataset(root, None, out_dir)
+        prepare_yolo_dataset(root, None, out_dir, annotation_max_bytes=ANNOTATION_MAX_BYTES)
     assert not (out_dir / "train.json").exists()
     return [d for d in info.value.details if d["severity"] == "error"]
 
@@ -49,7 +49,9 @@ def test_same_data_as_coco(yolo_root: Path, tmp_path: Path) -> None:
         tmp_path / "c",
         annotation_max_bytes=ANNOTATION_MAX_BYTES,
     )
-    yolo: PreparedDataset = prepare_yolo_dataset(yolo_root, None, tmp_path / "y")
+    yolo: PreparedDataset = prepare_yolo_dataset(
+        yolo_root, None, tmp_path / "y", annotation_max_bytes=ANNOTATION_MAX_BYTES
+    )
     assert yolo.class_names == coco.class_names == ("circle", "square", "triangle")
     assert yolo.warnings == []
     for split in ("train", "val"):
@@ -83,7 +85,9 @@ def test_roboflow_export_layout_and_names_mapping(yolo_root: Path, tmp_path: Pat
             }
         )
     )
-    prepared = prepare_yolo_dataset(yolo_root, None, tmp_path / "out")
+    prepared = prepare_yolo_dataset(
+        yolo_root, None, tmp_path / "out", annotation_max_bytes=ANNOTATION_MAX_BYTES
+    )
     assert prepared.class_names == ("circle", "square", "triangle")
     assert (prepared.stats["train"].images, prepared.stats["val"].images) == (6, 3)
 
@@ -160,13 +164,24 @@ def test_unreadable_and_listed_but_missing_images(yolo_root: Path, tmp_path: Pat
     assert "missing.jpg" in by_file["val.txt"] and "does not exist" in by_file["val.txt"]
 
 
+def test_an_image_list_over_the_annotation_limit_is_refused_unread(yolo_root: Path, tmp_path: Path) -> None:
+    (yolo_root / "val.txt").write_text("images/val/valid_0000.jpg\n" * 100)
+    data = yaml.safe_load((yolo_root / "data.yaml").read_text())
+    data["val"] = "val.txt"
+    (yolo_root / "data.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(DatasetError) as info:
+        prepare_yolo_dataset(yolo_root, None, tmp_path / "out", annotation_max_bytes=1000)
+    (refused,) = [d for d in info.value.details if d["code"] == "file_too_large"]
+    assert refused["file"] == "val.txt" and "annotation_max_bytes" in refused["problem"]
+
+
 def test_unreadable_image_is_reported_once_and_its_label_is_not_an_orphan(
     yolo_root: Path, tmp_path: Path
 ) -> None:
     victim = sorted((yolo_root / "images" / "train").glob("*.jpg"))[0]
     victim.write_bytes(b"not an image" * 10)
     with pytest.raises(DatasetError) as info:
-        prepare_yolo_dataset(yolo_root, None, tmp_path / "out")
+        prepare_yolo_dataset(yolo_root, None, tmp_path / "out", annotation_max_bytes=ANNOTATION_MAX_BYTES)
     assert [(d["file"], d["code"]) for d in info.value.details] == [
         (victim.relative_to(yolo_root).as_posix(), "unreadable_image")
     ]
@@ -184,7 +199,9 @@ def test_boxes_outside_or_without_area_are_warnings(yolo_root: Path, tmp_path: P
     label.write_text(label.read_text() + "0 0.95 0.95 0.3 0.3\n1 0.5 0.5 0 0.2\n")
     orphan = yolo_root / "labels" / "train" / "no_such_image.txt"
     orphan.write_text("0 0.5 0.5 0.1 0.1\n")
-    prepared = prepare_yolo_dataset(yolo_root, None, tmp_path / "out")
+    prepared = prepare_yolo_dataset(
+        yolo_root, None, tmp_path / "out", annotation_max_bytes=ANNOTATION_MAX_BYTES
+    )
     text = " ".join(prepared.warnings)
     assert "1 box extended outside its image and was clipped" in text
     assert "1 box had zero or negative area" in text
@@ -195,7 +212,9 @@ def test_boxes_outside_or_without_area_are_warnings(yolo_root: Path, tmp_path: P
 
 def test_image_without_label_file_is_a_background_image(yolo_root: Path, tmp_path: Path) -> None:
     first_label(yolo_root).unlink()
-    prepared = prepare_yolo_dataset(yolo_root, None, tmp_path / "out")
+    prepared = prepare_yolo_dataset(
+        yolo_root, None, tmp_path / "out", annotation_max_bytes=ANNOTATION_MAX_BYTES
+    )
     assert prepared.stats["train"].images_without_boxes == 1
     assert any("1 image has no boxes" in w for w in prepared.warnings)
 

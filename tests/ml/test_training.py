@@ -11,7 +11,7 @@ import pytest
 
 from app.jobs import files
 from app.ml.params import TrainingConfig
-from app.ml.types import SplitFiles, TrainingCancelled
+from app.ml.types import IMAGES_PER_SECOND, SplitFiles, TrainingCancelled
 from tests.ml.conftest import CLASSES_2, CLASSES_3, RecordingReporter, make_config, run_isolated
 
 pytestmark = pytest.mark.slow  # real super-gradients training on the CPU
@@ -96,6 +96,9 @@ def test_reports_batch_metrics_and_progress(trained: dict[str, Any]) -> None:
     assert all(p.value > 0 for p in loss)
     assert len(reporter.series("Batch_PPYoloELoss/loss_cls")) == 4
     assert len(reporter.series("Batch_LR")) == 4
+    throughput = reporter.series(IMAGES_PER_SECOND)
+    assert [(p.epoch, p.step) for p in throughput] == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    assert all(0 < p.value < float("inf") for p in throughput)
     assert reporter.progress_calls[-1] == {"epoch": 1, "max_epochs": 2, "batch": 2, "batches_per_epoch": 2}
     assert len(reporter.progress_calls) == 4
     assert reporter.flushes >= 1

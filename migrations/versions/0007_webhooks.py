@@ -1,7 +1,7 @@
 """webhooks: the outbox of messages, and a count of each job's final statuses
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-26 09:30:00
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 from app.webhooks.models import STATE_CHECK
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

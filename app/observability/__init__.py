@@ -1,0 +1,1 @@
+"""Observability: GET /metrics in the Prometheus text format (every name prefixed `sgjobs_`)."""
