@@ -216,6 +216,8 @@ def test_operation_ids_are_short_and_every_error_is_declared(service: Service) -
         "list_job_metrics",
         "list_job_events",
         "list_job_webhooks",
+        "stream_job",
+        "get_metrics",
         "list_artifacts",
         "download_artifact",
         "export_job",
