@@ -18,6 +18,7 @@ from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
+from app.jobs.stream import StreamHub
 from app.limits import JsonBodyLimit
 from app.observability.middleware import RequestMetrics
 from app.observability.router import router as observability_router
@@ -71,6 +72,8 @@ def create_app() -> FastAPI:
     # Likewise weights: who starts from them, and a job's best checkpoint to promote.
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
+    # The pollers behind GET /jobs/{id}/stream: one per job with open streams, in this process.
+    app.state.job_streams = StreamHub(settings)
     install_error_handlers(app)
     app.add_middleware(JsonBodyLimit, max_bytes=settings.json_max_bytes)
     # Health checks answer anyone (load balancers, orchestrators); everything else needs a key.

@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     # Fault injection for the chaos tests (`app.failpoints`): a JSON object; empty in production.
     failpoints: str = Field(default="", description="Test-only: faults to inject (see app/failpoints.py).")
 
+    # Live feeds (`GET /jobs/{id}/stream`). Each API process polls the database once per tick for
+    # each job that has open streams, in one short session, and fans the rows out to all of them.
+    stream_poll_seconds: float = Field(default=0.5, gt=0, le=60, description="How often a feed polls.")
+    # Keep-alive comments, so proxies and clients do not take a quiet stream for a dead one.
+    stream_ping_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # A stream ends after this long (clients reconnect with Last-Event-ID and lose nothing): no
+    # request lives forever, and a stream of a job that is never picked up ends too.
+    stream_max_seconds: float = Field(default=3600.0, gt=0)
+    # Database sessions all the streams of one API process use at once (polls and catch-ups), out
+    # of the pool's 15: streams never starve the other routes.
+    stream_db_sessions: int = Field(default=2, ge=1, le=15)
+
     # API.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

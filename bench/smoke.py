@@ -25,6 +25,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench.job_start",
     "bench.control_plane",
     "bench.recovery",
+    "bench.stream",
 )
 
 

@@ -32,6 +32,8 @@ SERVICE_SETTINGS: dict[str, object] = {
     "sweep_interval_seconds": 1,
     "resend_after_seconds": 5,
     "lease_seconds": 30,
+    # Keep-alive comments every second, so tests/jobs/test_stream.py sees one on a quiet stream.
+    "stream_ping_seconds": 1,
     # Tenants with small quotas, for tests/auth/test_quotas.py; team-weights' storage holds one
     # YOLO-NAS-S checkpoint (about 77 MB) but not two.
     "tenant_quotas": {

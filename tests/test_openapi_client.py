@@ -35,6 +35,7 @@ from app.datasets.demo import ShapesSpec, write_shapes_dataset
 from app.db import session_scope
 from app.jobs.models import Job
 from app.settings import Settings
+from app.sse import messages
 from tests.prediction.helpers import job_without_checkpoint, trained_job
 from tests.support import Service, tiny_spec, zip_folder
 from tests.weights.standins import FIVE_CLASSES
@@ -382,7 +383,7 @@ def test_datasets(api: Api, tmp_path: Path) -> None:
     api.problem("validate_dataset", 404, dataset.id)
 
 
-@operations("create_job", "get_job", "list_jobs", "list_job_metrics", "list_job_events")
+@operations("create_job", "get_job", "list_jobs", "list_job_metrics", "list_job_events", "stream_job")
 def test_jobs(api: Api, trained: Trained) -> None:
     job = api.ok("get_job", 200, "JobOut", trained.job_id)
     assert _status(job.status) == "succeeded"
@@ -399,9 +400,16 @@ def test_jobs(api: Api, trained: Trained) -> None:
     assert later.items == []
     events = api.ok("list_job_events", 200, "EventPage", trained.job_id, limit=5000)
     assert events.items
+    # The stream of a finished job: its history, then its (terminal) status. The generated client
+    # gives the event stream's text as it came.
+    stream = api("stream_job", trained.job_id)
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    received = [m for m in messages(stream.content.decode().splitlines()) if m.comment is None]
+    assert sum(m.event == "metric" for m in received) == len(metrics.items)
+    assert received[-1].event == "status" and received[-1].json()["status"] == "succeeded"
 
     # Errors: an unknown job, a spec naming a dataset folder that does not exist, a bad query value.
-    for operation in ("get_job", "list_job_metrics", "list_job_events"):
+    for operation in ("get_job", "list_job_metrics", "list_job_events", "stream_job"):
         assert api.problem(operation, 404, "no-such-job").status == 404
     problem = api.problem(
         "create_job", 422, body=_spec(api.generated, {"format": "coco", "path": "nope"}, "x")

@@ -28,6 +28,9 @@ from app.db import changed, db_now, utcnow
 from app.jobs.models import FINISHED_STATUSES, FailureReason, Job, JobEvent, JobStatus, Metric
 from app.ml.types import MetricPoint, greater_is_better
 
+# The kind of the event `supersede_from_epoch` writes (live streams send it as `superseded`).
+SUPERSEDED_KIND = "superseded"
+
 
 def cancel_queued(session: Session, *, job_id: str) -> bool:
     """queued -> cancelled; False when the job is not queued (any more)."""
@@ -400,6 +403,15 @@ def supersede_from_epoch(session: Session, *, job_id: str, epoch: int, metric_to
     its checkpoint was): every series then ends with one point per epoch. The best metric is
     recomputed from what is left. Returns the points deleted."""
     deleted = changed(session, delete(Metric).where(Metric.job_id == job_id, Metric.epoch >= epoch))
+    if deleted:
+        # Live streams (`app.jobs.stream`) sent those points already: this tells them to drop them.
+        add_event(
+            session,
+            job_id=job_id,
+            kind=SUPERSEDED_KIND,
+            message=f"{deleted} metric points of epoch {epoch + 1} and later superseded by this attempt",
+            data={"superseded_from_epoch": epoch, "deleted": deleted},
+        )
     name = f"Valid_{metric_to_watch}"
     best = func.max(Metric.value) if greater_is_better(metric_to_watch) else func.min(Metric.value)
     value = session.scalar(select(best).where(Metric.job_id == job_id, Metric.name == name))

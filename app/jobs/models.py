@@ -94,18 +94,20 @@ class JobEvent(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     time: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    kind: Mapped[str] = mapped_column(String(16))  # state | log
+    kind: Mapped[str] = mapped_column(String(16))  # state | log | superseded
     level: Mapped[str] = mapped_column(String(16), default="info")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
-    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+    # The id is a cursor (GET /jobs/{id}/events, streams): SQLite must never reuse one.
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"), {"sqlite_autoincrement": True})
 
 
 class Metric(Base):
     __tablename__ = "metrics"
 
-    # The id doubles as the poll cursor: one training process writes a job's points in order.
+    # The id doubles as the poll cursor: one training process writes a job's points in order, and
+    # SQLite never reuses one (AUTOINCREMENT), also after `supersede_from_epoch` deleted the newest.
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
@@ -117,4 +119,5 @@ class Metric(Base):
     __table_args__ = (
         Index("ix_metrics_job_id_id", "job_id", "id"),
         Index("ix_metrics_job_id_name_id", "job_id", "name", "id"),
+        {"sqlite_autoincrement": True},
     )

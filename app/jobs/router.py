@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response, status
-from pydantic import StringConstraints
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+from pydantic import StringConstraints, WithJsonSchema
+from sse_starlette import EventSourceResponse
 
 from app.api import ObjectId, PrincipalDep, RedactorDep, SessionDep, SettingsDep
-from app.jobs import dispatch, service
+from app.db import session_scope
+from app.jobs import dispatch, service, stream
+from app.jobs.downsample import MIN_POINTS
 from app.jobs.models import JobStatus
 from app.jobs.schemas import (
-    EventOut,
     EventPage,
     JobOut,
     JobPage,
     JobSpec,
-    MetricOut,
     MetricPage,
     ResumeRequest,
 )
 from app.openapi import problems
 from app.schemas import MAX_OFFSET
+
+# The most points per series GET /jobs/{id}/metrics?max_points= returns.
+MAX_POINTS = 10000
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -151,16 +155,38 @@ def list_job_metrics(
         list[MetricName], Query(default_factory=list, description="Only these series (repeatable).")
     ],
     cursor: Cursor = None,
-    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=10000, description="Points per page (not with max_points).")] = 1000,
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=MIN_POINTS,
+            le=MAX_POINTS,
+            description="Downsample on the server: every point after `cursor` in one answer, at most "
+            "this many per series, always with each series' first and last point and, per bucket, "
+            "its lowest and highest (min/max buckets). `limit` does not apply; `next_cursor` is the "
+            "newest point read, to poll or stream (`<event>.<next_cursor>.0`) from.",
+        ),
+    ] = None,
 ) -> MetricPage:
     """Metric points in the order they were recorded; poll with ?cursor=<next_cursor> for new ones."""
-    rows = service.list_metrics(
-        session, job_id=job_id, names=name, cursor=_cursor(cursor), limit=limit, scope=principal.scope
-    )
-    return MetricPage(
-        items=[MetricOut(name=r.name, epoch=r.epoch, step=r.step, value=r.value, time=r.time) for r in rows],
-        next_cursor=str(rows[-1].id) if rows else cursor,
-    )
+    if max_points is not None:
+        rows, newest = service.downsampled_metrics(
+            session,
+            job_id=job_id,
+            names=name,
+            cursor=_cursor(cursor),
+            max_points=max_points,
+            scope=principal.scope,
+        )
+        next_cursor = str(newest) if newest is not None else cursor
+    else:
+        rows = list(
+            service.list_metrics(
+                session, job_id=job_id, names=name, cursor=_cursor(cursor), limit=limit, scope=principal.scope
+            )
+        )
+        next_cursor = str(rows[-1].id) if rows else cursor
+    return MetricPage(items=[service.metric_to_out(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}/events", response_model=EventPage, responses=problems(404, 422, 503))
@@ -177,18 +203,107 @@ def list_job_events(
         session, job_id=job_id, cursor=_cursor(cursor), limit=limit, scope=principal.scope
     )
     return EventPage(
-        items=[
-            EventOut(id=r.id, time=r.time, kind=r.kind, level=r.level, message=r.message, data=r.data)
-            if redact is None
-            else EventOut(
-                id=r.id,
-                time=r.time,
-                kind=r.kind,
-                level=r.level,
-                message=redact.text(r.message),
-                data=redact.data(r.data),
-            )
-            for r in rows
-        ],
+        items=[service.event_to_out(r, redact) for r in rows],
         next_cursor=str(rows[-1].id) if rows else cursor,
+    )
+
+
+def get_stream_hub(request: Request) -> stream.StreamHub:
+    hub: stream.StreamHub = request.app.state.job_streams
+    return hub
+
+
+_STREAM_ID = "`<event>.<metric>.<n>`, the `id:` of the last message received"
+# Documented as a string, not "string or null": left out is how a client says "from the start" (a
+# generated client would otherwise send the header as `null`).
+_StreamId = WithJsonSchema({"type": "string", "pattern": stream.ID_PATTERN})
+# What each message is (OpenAPI 3.2's reading of a text/event-stream schema: one event), its
+# `data` a JSON document of the schema its `event` names.
+_STREAM_DATA = {
+    "status": "JobOut",
+    "progress": "Progress",
+    "metric": "MetricOut",
+    "event": "EventOut",
+    "superseded": "EventOut",
+}
+_STREAM_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data", "id"],
+    "properties": {
+        "event": {"type": "string", "enum": list(_STREAM_DATA)},
+        "id": {"type": "string", "pattern": stream.ID_PATTERN},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "allOf": [
+        {
+            "if": {"properties": {"event": {"const": name}}},
+            "then": {
+                "properties": {
+                    "data": {
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": f"#/components/schemas/{schema}"},
+                    }
+                }
+            },
+        }
+        for name, schema in _STREAM_DATA.items()
+    ],
+}
+
+
+@router.get(
+    "/{job_id}/stream",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `status`, `progress`, `metric`, `event` and `superseded` "
+            "messages (JSON data), each with an `id:`, and keep-alive comments.",
+            "content": {"text/event-stream": {"itemSchema": _STREAM_EVENT_SCHEMA}},
+        },
+        **problems(404, 422, 503),
+    },
+)
+async def stream_job(
+    job_id: ObjectId,
+    principal: PrincipalDep,
+    redact: RedactorDep,
+    settings: SettingsDep,
+    hub: Annotated[stream.StreamHub, Depends(get_stream_hub)],
+    last_event_id_header: Annotated[
+        str | None,
+        _StreamId,
+        Header(
+            alias="Last-Event-ID",
+            pattern=stream.ID_PATTERN,
+            description=f"Resume after {_STREAM_ID} (EventSource sends it when it reconnects).",
+        ),
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        _StreamId,
+        Query(
+            pattern=stream.ID_PATTERN,
+            description=f"Resume after {_STREAM_ID}, for clients that cannot set the header "
+            "(the header wins when both are given).",
+        ),
+    ] = None,
+) -> EventSourceResponse:
+    """The job's status, progress, metric points and events as they are written (Server-Sent
+    Events). A stream starts with the current `progress` and `status`; without an id it then sends
+    the whole history. It ends after a terminal status, or after the server's stream_max_seconds
+    (reconnect with `Last-Event-ID`: nothing is lost or repeated). `superseded` (an event row): an
+    attempt resuming at epoch `data.superseded_from_epoch` deleted the points of that epoch and
+    later; drop them, the new attempt's follow."""
+    scope = principal.scope
+
+    def check() -> None:
+        with session_scope(settings.database_url) as session:
+            service.get_job(session, job_id=job_id, scope=scope)
+
+    # 404 (another tenant's job, or none) before the stream starts.
+    await hub.run_db(check)
+    cursor = stream.Cursor.parse(last_event_id_header or last_event_id)
+    return EventSourceResponse(
+        stream.job_stream(hub, job_id=job_id, cursor=cursor, redact=redact),
+        ping=settings.stream_ping_seconds,
     )

@@ -22,9 +22,18 @@ from app.datasets.formats import check_layout
 from app.datasets.service import datasets_base, resolve_spec
 from app.db import changed, serialize_on, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound, PayloadTooLarge, TooManyRequests
-from app.jobs import files, lifecycle
+from app.jobs import downsample, files, lifecycle
 from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
-from app.jobs.schemas import BestMetric, JobError, JobOut, JobSpec, Progress, StartedFrom
+from app.jobs.schemas import (
+    BestMetric,
+    EventOut,
+    JobError,
+    JobOut,
+    JobSpec,
+    MetricOut,
+    Progress,
+    StartedFrom,
+)
 from app.paths import is_inside, real
 from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
@@ -398,10 +407,76 @@ def list_events(
     session: Session, *, job_id: str, cursor: int | None, limit: int, scope: str | None
 ) -> Sequence[JobEvent]:
     get_job(session, job_id=job_id, scope=scope)
-    query = select(JobEvent).where(JobEvent.job_id == job_id)
-    if cursor is not None:
-        query = query.where(JobEvent.id > cursor)
+    return events_between(session, job_id=job_id, after=cursor or 0, upto=None, limit=limit)
+
+
+def events_between(
+    session: Session, *, job_id: str, after: int, upto: int | None, limit: int
+) -> Sequence[JobEvent]:
+    """A job's events with `after < id <= upto` (no upper bound for None), oldest first."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    if upto is not None:
+        query = query.where(JobEvent.id <= upto)
     return session.scalars(query.order_by(JobEvent.id).limit(limit)).all()
+
+
+def metrics_between(
+    session: Session, *, job_id: str, after: int, upto: int | None, limit: int
+) -> Sequence[Metric]:
+    """A job's metric points with `after < id <= upto` (no upper bound for None), oldest first."""
+    query = select(Metric).where(Metric.job_id == job_id, Metric.id > after)
+    if upto is not None:
+        query = query.where(Metric.id <= upto)
+    return session.scalars(query.order_by(Metric.id).limit(limit)).all()
+
+
+def downsampled_metrics(
+    session: Session,
+    *,
+    job_id: str,
+    names: Sequence[str],
+    cursor: int | None,
+    max_points: int,
+    scope: str | None,
+) -> tuple[list[Metric], int | None]:
+    """Every point after `cursor` (of `names`, or all series), at most `max_points` per series
+    (`app.jobs.downsample.min_max`), in the order they were recorded; and the id of the newest
+    point read (kept or not), None when there was none: the cursor to poll or stream from."""
+    get_job(session, job_id=job_id, scope=scope)
+    query = select(Metric).where(Metric.job_id == job_id)
+    if names:
+        query = query.where(Metric.name.in_(names))
+    if cursor is not None:
+        query = query.where(Metric.id > cursor)
+    series: dict[str, list[Metric]] = {}
+    newest: int | None = None
+    for row in session.scalars(query.order_by(Metric.id)):
+        series.setdefault(row.name, []).append(row)
+        newest = row.id
+    kept = [
+        p for points in series.values() for p in downsample.min_max(points, max_points, lambda m: m.value)
+    ]
+    return sorted(kept, key=lambda m: m.id), newest
+
+
+def metric_to_out(row: Metric) -> MetricOut:
+    return MetricOut(name=row.name, epoch=row.epoch, step=row.step, value=row.value, time=row.time)
+
+
+def event_to_out(row: JobEvent, redact: Redactor | None) -> EventOut:
+    """An event as the API shows it; with `redact` (a non-admin caller), without host details."""
+    if redact is None:
+        return EventOut(
+            id=row.id, time=row.time, kind=row.kind, level=row.level, message=row.message, data=row.data
+        )
+    return EventOut(
+        id=row.id,
+        time=row.time,
+        kind=row.kind,
+        level=row.level,
+        message=redact.text(row.message),
+        data=redact.data(row.data),
+    )
 
 
 def _progress(job: Job, now: datetime) -> Progress:
