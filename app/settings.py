@@ -10,6 +10,9 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The first admin key's file in `home`: the service writes it, the client CLI reads it by default.
+ADMIN_KEY_FILE = "admin.key"
+
 
 class Settings(BaseSettings):
     """Defaults run everything on one machine: a SQLite file and a SQLite-backed Celery broker."""
@@ -190,6 +193,11 @@ class Settings(BaseSettings):
             "SGJOBS_BROKER_URL": self.broker_url,
             "SGJOBS_TASK_QUEUE": self.task_queue,
         }
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the first admin key is written (mode 0600)."""
+        return self.home / ADMIN_KEY_FILE
 
     def ensure_dirs(self) -> None:
         """Create the home, datasets, jobs and weights directories."""
