@@ -7,10 +7,9 @@ local service (`SGJOBS_PORT`) and its admin key (`SGJOBS_ADMIN_KEY`, else `$SGJO
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from app.jobs.states import FINISHED_STATUSES
+from app.sse import messages as sse_messages
 from app.settings import Settings
 
 URL_ENV = "SGJOBS_URL"
@@ -107,29 +107,6 @@ class Message:
 
     def as_json(self) -> dict[str, Any]:
         return {"event": self.event, "id": self.id, "data": self.data}
-
-
-def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str | None, str]]:
-    """(event, id, data) of each message in an event stream's lines; comments (keep-alives) skipped."""
-    event: str = "message"
-    event_id: str | None = None
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                yield event, event_id, "\n".join(data)
-            event, event_id, data = "message", None, list[str]()
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            event = value
-        elif field == "data":
-            data.append(value)
-        elif field == "id":
-            event_id = value
 
 
 class Api:
@@ -233,12 +210,14 @@ class Api:
                     "GET", f"/jobs/{job_id}/stream", headers=headers, timeout=timeout
                 ) as response:
                     self.check(response)
-                    for event, event_id, data in parse_sse(response.iter_lines()):
+                    for sse in sse_messages(response.iter_lines()):
+                        if sse.comment is not None:
+                            continue  # a keep-alive
                         failures, received = 0, True
-                        if event_id:
-                            last_id = event_id
-                        message = Message(event, event_id, json.loads(data))
-                        if event == "status":
+                        if sse.id:
+                            last_id = sse.id
+                        message = Message(sse.event, sse.id, sse.json())
+                        if message.event == "status":
                             finished = message.data.get("status") in FINISHED_STATUSES
                         yield message
             except httpx.TransportError as exc:
