@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 
 from app.jobs.states import FINISHED_STATUSES
-from app.sse import messages as sse_messages
 from app.settings import Settings
+from app.sse import messages as sse_messages
 
 URL_ENV = "SGJOBS_URL"
 API_KEY_ENV = "SGJOBS_API_KEY"
