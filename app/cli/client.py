@@ -52,8 +52,8 @@ STORED_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".zip", "
 # How often the plain-text view of a followed job (not a terminal) prints a progress line.
 LINE_EVERY_SECONDS = 10.0
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 AsJson = Annotated[
     bool, typer.Option("--json", help="Print the API's JSON answers (one object per line when following).")
@@ -72,7 +72,8 @@ class UsageError(CliError):
 
 
 def _fail(error: CliError) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(error.message)}")
+    # Plain text, never re-wrapped: scripts and people read the API's message as it is.
+    print(f"error: {error.message}", file=sys.stderr, flush=True)
     raise typer.Exit(error.exit_code)
 
 
@@ -261,7 +262,6 @@ class LineView:
         console.print(
             f"{f['status']} {percent:5.1f}%  epoch {f['epoch']}  batch {f['batch']}  ETA {f['eta']}  "
             f"loss {f['loss']}  best {f['best']}",
-            soft_wrap=True,
         )
 
     def show(self, message: Message) -> None:
@@ -415,7 +415,7 @@ def show(job_id: JobId, as_json: AsJson = False) -> None:
         ("name", escape(job.get("name") or "-")),
         ("status", _status(job["status"]) + (" (cancel requested)" if job.get("cancel_requested") else "")),
         ("model", job["model"]),
-        ("dataset", escape(json.dumps(job["spec"]["dataset"]))),
+        ("dataset", escape(json.dumps({k: v for k, v in job["spec"]["dataset"].items() if v is not None}))),
         (
             "progress",
             f"{progress['percent']:.1f}%  epoch {_epoch(progress)}  batch {_batch(progress)}  "
@@ -764,7 +764,6 @@ def datasets_upload(
             f"dataset [bold]{dataset['id']}[/] {escape(dataset['name'])!r}: {dataset['status']}, "
             f"{dataset['format']}, {dataset['file_count']} files, {len(classes)} classes "
             f"({escape(', '.join(classes))})",
-            soft_wrap=True,
         )
         for problem in (dataset.get("report") or {}).get("problems", []):
             err.print(f"  {problem['severity']}: {escape(problem['file'])}: {escape(problem['problem'])}")
