@@ -89,8 +89,10 @@ class Batch:
     metrics: Sequence[Metric]
     # Both queries returned less than a page: nothing written before the job row was read is left.
     complete: bool
-    # The job as members and as admins see it: built once per batch, not once per subscriber.
+    # The job and the rows as members and as admins see them: built once per batch, not once per
+    # subscriber (keyed by "redacted", and the row's kind and id).
     _outs: dict[bool, JobOut] = field(default_factory=dict)
+    rendered: dict[tuple[bool, str, int], str] = field(default_factory=dict)
 
     def job_out(self, redact: Redactor | None) -> JobOut:
         assert self.job is not None
@@ -136,6 +138,9 @@ class Feed:
         self.subscribers: set[Subscription] = set()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # A subscriber joined: the next batch goes out even if nothing changed (its first one).
+        self.joined = False
+        self._seen: tuple[object, ...] | None = None
 
     async def run(self) -> None:
         while True:
@@ -151,8 +156,12 @@ class Feed:
                     self.head = Cursor(batch.events[-1].id, self.head.metric)
                 if batch.metrics:
                     self.head = Cursor(self.head.event, batch.metrics[-1].id)
-                for subscriber in self.subscribers:
-                    subscriber.put(batch)
+                # A quiet tick (no rows, the job unchanged) wakes no one.
+                seen = _fingerprint(batch.job)
+                if batch.events or batch.metrics or seen != self._seen or self.joined:
+                    self._seen, self.joined = seen, False
+                    for subscriber in self.subscribers:
+                        subscriber.put(batch)
                 if not batch.complete:
                     continue  # more rows are waiting: the next page at once
             with anyio.move_on_after(self.hub.settings.stream_poll_seconds):
@@ -173,6 +182,16 @@ class Feed:
                 session.expunge(job)
         complete = len(events) < PAGE_ROWS and len(metrics) < PAGE_ROWS
         return Batch(job, after, events, metrics, complete)
+
+
+# Written with every lease renewal and heartbeat; not what a client sees.
+_NOT_SHOWN = frozenset({"heartbeat_at", "lease_expires_at"})
+
+
+def _fingerprint(job: Job | None) -> tuple[object, ...] | None:
+    if job is None:
+        return None
+    return tuple(repr(getattr(job, c.key)) for c in Job.__table__.columns if c.key not in _NOT_SHOWN)
 
 
 class StreamHub:
@@ -201,6 +220,7 @@ class StreamHub:
             feed.task = asyncio.get_running_loop().create_task(feed.run(), name=f"stream-feed-{job_id}")
         subscription = Subscription()
         feed.subscribers.add(subscription)
+        feed.joined = True
         feed.wake.set()  # a poll now: the new stream's first messages come at once
         return feed, subscription
 
@@ -269,20 +289,34 @@ class _Writer:
         self.last = name
         return ServerSentEvent(data=data, event=name, id=str(self.cursor))
 
-    def rows(self, events: Sequence[JobEvent], metrics: Sequence[Metric]) -> list[ServerSentEvent]:
+    def rows(
+        self,
+        events: Sequence[JobEvent],
+        metrics: Sequence[Metric],
+        rendered: dict[tuple[bool, str, int], str] | None = None,
+    ) -> list[ServerSentEvent]:
+        """Messages for the rows after the cursor; `rendered` caches their JSON across streams."""
+        cache = {} if rendered is None else rendered
+        redacted = self.redact is not None
         messages = []
         for row in _merged(events, metrics):
             if isinstance(row, Metric):
                 if row.id <= self.cursor.metric:
                     continue
                 self.cursor = Cursor(self.cursor.event, row.id, self.cursor.snapshots)
-                messages.append(self._message("metric", service.metric_to_out(row).model_dump_json()))
+                key = (False, "metric", row.id)  # the same for everyone
+                if key not in cache:
+                    cache[key] = service.metric_to_out(row).model_dump_json()
+                messages.append(self._message("metric", cache[key]))
             else:
                 if row.id <= self.cursor.event:
                     continue
                 self.cursor = Cursor(row.id, self.cursor.metric, self.cursor.snapshots)
+                key = (redacted, "event", row.id)
+                if key not in cache:
+                    cache[key] = service.event_to_out(row, self.redact).model_dump_json()
                 name = SUPERSEDED_KIND if row.kind == SUPERSEDED_KIND else "event"
-                messages.append(self._message(name, service.event_to_out(row, self.redact).model_dump_json()))
+                messages.append(self._message(name, cache[key]))
         return messages
 
     def status(self, out: JobOut) -> ServerSentEvent:
@@ -335,7 +369,7 @@ async def job_stream(
                     for message in writer.rows(events, metrics):
                         yield message
             first = False
-            for message in writer.rows(batch.events, batch.metrics):
+            for message in writer.rows(batch.events, batch.metrics, batch.rendered):
                 yield message
             for message in writer.changes(out):
                 yield message

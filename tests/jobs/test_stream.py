@@ -8,6 +8,7 @@ as the training process does (fast and exact); one per backend follows a real tr
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -20,7 +21,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from app.db import session_scope
-from app.jobs import lifecycle
+from app.jobs import lifecycle, stream
 from app.jobs.models import JobStatus
 from app.ml.types import MetricPoint
 from app.settings import Settings
@@ -229,6 +230,71 @@ def test_unknown_and_other_tenants_jobs_are_404_before_streaming(
             answer = service.client.get(f"/jobs/{job_id}/stream", **kwargs)  # type: ignore[arg-type]
             assert answer.status_code == 422, (bad, answer.text)
             assert "last" in str(answer.json()["errors"][0]["loc"]).lower(), answer.json()
+
+
+# The hub in-process, against the service's database: what an HTTP client cannot see from outside.
+
+
+def test_a_closed_or_cancelled_stream_leaves_its_feed(service_settings: Settings, dataset: str) -> None:
+    job_id = insert_job(service_settings, dataset, status="running")
+    hub = stream.StreamHub(service_settings.model_copy(update={"stream_poll_seconds": 0.05}))
+
+    async def scenario() -> None:
+        messages = stream.job_stream(hub, job_id=job_id, cursor=stream.Cursor(), redact=None)
+        assert (await anext(messages)).event == "progress"
+        assert hub.subscribers == 1 and list(hub.feeds) == [job_id]
+        await messages.aclose()  # the response stopped iterating
+        assert hub.feeds == {}
+
+        async def follow() -> None:
+            async for _ in stream.job_stream(hub, job_id=job_id, cursor=stream.Cursor(), redact=None):
+                pass
+
+        # A client that disconnects: the response cancels the task waiting for the next batch.
+        followers = [asyncio.create_task(follow()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        assert hub.subscribers == 3 and len(hub.feeds) == 1  # one poller for the three
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        assert hub.feeds == {} and hub.subscribers == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_too_slow_for_its_queue_catches_up_without_a_gap(
+    service_settings: Settings, dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stream, "QUEUE_BATCHES", 2)
+    dropped: list[stream.Batch] = []
+
+    class Watched(stream.Subscription):
+        def put(self, batch: stream.Batch) -> None:
+            if self._queue.full():
+                dropped.append(batch)
+            super().put(batch)
+
+    monkeypatch.setattr(stream, "Subscription", Watched)
+    job_id = insert_job(service_settings, dataset, status="running")
+    hub = stream.StreamHub(service_settings.model_copy(update={"stream_poll_seconds": 0.02}))
+
+    async def scenario() -> list[float]:
+        messages = stream.job_stream(hub, job_id=job_id, cursor=stream.Cursor(), redact=None)
+        assert [(await anext(messages)).event for _ in range(3)] == ["progress", "status", "event"]
+        # Ten commits, each its own batch, while the stream reads nothing: its queue overflows.
+        for step in range(10):
+            await asyncio.to_thread(_write, service_settings, job_id, _point("Batch_loss", step, float(step)))
+            await asyncio.sleep(0.1)
+        values: list[float] = []
+        while len(values) < 10:
+            message = await asyncio.wait_for(anext(messages), timeout=30)
+            if message.event == "metric":
+                values.append(json.loads(str(message.data))["value"])
+        await messages.aclose()
+        return values
+
+    assert asyncio.run(scenario()) == [float(step) for step in range(10)]
+    assert dropped  # it did fall behind, and caught up from the database
 
 
 def _connections(database_url: str) -> int:
