@@ -29,6 +29,8 @@ EXPORT_TIMEOUT = httpx.Timeout(900.0, connect=10.0)
 STREAM_READ_TIMEOUT = 90.0
 # A dropped stream is reopened (with Last-Event-ID) this many times in a row before giving up.
 STREAM_RETRIES = 8
+# The first pause before reopening a dropped stream; it doubles with each failure in a row.
+STREAM_BACKOFF_SECONDS = 0.5
 CHUNK_BYTES = 1 << 20
 
 
@@ -112,10 +114,10 @@ class Message:
 class Api:
     """The service's HTTP API, with errors turned into `ApiError`/`CliError`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, transport: httpx.BaseTransport | None = None) -> None:
         self.config = config
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.client = httpx.Client(base_url=config.url, headers=headers, timeout=TIMEOUT)
+        self.client = httpx.Client(base_url=config.url, headers=headers, timeout=TIMEOUT, transport=transport)
 
     def close(self) -> None:
         self.client.close()
@@ -224,7 +226,7 @@ class Api:
                 failures += 1
                 if failures > STREAM_RETRIES:
                     raise self._unreachable(exc) from exc
-                time.sleep(min(2.0**failures, 30.0) / 4)
+                time.sleep(min(STREAM_BACKOFF_SECONDS * 2 ** (failures - 1), 30.0))
                 continue
             if finished:
                 return

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ import pytest
 from PIL import Image
 from sqlalchemy import update
 
+from app.cli import client
 from app.cli.client import EXIT_CANCELLED, EXIT_DETACHED
+from app.cli.http import Api, Config
 from app.db import session_scope
 from app.jobs.models import Job
 from app.settings import Settings
@@ -175,6 +176,32 @@ def test_download_the_best_checkpoint(service: Service, trained: Trained, tmp_pa
     assert not list(tmp_path.glob("*.part"))
 
 
+@pytest.mark.backends("sqlite")
+def test_download_the_onnx_export(service: Service, trained: Trained, tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    done = _json(sgjobs(service, "download", trained.job_id, "--onnx", "-o", str(target), "--json"))
+    assert done["path"] == str(target) and done["artifact"]["kind"] == "onnx"
+    served = service.client.get(done["artifact"]["url"]).content
+    assert target.read_bytes() == served
+    assert done["sha256"] == hashlib.sha256(served).hexdigest()
+
+
+def test_the_plain_view_of_a_followed_job(
+    service: Service, trained: Trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not a terminal (CI logs): progress lines instead of a live bar. The finished job's whole
+    # stream (history, then its terminal status) through the real service, in this process.
+    monkeypatch.setattr(client, "LINE_EVERY_SECONDS", 0.0)
+    job = service.job(trained.job_id)
+    with Api(Config(service.base_url, service.admin_key)) as api:
+        code = client._follow(api, job, as_json=False)
+    out = capsys.readouterr().out
+    assert code == 0
+    last = [line for line in out.splitlines() if line.startswith("succeeded")][-1]
+    assert "100.0%" in last and "epoch 1/1" in last and re.search(r"loss \d+\.\d{4}", last)
+    assert f"job {trained.job_id} succeeded" in out
+
+
 def test_predict_prints_detections_and_saves_drawn_images(
     service: Service, trained: Trained, tmp_path: Path
 ) -> None:
@@ -230,8 +257,9 @@ def test_resume_follow_detach_then_cancel(
     with session_scope(service_settings.database_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(job_dir=str(target)))
 
+    # Followed with --json: the answer, then one message per line; Ctrl-C after the first message.
     follower = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "resume", job_id, "--max-epochs", "5", "--follow"],
+        [sys.executable, "-m", "app.cli", "resume", job_id, "--max-epochs", "5", "--follow", "--json"],
         env=_env(service),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -240,9 +268,10 @@ def test_resume_follow_detach_then_cancel(
     )
     try:
         assert follower.stdout is not None
-        first = follower.stdout.readline()
-        assert f"job {job_id} resumed" in first, first
-        time.sleep(1)
+        resumed = json.loads(follower.stdout.readline())
+        assert resumed["id"] == job_id and resumed["status"] == "queued"
+        first = json.loads(follower.stdout.readline())
+        assert first["event"] == "progress" and first["id"] and "max_epochs" in first["data"]
         follower.send_signal(signal.SIGINT)
         _, stderr = follower.communicate(timeout=60)
     finally:
