@@ -82,7 +82,10 @@ class Config:
         key = os.environ.get(API_KEY_ENV) or None
         if url and key:
             return cls(url.rstrip("/"), key)
-        settings = Settings()
+        try:
+            settings = Settings()
+        except ValueError as exc:  # pydantic's ValidationError: a malformed SGJOBS_* variable
+            raise CliError(f"the SGJOBS_* settings are invalid: {exc}") from exc
         if not url:
             url = f"http://127.0.0.1:{settings.port}"
         if key is None and settings.admin_key is not None:
