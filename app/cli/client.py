@@ -25,12 +25,15 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from app.cli.http import CHUNK_BYTES, EXPORT_TIMEOUT, Api, CliError, Config, Message
 from app.jobs.states import JobStatus
@@ -170,15 +173,16 @@ class FollowState:
     def __init__(self, job: dict[str, Any]) -> None:
         self.job = job
         self.progress: dict[str, Any] = job["progress"]
+        self.progress_at = time.monotonic()
         self.loss: float | None = None
         self.loss_name: str | None = None
 
     def apply(self, message: Message) -> None:
         if message.event == "status":
             self.job = message.data
-            self.progress = message.data["progress"]
+            self.progress, self.progress_at = message.data["progress"], time.monotonic()
         elif message.event == "progress":
-            self.progress = message.data
+            self.progress, self.progress_at = message.data, time.monotonic()
         elif message.event == "metric" and _is_loss(message.data["name"]):
             name = message.data["name"]
             # The total loss once seen; a component only until then.
@@ -189,6 +193,13 @@ class FollowState:
             ):
                 self.loss_name, self.loss = name, message.data["value"]
 
+    def eta(self) -> float | None:
+        """The server's estimate, counted down since it came (progress comes once per batch)."""
+        eta = self.progress.get("eta_seconds")
+        if eta is None or self.job["status"] != JobStatus.running:
+            return None
+        return max(0.0, eta - (time.monotonic() - self.progress_at))
+
     @property
     def loss_text(self) -> str:
         return f"{self.loss:.4f}" if self.loss is not None else "-"
@@ -198,10 +209,19 @@ class FollowState:
             "status": self.job["status"],
             "epoch": _epoch(self.progress),
             "batch": _batch(self.progress),
-            "eta": _duration(self.progress.get("eta_seconds")),
+            "eta": _duration(self.eta()),
             "loss": self.loss_text,
             "best": _best(self.job),
         }
+
+
+class _Eta(ProgressColumn):
+    def __init__(self, state: FollowState) -> None:
+        super().__init__()
+        self.state = state
+
+    def render(self, task: Task) -> Text:
+        return Text(f"ETA {_duration(self.state.eta())}")
 
 
 class LiveView:
@@ -213,10 +233,12 @@ class LiveView:
             TextColumn("[bold]{task.fields[status]:<9}"),
             BarColumn(),
             TaskProgressColumn(),
-            TextColumn("epoch {task.fields[epoch]}  batch {task.fields[batch]}  ETA {task.fields[eta]}"),
+            TextColumn("epoch {task.fields[epoch]}  batch {task.fields[batch]}"),
+            # The server's ETA (`progress.eta_seconds`), not rich's guess from the bar's speed,
+            # ticking between messages.
+            _Eta(state),
             TextColumn("loss {task.fields[loss]}  best {task.fields[best]}"),
             console=console,
-            # The server's ETA (`progress.eta_seconds`), not rich's guess from the bar's speed.
             refresh_per_second=4,
         )
         self.task = self.bar.add_task(state.job["id"], total=100.0, **state.fields())
