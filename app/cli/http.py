@@ -56,8 +56,11 @@ class ApiError(CliError):
 def format_problem(status: int, problem: dict[str, Any]) -> str:
     """The problem's `detail` and its extension members (field errors, dataset problems, limits,
     jobs in the way), one per line."""
-    lines = [f"{problem.get('detail') or problem.get('title') or 'error'} (HTTP {status})"]
+    detail = str(problem.get("detail") or problem.get("title") or "error")
+    lines = [f"{detail} (HTTP {status})"]
     for error in problem.get("errors") or []:
+        if str(error.get("msg")) in detail:
+            continue  # a single field error is the detail already
         where = ".".join(str(part) for part in error.get("loc", []) if part != "body")
         lines.append(f"  {where}: {error.get('msg')}")
     for item in problem.get("problems") or []:

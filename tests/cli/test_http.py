@@ -90,3 +90,11 @@ def test_problems_are_formatted_with_their_extensions() -> None:
         "  limit upload_max_bytes = 10",
         "  jobs: a, b",
     ]
+
+
+def test_a_field_error_that_is_the_detail_is_said_once() -> None:
+    problem = {
+        "detail": "body.training.max_epochs: must be at least 1",
+        "errors": [{"loc": ["body", "training", "max_epochs"], "msg": "must be at least 1", "type": "x"}],
+    }
+    assert http.format_problem(422, problem) == "body.training.max_epochs: must be at least 1 (HTTP 422)"
