@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import service as auth
+from app.auth.cache import KeyCache
 from app.auth.principal import Principal
 from app.db import get_sessionmaker, session_scope
 from app.errors import Unauthorized
@@ -41,17 +43,32 @@ bearer = HTTPBearer(
 )
 
 
-def get_principal(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
-    """The caller, from `Authorization: Bearer <key>`; 401 without a valid, unrevoked key."""
+async def get_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> Principal:
+    """The caller, from `Authorization: Bearer <key>`; 401 without a valid, unrevoked key.
+
+    A key checked in the last `key_cache_seconds` is taken from the app's `KeyCache` on the event
+    loop; otherwise the database is asked in a worker thread.
+    """
     if credentials is None or not credentials.credentials:
         raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
+    cache: KeyCache = request.app.state.key_cache
+    key_hash = auth.hash_key(credentials.credentials)
+    principal = cache.get(key_hash)
+    if principal is None:
+        principal = await run_in_threadpool(_authenticate, credentials.credentials)
+        if principal is None:
+            raise Unauthorized("the API key is unknown or revoked", invalid_token=True)
+        cache.put(key_hash, principal)
+    return principal
+
+
+def _authenticate(key: str) -> Principal | None:
     # Its own short transaction: the key check (and its occasional last-used stamp) never mixes
     # with the request's unit of work.
     with session_scope(get_settings().database_url) as session:
-        principal = auth.authenticate(session, key=credentials.credentials)
-    if principal is None:
-        raise Unauthorized("the API key is unknown or revoked", invalid_token=True)
-    return principal
+        return auth.authenticate(session, key=key)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api import get_principal
 from app.artifacts.router import router as artifacts_router
 from app.artifacts.router import weights_router as weights_artifacts_router
+from app.auth.cache import KeyCache
 from app.datasets.router import router as datasets_router
 from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
@@ -72,6 +73,7 @@ def create_app() -> FastAPI:
     # Likewise weights: who starts from them, and a job's best checkpoint to promote.
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     # The pollers behind GET /jobs/{id}/stream: one per job with open streams, in this process.
     app.state.job_streams = StreamHub(settings)
     install_error_handlers(app)

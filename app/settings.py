@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     # Access. The first admin key: taken from here, or made at the first start; either way written
     # to $SGJOBS_HOME/admin.key (mode 0600).
     admin_key: SecretStr | None = Field(default=None, description="The first admin API key (>= 32 chars).")
+    key_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long an API process trusts a key it checked without asking the database "
+        "again: a revoked key stops working within this time (0: every request asks).",
+    )
     # Host headers the API answers (DNS rebinding): loopback names and `host` are always allowed;
     # add the names clients use ("*" allows any). JSON list or comma-separated.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

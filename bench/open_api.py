@@ -19,6 +19,7 @@ from app.api import get_principal
 from app.auth.models import Role
 from app.auth.principal import DEFAULT_TENANT, Principal
 from app.main import create_app
+from app.settings import get_settings
 
 BENCH_ADMIN = Principal(key_id="bench-open-api", tenant=DEFAULT_TENANT, role=Role.admin)
 
@@ -31,7 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     app = create_app()
     app.dependency_overrides[get_principal] = lambda: BENCH_ADMIN
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    # As `sgjobs api` runs it (app.cli._run_api), access log included: only the key check differs.
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level=get_settings().log_level)
 
 
 if __name__ == "__main__":
