@@ -485,13 +485,18 @@ def resume(
     """Queue a cancelled or failed job again, from its last checkpoint."""
     body = {"max_epochs": max_epochs} if max_epochs is not None else {}
     with _api() as api:
+        # Followed from the earlier attempts' events on, not their (possibly long) metric history;
+        # the newest point read before resuming, so none of the new attempt's is skipped.
+        since = f"0.{_newest_metric(api, job_id)}.0" if follow else None
         job = api.json("POST", f"/jobs/{job_id}/resume", json=body)
         if as_json:
             _print_json(job)
         else:
             console.print(f"job {job['id']} resumed ({_status(job['status'])}, attempt {job['attempt'] + 1})")
         if follow:
-            raise typer.Exit(_follow(api, job, as_json=as_json))
+            raise typer.Exit(
+                _follow(api, job, as_json=as_json, messages=lambda: api.stream(job["id"], since))
+            )
 
 
 def _events(api: Api, job_id: str) -> Iterator[dict[str, Any]]:
