@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ANY_INTERFACE = ("0.0.0.0", "::", "")
 # SGJOBS_WEBHOOK_SECRET shorter than this is refused.
 MIN_WEBHOOK_SECRET_LENGTH = 16
+# The first admin key's file in `home`: the service writes it, the client CLI reads it by default.
+ADMIN_KEY_FILE = "admin.key"
 
 
 class Settings(BaseSettings):
@@ -252,6 +254,11 @@ class Settings(BaseSettings):
             "SGJOBS_BROKER_URL": self.broker_url,
             "SGJOBS_TASK_QUEUE": self.task_queue,
         }
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the first admin key is written (mode 0600)."""
+        return self.home / ADMIN_KEY_FILE
 
     def ensure_dirs(self) -> None:
         """Create the home, datasets, jobs and weights directories."""

@@ -11,17 +11,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
 
-
-class JobStatus(enum.StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-FINISHED_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running)
+# `X as X` re-exports them: the states live where code without a database can import them.
+from app.jobs.states import ACTIVE_STATUSES as ACTIVE_STATUSES
+from app.jobs.states import FINISHED_STATUSES as FINISHED_STATUSES
+from app.jobs.states import JobStatus as JobStatus
 
 
 class FailureReason(enum.StrEnum):

@@ -1,8 +1,8 @@
-"""The `sgjobs` command: serve, api, worker, migrate, keys, demo-dataset."""
+"""The server side of `sgjobs`: serve, api, worker, migrate, keys, demo-dataset (they run where the
+service runs, with its settings and database)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -12,10 +12,16 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
+
+import typer
 
 from app.process import die_with_parent
-from app.queue import prepare_broker
 from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 logger = logging.getLogger("sgjobs")
 
@@ -48,7 +54,7 @@ def _worker_argv() -> list[str]:
     ]
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
+def cmd_migrate() -> int:
     from app.migrate import upgrade
 
     settings = get_settings()
@@ -81,13 +87,13 @@ def _bootstrap_admin_key() -> None:
         print(f"admin API key: {path} (send it as `Authorization: Bearer $(cat {path})`)", flush=True)
 
 
-def _listen_args(args: argparse.Namespace) -> Settings:
+def _listen_args(host: str | None, port: int | None) -> Settings:
     """--host and --port become SGJOBS_HOST and SGJOBS_PORT, for this process and its children (the
     worker): every part then agrees on the API's address (the links in webhook messages)."""
-    if args.host:
-        os.environ["SGJOBS_HOST"] = args.host
-    if args.port:
-        os.environ["SGJOBS_PORT"] = str(args.port)
+    if host:
+        os.environ["SGJOBS_HOST"] = host
+    if port:
+        os.environ["SGJOBS_PORT"] = str(port)
     get_settings.cache_clear()
     return get_settings()
 
@@ -100,10 +106,10 @@ def _bootstrap_webhook_secret(settings: Settings) -> None:
         print(f"webhook signing key: {secret_path(settings)} (or set SGJOBS_WEBHOOK_SECRET)", flush=True)
 
 
-def cmd_api(args: argparse.Namespace) -> int:
+def cmd_api(host: str | None, port: int | None) -> int:
     from app.migrate import pending
 
-    settings = _listen_args(args)
+    settings = _listen_args(host, port)
     settings.ensure_dirs()
     # `api` leaves migrating to `sgjobs migrate` (run once per deployment, before the API processes);
     # on an old schema every request would fail, so refuse to start and say what to run.
@@ -117,7 +123,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(_: argparse.Namespace) -> int:
+def cmd_worker() -> int:
+    from app.queue import prepare_broker
+
     settings = get_settings()
     settings.ensure_dirs()
     prepare_broker(settings)
@@ -188,10 +196,12 @@ class WorkerKeeper:
             proc.wait()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(host: str | None, port: int | None) -> int:
     """Migrate, keep one worker running as a child process and the API in this one; stop both together."""
-    settings = _listen_args(args)
-    cmd_migrate(args)
+    from app.queue import prepare_broker
+
+    settings = _listen_args(host, port)
+    cmd_migrate()
     _bootstrap_admin_key()
     _bootstrap_webhook_secret(settings)
     prepare_broker(settings)
@@ -204,27 +214,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo_dataset(args: argparse.Namespace) -> int:
+def cmd_demo_dataset(name: str, train: int, valid: int, seed: int) -> int:
     from app.datasets.demo import ShapesSpec, write_shapes_dataset
 
     settings = get_settings()
-    target = settings.datasets_dir / args.name
+    target = settings.datasets_dir / name
     if target.exists():
         print(f"{target} already exists", file=sys.stderr)
         return 1
-    write_shapes_dataset(
-        target, ShapesSpec(splits=(("train", args.train), ("valid", args.valid)), seed=args.seed)
-    )
-    print(
-        f'wrote a COCO shapes dataset to {target}; use "dataset": {{"format": "coco", "path": "{args.name}"}}'
-    )
+    write_shapes_dataset(target, ShapesSpec(splits=(("train", train), ("valid", valid)), seed=seed))
+    print(f'wrote a COCO shapes dataset to {target}; use "dataset": {{"format": "coco", "path": "{name}"}}')
     return 0
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    """`sgjobs keys create|list|revoke`: API keys, straight in the database (an operator's tool)."""
-    from app.auth import service as auth
-    from app.auth.models import Role
+def _keys(action: Callable[[Session], None]) -> int:
+    """Run one `keys` action straight in the database (an operator's tool); 2 for refused input."""
     from app.db import session_scope
     from app.errors import AppError
     from app.migrate import upgrade
@@ -234,81 +238,133 @@ def cmd_keys(args: argparse.Namespace) -> int:
     upgrade(settings.database_url)
     try:
         with session_scope(settings.database_url) as session:
-            if args.keys_command == "create":
-                role = Role.admin if args.admin else Role.member
-                record, key = auth.create_key(session, tenant=args.tenant, role=role, name=args.name)
-                print(f"created {role.value} key {record.id} for tenant {record.tenant!r}; shown only once:")
-                # Alone on the last line, so scripts can take it with `tail -n 1`.
-                print(key)
-            elif args.keys_command == "list":
-                keys = auth.list_keys(session, include_revoked=args.all)
-                widths = {"id": 32, "prefix": 12, "tenant": 16, "role": 6, "created": 19, "last used": 19}
-
-                def row(values: list[str]) -> str:
-                    return "  ".join(f"{v:{w}}" for v, w in zip(values, widths.values(), strict=True))
-
-                print(row(list(widths)) + "  name")
-                for k in keys:
-                    used = f"{k.last_used_at:%Y-%m-%d %H:%M:%S}" if k.last_used_at else "-"
-                    created = f"{k.created_at:%Y-%m-%d %H:%M:%S}"
-                    state = " (revoked)" if k.revoked_at else ""
-                    print(row([k.id, k.prefix, k.tenant, k.role, created, used]) + f"  {k.name or ''}{state}")
-            else:
-                record = auth.revoke_key(session, key_id=args.key_id)
-                print(f"revoked key {record.id} (tenant {record.tenant!r})")
+            action(session)
     except AppError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sgjobs", description="Fine-tune YOLO-NAS detectors over HTTP.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("serve", "migrate, then run the API and one worker"),
-        ("api", "run the API only"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--host", default=None, help="default: SGJOBS_HOST or 127.0.0.1")
-        p.add_argument("--port", type=int, default=None, help="default: SGJOBS_PORT or 8000")
-    sub.add_parser("worker", help="run a training worker (one per GPU)")
-    sub.add_parser("migrate", help="apply database migrations")
-    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="create a key (printed once, alone on the last line)")
-    create.add_argument("--tenant", required=True, help="the tenant the key acts for")
-    create.add_argument("--admin", action="store_true", help="an admin key: sees every tenant")
-    create.add_argument("--name", default=None, help="a label for lists")
-    listing = keys_sub.add_parser("list", help="list keys (never the keys themselves)")
-    listing.add_argument("--all", action="store_true", help="include revoked keys")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key at once")
-    revoke.add_argument("key_id", help="the key's id or prefix, as `keys list` shows them")
-    demo = sub.add_parser(
-        "demo-dataset", help="write a small generated COCO dataset into the datasets directory"
-    )
-    demo.add_argument("--name", default="shapes")
-    demo.add_argument("--train", type=int, default=64)
-    demo.add_argument("--valid", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
-    return parser
+def cmd_keys_create(tenant: str, admin: bool, name: str | None) -> int:
+    from app.auth import service as auth
+    from app.auth.models import Role
+
+    def create(session: Session) -> None:
+        role = Role.admin if admin else Role.member
+        record, key = auth.create_key(session, tenant=tenant, role=role, name=name)
+        print(f"created {role.value} key {record.id} for tenant {record.tenant!r}; shown only once:")
+        # Alone on the last line, so scripts can take it with `tail -n 1`.
+        print(key)
+
+    return _keys(create)
 
 
-COMMANDS = {
-    "serve": cmd_serve,
-    "api": cmd_api,
-    "worker": cmd_worker,
-    "migrate": cmd_migrate,
-    "keys": cmd_keys,
-    "demo-dataset": cmd_demo_dataset,
-}
+def cmd_keys_list(include_revoked: bool) -> int:
+    from app.auth import service as auth
+
+    def listing(session: Session) -> None:
+        keys = auth.list_keys(session, include_revoked=include_revoked)
+        widths = {"id": 32, "prefix": 12, "tenant": 16, "role": 6, "created": 19, "last used": 19}
+
+        def row(values: list[str]) -> str:
+            return "  ".join(f"{v:{w}}" for v, w in zip(values, widths.values(), strict=True))
+
+        print(row(list(widths)) + "  name")
+        for k in keys:
+            used = f"{k.last_used_at:%Y-%m-%d %H:%M:%S}" if k.last_used_at else "-"
+            created = f"{k.created_at:%Y-%m-%d %H:%M:%S}"
+            state = " (revoked)" if k.revoked_at else ""
+            print(row([k.id, k.prefix, k.tenant, k.role, created, used]) + f"  {k.name or ''}{state}")
+
+    return _keys(listing)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def cmd_keys_revoke(key_id: str) -> int:
+    from app.auth import service as auth
+
+    def revoke(session: Session) -> None:
+        record = auth.revoke_key(session, key_id=key_id)
+        print(f"revoked key {record.id} (tenant {record.tenant!r})")
+
+    return _keys(revoke)
+
+
+def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return COMMANDS[args.command](args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _done(code: int) -> None:
+    if code:
+        raise typer.Exit(code)
+
+
+Host = Annotated[str | None, typer.Option(help="default: SGJOBS_HOST or 127.0.0.1")]
+Port = Annotated[int | None, typer.Option(help="default: SGJOBS_PORT or 8000")]
+
+keys = typer.Typer(help="API keys: create, list, revoke", no_args_is_help=True)
+
+
+@keys.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant the key acts for")],
+    admin: Annotated[bool, typer.Option("--admin", help="an admin key: sees every tenant")] = False,
+    name: Annotated[str | None, typer.Option(help="a label for lists")] = None,
+) -> None:
+    """Create a key (printed once, alone on the last line)."""
+    _logging()
+    _done(cmd_keys_create(tenant, admin, name))
+
+
+@keys.command("list")
+def keys_list(
+    all_: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
+) -> None:
+    """List keys (never the keys themselves)."""
+    _logging()
+    _done(cmd_keys_list(all_))
+
+
+@keys.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id or prefix, as `keys list` shows them")],
+) -> None:
+    """Revoke a key at once."""
+    _logging()
+    _done(cmd_keys_revoke(key_id))
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the server commands to the `sgjobs` command."""
+    panel = "Server (run where the service runs)"
+
+    @cli.command("serve", rich_help_panel=panel)
+    def serve(host: Host = None, port: Port = None) -> None:
+        """Migrate, then run the API and one worker."""
+        _logging()
+        _done(cmd_serve(host, port))
+
+    @cli.command("api", rich_help_panel=panel)
+    def api(host: Host = None, port: Port = None) -> None:
+        """Run the API only."""
+        _logging()
+        _done(cmd_api(host, port))
+
+    @cli.command("worker", rich_help_panel=panel)
+    def worker() -> None:
+        """Run a training worker (one per GPU)."""
+        _logging()
+        _done(cmd_worker())
+
+    @cli.command("migrate", rich_help_panel=panel)
+    def migrate() -> None:
+        """Apply database migrations."""
+        _logging()
+        _done(cmd_migrate())
+
+    cli.add_typer(keys, name="keys", rich_help_panel=panel)
+
+    @cli.command("demo-dataset", rich_help_panel=panel)
+    def demo_dataset(name: str = "shapes", train: int = 64, valid: int = 16, seed: int = 0) -> None:
+        """Write a small generated COCO dataset into the datasets directory."""
+        _logging()
+        _done(cmd_demo_dataset(name, train, valid, seed))
