@@ -17,6 +17,7 @@ from app.auth.cache import KeyCache
 from app.datasets.router import router as datasets_router
 from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
+from app.jobs import lifecycle
 from app.jobs.router import router as jobs_router
 from app.jobs.service import checkpoint_to_promote, jobs_using_dataset, jobs_using_weights
 from app.jobs.stream import StreamHub
@@ -28,6 +29,7 @@ from app.prediction.router import document_limits as document_predict_limits
 from app.prediction.router import router as prediction_router
 from app.security import RequestGuard, allowed_hosts
 from app.settings import Settings, get_settings
+from app.webhooks import sender as webhook_sender
 from app.weights import folder
 from app.weights.router import router as weights_router
 from app.weights.service import model_server_inspector
@@ -54,7 +56,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(
             target=_scan_weights_folder, args=(settings,), name="weights-folder", daemon=True
         ).start()
-    yield
+    # Webhook messages are sent from here too, so a job cancelled while no worker runs is reported.
+    stop = threading.Event()
+    webhooks = webhook_sender.start(settings, note=lifecycle.note, stop=stop)
+    try:
+        yield
+    finally:
+        stop.set()
+        webhooks.join(timeout=settings.webhook_timeout_seconds)
 
 
 def create_app() -> FastAPI:

@@ -17,11 +17,9 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.error_handlers import problem_response
-from app.settings import Settings
+from app.settings import ANY_INTERFACE, Settings
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-# Listening on every interface names no host: the machine's own name is what clients use then.
-ANY_INTERFACE = ("0.0.0.0", "::", "")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

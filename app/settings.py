@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Listening on every interface names no host: the machine's own name is what clients use then.
+ANY_INTERFACE = ("0.0.0.0", "::", "")
+# SGJOBS_WEBHOOK_SECRET shorter than this is refused.
+MIN_WEBHOOK_SECRET_LENGTH = 16
+# The first admin key's file in `home`: the service writes it, the client CLI reads it by default.
+ADMIN_KEY_FILE = "admin.key"
 
 
 class Settings(BaseSettings):
@@ -122,6 +131,26 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (CORS); none by default. JSON list or comma-separated.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Webhooks (`spec.webhook`, app/webhooks). Hosts a webhook URL may name: host names, IP
+    # addresses or host:port, matched exactly (case-insensitive); none by default, so webhooks are
+    # refused until an operator names the receivers. "*" allows any host whose every address is
+    # public (not loopback, private, link-local, ...), checked when each message is sent.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The HMAC-SHA256 key of `X-Sgjobs-Signature`; unset: made at the first start and kept in
+    # $SGJOBS_HOME/webhook.secret (mode 0600), which every process sharing that home reads.
+    webhook_secret: SecretStr | None = Field(default=None, description="Webhook signing key (>= 16 chars).")
+    # One POST waits this long for the receiver's answer.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # A message is tried this many times (with exponential backoff and jitter) before it is failed.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    # The wait before the second try; it doubles with each try, up to webhook_backoff_max_seconds.
+    webhook_backoff_seconds: float = Field(default=10.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    # The sender (in the API and in each worker) looks for messages to send this often.
+    webhook_poll_seconds: float = Field(default=2.0, gt=0)
+    # Absolute links in webhook messages start with this; default: http://<host>:<port>.
+    public_url: str = Field(default="", description="The API's address as clients reach it.")
+
     # Quotas, per tenant (`tenant_quotas` overrides them for named tenants).
     # Jobs queued or running at once; past it a new job is a 429 with Retry-After.
     quota_active_jobs: int = Field(default=10, ge=0)
@@ -134,7 +163,7 @@ class Settings(BaseSettings):
     # are those of the quota_* settings above.
     tenant_quotas: dict[str, dict[str, int]] = Field(default_factory=dict)
 
-    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @field_validator("allowed_hosts", "cors_origins", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         # "a,b" in an environment variable, or a JSON list.
@@ -142,6 +171,26 @@ class Settings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_WEBHOOK_SECRET_LENGTH:
+            raise ValueError(f"at least {MIN_WEBHOOK_SECRET_LENGTH} characters: a short key can be guessed")
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower() for v in value if v.strip()]
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("an absolute http:// or https:// URL, such as https://sgjobs.example.com")
         return value
 
     @field_validator("tenant_quotas")
@@ -181,6 +230,15 @@ class Settings(BaseSettings):
         data["broker_url"] = data.get("broker_url") or f"sqla+sqlite:///{home / 'broker.db'}"
         return data
 
+    @property
+    def base_url(self) -> str:
+        """Where clients reach the API: `public_url`, else this service's own address."""
+        if self.public_url:
+            return self.public_url
+        host = socket.gethostname() if self.host in ANY_INTERFACE else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
     def as_env(self) -> dict[str, str]:
         """The resolved locations as `SGJOBS_*` variables, for child processes.
 
@@ -196,6 +254,11 @@ class Settings(BaseSettings):
             "SGJOBS_BROKER_URL": self.broker_url,
             "SGJOBS_TASK_QUEUE": self.task_queue,
         }
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the first admin key is written (mode 0600)."""
+        return self.home / ADMIN_KEY_FILE
 
     def ensure_dirs(self) -> None:
         """Create the home, datasets, jobs and weights directories."""

@@ -32,6 +32,12 @@ SERVICE_SETTINGS: dict[str, object] = {
     "sweep_interval_seconds": 1,
     "resend_after_seconds": 5,
     "lease_seconds": 30,
+    # Webhooks to the tests' own receivers (tests/webhooks), retried quickly and not too often.
+    "webhook_allowed_hosts": ["127.0.0.1"],
+    "webhook_poll_seconds": 0.2,
+    "webhook_backoff_seconds": 0.2,
+    "webhook_max_attempts": 4,
+    "webhook_timeout_seconds": 5,
     # Keep-alive comments every second, so tests/jobs/test_stream.py sees one on a quiet stream.
     "stream_ping_seconds": 1,
     # Tenants with small quotas, for tests/auth/test_quotas.py; team-weights' storage holds one

@@ -97,3 +97,42 @@ def test_the_ml_backend_imports_no_area_of_the_service() -> None:
         if any(n == a or n.startswith(a + ".") for a in areas)
     ]
     assert offenders == []
+
+
+# What the client CLI may not load: it runs on a laptop against a remote service, over HTTP only.
+SERVER_ONLY = (
+    "torch",
+    "super_gradients",
+    "torchvision",
+    "sqlalchemy",
+    "celery",
+    "kombu",
+    "fastapi",
+    "psycopg",
+)
+CLIENT_MODULES = ("app/cli/client.py", "app/cli/http.py")
+
+
+@pytest.mark.parametrize("module", ["app.cli", "app.cli.client"])
+def test_the_cli_loads_no_database_broker_api_or_training_code(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        f"heavy = {SERVER_ONLY!r}\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()[:200]}"
+
+
+def test_the_client_cli_imports_no_server_code() -> None:
+    # Not even lazily: the client's modules name no database, service, router or broker module.
+    server = ("app.db", "app.queue", "app.main", "app.api", "app.migrate", "app.auth", "app.testing")
+    offenders = [
+        f"{name}: {n}"
+        for name in CLIENT_MODULES
+        for n in _imports(ROOT / name)
+        if n.split(".")[0] in SERVER_ONLY
+        or any(n == s or n.startswith(s + ".") for s in server)
+        or n.rsplit(".", 1)[-1] in ("models", "service", "router")
+    ]
+    assert offenders == []

@@ -13,6 +13,7 @@ from alembic.migration import MigrationContext
 import app.auth.models
 import app.datasets.models
 import app.jobs.models
+import app.webhooks.models
 import app.weights.models
 import app.workers.models  # noqa: F401  (registers the tables)
 from app.db import Base

@@ -383,7 +383,15 @@ def test_datasets(api: Api, tmp_path: Path) -> None:
     api.problem("validate_dataset", 404, dataset.id)
 
 
-@operations("create_job", "get_job", "list_jobs", "list_job_metrics", "list_job_events", "stream_job")
+@operations(
+    "create_job",
+    "get_job",
+    "list_jobs",
+    "list_job_metrics",
+    "list_job_events",
+    "stream_job",
+    "list_job_webhooks",
+)
 def test_jobs(api: Api, trained: Trained) -> None:
     job = api.ok("get_job", 200, "JobOut", trained.job_id)
     assert _status(job.status) == "succeeded"
@@ -400,6 +408,8 @@ def test_jobs(api: Api, trained: Trained) -> None:
     assert later.items == []
     events = api.ok("list_job_events", 200, "EventPage", trained.job_id, limit=5000)
     assert events.items
+    # Trained without a webhook: no messages (tests/webhooks has jobs with them).
+    assert api.ok("list_job_webhooks", 200, "WebhookDeliveryList", trained.job_id).items == []
     # The stream of a finished job: its history, then its (terminal) status. The generated client
     # gives the event stream's text as it came.
     stream = api("stream_job", trained.job_id)
@@ -409,7 +419,7 @@ def test_jobs(api: Api, trained: Trained) -> None:
     assert received[-1].event == "status" and received[-1].json()["status"] == "succeeded"
 
     # Errors: an unknown job, a spec naming a dataset folder that does not exist, a bad query value.
-    for operation in ("get_job", "list_job_metrics", "list_job_events", "stream_job"):
+    for operation in ("get_job", "list_job_metrics", "list_job_events", "stream_job", "list_job_webhooks"):
         assert api.problem(operation, 404, "no-such-job").status == 404
     problem = api.problem(
         "create_job", 422, body=_spec(api.generated, {"format": "coco", "path": "nope"}, "x")

@@ -28,10 +28,14 @@ celery_app = create_celery()
 @signals.worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
     # Imported here so that `celery -A worker.celery_app` does not pay for it at import time.
+    from app.jobs import lifecycle
+    from app.webhooks import sender as webhook_sender
     from worker.sweeper import run_forever
 
     STATE.name = getattr(sender, "hostname", None)
     threading.Thread(target=run_forever, name="sgjobs-sweeper", daemon=True).start()
+    # Webhook messages of the jobs that end here (and of any other: every sender takes any message).
+    webhook_sender.start(get_settings(), note=lifecycle.note, stop=STATE.stopping)
 
 
 @signals.worker_shutting_down.connect

@@ -19,6 +19,7 @@ from app.auth.principal import DEFAULT_TENANT, TENANT_PATTERN, Principal
 from app.db import session_scope, utcnow
 from app.errors import Conflict, InvalidInput, NotFound
 from app.paths import UPLOADS_FOLDER
+from app.settings import ADMIN_KEY_FILE as ADMIN_KEY_FILE
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -26,14 +27,13 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "sgj_"
 # Shorter keys given in SGJOBS_ADMIN_KEY are refused: they could be guessed.
 MIN_KEY_LENGTH = 32
-ADMIN_KEY_FILE = "admin.key"
 # `last_used_at` is written at most this often per key, so reads do not turn into writes.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def admin_key_path(settings: Settings) -> Path:
     """Where the first admin key is written (mode 0600)."""
-    return settings.home / ADMIN_KEY_FILE
+    return settings.admin_key_file
 
 
 def generate_key() -> str:

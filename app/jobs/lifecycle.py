@@ -11,6 +11,10 @@ write an attempt makes runs in a transaction that first renews it: an UPDATE con
 job on (`expire_leases`) and a late write of the old attempt are serialized, and the loser changes
 nothing. A lost attempt (`lose_attempt`) is queued again and resumed from its last checkpoint, up to
 the job's `max_restarts`.
+
+Every move to a final status (`finish`, `cancel_queued`) counts it in `jobs.finishes` and, when the
+job's spec names a webhook, adds the message about it to the outbox in the same transaction: the
+message exists exactly when the status change does.
 """
 
 from __future__ import annotations
@@ -20,13 +24,61 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Row, Update, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from app.db import changed, db_now, utcnow
 from app.jobs.models import FINISHED_STATUSES, FailureReason, Job, JobEvent, JobStatus, Metric
 from app.ml.types import MetricPoint, greater_is_better
+from app.webhooks import outbox
+from app.webhooks.payload import snapshot
+
+# What a move to a final status returns, for its webhook message.
+_ENDED = (
+    Job.id,
+    Job.finishes,
+    Job.spec,
+    Job.name,
+    Job.status,
+    Job.attempt,
+    Job.best_metric_name,
+    Job.best_metric_value,
+    Job.error_reason,
+    Job.error_message,
+    Job.finished_at,
+)
+
+
+def _end(session: Session, statement: Update) -> bool:
+    """Run a conditional UPDATE to a final status; when it changed the job, count the end and queue
+    the webhook message about it (if the spec names one). False when it changed nothing."""
+    row: Row[Any] | None = session.execute(
+        statement.values(finishes=Job.finishes + 1).returning(*_ENDED)
+    ).one_or_none()
+    if row is None:
+        return False
+    url = ((row.spec or {}).get("webhook") or {}).get("url")
+    if url:
+        outbox.add(
+            session,
+            job_id=row.id,
+            sequence=row.finishes,
+            url=url,
+            payload=snapshot(
+                job_id=row.id,
+                name=row.name,
+                status=row.status,
+                attempt=row.attempt,
+                best_metric_name=row.best_metric_name,
+                best_metric_value=row.best_metric_value,
+                error_reason=row.error_reason,
+                error_message=row.error_message,
+                finished_at=row.finished_at,
+            ),
+        )
+    return True
+
 
 # The kind of the event `supersede_from_epoch` writes (live streams send it as `superseded`).
 SUPERSEDED_KIND = "superseded"
@@ -35,7 +87,7 @@ SUPERSEDED_KIND = "superseded"
 def cancel_queued(session: Session, *, job_id: str) -> bool:
     """queued -> cancelled; False when the job is not queued (any more)."""
     now = utcnow()
-    cancelled = changed(
+    cancelled = _end(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued)
@@ -271,7 +323,7 @@ def finish(
     if attempt is not None:
         statement = statement.where(Job.attempt == attempt)
     values["lease_expires_at"] = None
-    done = changed(session, statement.values(**values))
+    done = _end(session, statement.values(**values))
     if done:
         text = status.value if message is None else f"{status.value}: {message}"
         add_event(
@@ -281,7 +333,7 @@ def finish(
             level="error" if status == JobStatus.failed else "info",
             message=text,
         )
-    return bool(done)
+    return done
 
 
 def status_of_attempt(session: Session, *, job_id: str, attempt: int) -> str | None:
@@ -417,3 +469,11 @@ def supersede_from_epoch(session: Session, *, job_id: str, epoch: int, metric_to
     value = session.scalar(select(best).where(Metric.job_id == job_id, Metric.name == name))
     session.execute(update(Job).where(Job.id == job_id).values(best_metric_value=value))
     return deleted
+
+
+def note(session: Session, job_id: str, message: str, level: str, data: dict[str, Any]) -> None:
+    """An event about the job from another area (its webhook messages), if the job still exists
+    (a finished job can be deleted before its message is sent). The row is locked first, so a
+    concurrent delete waits instead of leaving an event without its job."""
+    if session.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is not None:
+        add_event(session, job_id=job_id, message=message, level=level, data=data)

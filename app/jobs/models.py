@@ -11,17 +11,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
 
-
-class JobStatus(enum.StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-FINISHED_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running)
+# `X as X` re-exports them: the states live where code without a database can import them.
+from app.jobs.states import ACTIVE_STATUSES as ACTIVE_STATUSES
+from app.jobs.states import FINISHED_STATUSES as FINISHED_STATUSES
+from app.jobs.states import JobStatus as JobStatus
 
 
 class FailureReason(enum.StrEnum):
@@ -77,6 +70,9 @@ class Job(Base):
     # Attempts lost (worker killed, lease expired) and resumed automatically; at most max_restarts.
     restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_restarts: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
+    # Final statuses reached so far (a resumed job can end again): set by the status change, it
+    # numbers the job's webhook messages (`app.webhooks.models.WebhookDelivery.sequence`).
+    finishes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

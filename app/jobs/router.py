@@ -24,6 +24,7 @@ from app.jobs.schemas import (
 )
 from app.openapi import problems
 from app.schemas import MAX_OFFSET
+from app.webhooks.schemas import WebhookDeliveryList
 
 # The most points per series GET /jobs/{id}/metrics?max_points= returns.
 MAX_POINTS = 10000
@@ -307,3 +308,12 @@ async def stream_job(
         stream.job_stream(hub, job_id=job_id, cursor=cursor, redact=redact),
         ping=settings.stream_ping_seconds,
     )
+
+
+@router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=problems(404, 422, 503))
+def list_job_webhooks(
+    job_id: ObjectId, session: SessionDep, principal: PrincipalDep, redact: RedactorDep
+) -> WebhookDeliveryList:
+    """The job's webhook messages (one per time it ended), oldest first, and how sending each went."""
+    rows = service.list_webhooks(session, job_id=job_id, scope=principal.scope)
+    return WebhookDeliveryList(items=[service.webhook_out(r, redact) for r in rows])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, HttpUrl, field_validator, model_validator
 
 from app.datasets.schemas import DatasetSpec
 from app.jobs.models import FailureReason, JobStatus
@@ -50,6 +50,15 @@ class InitFrom(StrictModel):
         return self
 
 
+class WebhookSpec(StrictModel):
+    """Where to POST a signed JSON message each time the job ends (succeeded, failed, cancelled)."""
+
+    url: HttpUrl = Field(
+        description="An http(s) URL whose host is in the server's SGJOBS_WEBHOOK_ALLOWED_HOSTS (else 422). "
+        "The message is signed: X-Sgjobs-Signature: sha256=<hex HMAC-SHA256 of the body>.",
+    )
+
+
 class JobSpec(StrictModel):
     name: str | None = Field(default=None, min_length=1, max_length=200, pattern=PRINTABLE_PATTERN)
     model: ModelName
@@ -63,6 +72,7 @@ class JobSpec(StrictModel):
         description="Lost attempts (worker killed, machine gone) resumed automatically from the last "
         "checkpoint before the job fails as worker_lost; at most the server's SGJOBS_MAX_RESTARTS_LIMIT.",
     )
+    webhook: WebhookSpec | None = Field(default=None, description="A message when the job ends.")
 
     @field_validator("input_size")
     @classmethod

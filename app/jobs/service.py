@@ -38,6 +38,9 @@ from app.paths import is_inside, real
 from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
 from app.settings import Settings
+from app.webhooks import outbox, targets
+from app.webhooks.models import DeliveryState, WebhookDelivery
+from app.webhooks.schemas import WebhookDeliveryOut
 from app.weights import folder
 from app.weights import service as weights
 from app.weights.models import Weights
@@ -154,8 +157,13 @@ def create_job(
     """Validate what the spec points at (dataset layout, init job or weights) and insert a queued job.
 
     `init_from.pretrained` registers the published file from the weights folder on first use, which
-    `inspector` checks (default: the inference process).
+    `inspector` checks (default: the inference process). A webhook URL must name an allowed host.
     """
+    if spec.webhook is not None:
+        try:
+            targets.check_url(settings, str(spec.webhook.url))
+        except targets.Refused as exc:
+            raise InvalidInput.field(["body", "webhook", "url"], str(exc)) from exc
     try:
         resolved = resolve_spec(session, settings=settings, spec=spec.dataset, scope=principal.scope)
     except InvalidInput as exc:
@@ -418,6 +426,30 @@ def events_between(
     if upto is not None:
         query = query.where(JobEvent.id <= upto)
     return session.scalars(query.order_by(JobEvent.id).limit(limit)).all()
+
+
+def list_webhooks(session: Session, *, job_id: str, scope: str | None) -> Sequence[WebhookDelivery]:
+    """The job's webhook messages, oldest first; 404 as for the job."""
+    get_job(session, job_id=job_id, scope=scope)
+    return outbox.of_job(session, job_id=job_id)
+
+
+def webhook_out(delivery: WebhookDelivery, redact: Redactor | None) -> WebhookDeliveryOut:
+    """The API's view of a message; the last error redacted for a non-admin caller."""
+    error = delivery.last_error
+    return WebhookDeliveryOut(
+        id=delivery.id,
+        event=delivery.event,
+        status=str(delivery.payload.get("status")),
+        url=delivery.url,
+        state=DeliveryState(delivery.state),
+        attempts=delivery.attempts,
+        last_status_code=delivery.last_status_code,
+        last_error=redact.text(error) if redact is not None and error else error,
+        created_at=delivery.created_at,
+        next_attempt_at=delivery.next_attempt_at if delivery.state == DeliveryState.pending else None,
+        completed_at=delivery.completed_at,
+    )
 
 
 def metrics_between(

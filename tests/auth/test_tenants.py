@@ -32,6 +32,7 @@ PATH_BODIES: dict[str, Any] = {
     "resume_job": {},
     "list_job_metrics": None,
     "list_job_events": None,
+    "list_job_webhooks": None,
     "stream_job": None,
     "list_artifacts": None,
     "download_artifact": None,
