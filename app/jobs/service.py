@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -418,14 +418,25 @@ def list_events(
     return events_between(session, job_id=job_id, after=cursor or 0, upto=None, limit=limit)
 
 
+# A job's rows read in id order: its events and its metric points.
+JobRow = TypeVar("JobRow", JobEvent, Metric)
+
+
+def rows_between(
+    session: Session, model: type[JobRow], *, job_id: str, after: int, upto: int | None, limit: int
+) -> Sequence[JobRow]:
+    """A job's events or metric points with `after < id <= upto` (no upper bound for None), oldest first."""
+    query = select(model).where(model.job_id == job_id, model.id > after)
+    if upto is not None:
+        query = query.where(model.id <= upto)
+    return session.scalars(query.order_by(model.id).limit(limit)).all()
+
+
 def events_between(
     session: Session, *, job_id: str, after: int, upto: int | None, limit: int
 ) -> Sequence[JobEvent]:
     """A job's events with `after < id <= upto` (no upper bound for None), oldest first."""
-    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-    if upto is not None:
-        query = query.where(JobEvent.id <= upto)
-    return session.scalars(query.order_by(JobEvent.id).limit(limit)).all()
+    return rows_between(session, JobEvent, job_id=job_id, after=after, upto=upto, limit=limit)
 
 
 def list_webhooks(session: Session, *, job_id: str, scope: str | None) -> Sequence[WebhookDelivery]:
@@ -456,10 +467,7 @@ def metrics_between(
     session: Session, *, job_id: str, after: int, upto: int | None, limit: int
 ) -> Sequence[Metric]:
     """A job's metric points with `after < id <= upto` (no upper bound for None), oldest first."""
-    query = select(Metric).where(Metric.job_id == job_id, Metric.id > after)
-    if upto is not None:
-        query = query.where(Metric.id <= upto)
-    return session.scalars(query.order_by(Metric.id).limit(limit)).all()
+    return rows_between(session, Metric, job_id=job_id, after=after, upto=upto, limit=limit)
 
 
 def downsampled_metrics(
