@@ -525,7 +525,7 @@ function compareView(params) {
 async function overlay(a, b, metric) {
   const series = new Map();
   const names = new Set();
-  for (const jobId of [a, b]) {
+  for (const [side, jobId] of [["A", a], ["B", b]]) {
     const job = jobCache.find((j) => j.id === jobId);
     const query = new URLSearchParams({ max_points: String(MAX_POINTS) });
     const page = await api(`/jobs/${encodeURIComponent(jobId)}/metrics?${query}`);
@@ -535,7 +535,7 @@ async function overlay(a, b, metric) {
       if (point.name === metric) points.push({ x: point.step ?? point.epoch ?? 0, y: point.value });
     }
     points.sort((p, q) => p.x - q.x);
-    series.set(`${job ? job.name || job.id : jobId}: ${metric}`, points);
+    series.set(`${side} ${job ? job.name || job.id : jobId}: ${metric}`, points);
   }
   $("compare-metrics").replaceChildren(...[...names].sort().map((name) => Object.assign(el("option"), { value: name })));
   drawChart($("chart-compare"), series, { log: /^LR/.test(metric) });
