@@ -120,9 +120,9 @@ def test_a_training_charted_live_cancelled_and_tried(service: Service, page: Pag
     _wait_for(page, f"() => ({CHART_POINTS})() > {first}", timeout=300)
     assert service.job(job_id)["status"] == "running"
     assert _count_points(page) > first
-    # The try-it panel below needs a best checkpoint: the first validated epoch writes one, before
-    # the second epoch's validation metrics are charted.
-    _wait_for(page, f"() => ({QUALITY_POINTS})() >= 2", timeout=300)
+    # The try-it panel below needs a best checkpoint: an epoch's validation writes one before the
+    # next epoch's first batch, where a cancel stops the training at the earliest.
+    _wait_for(page, f"() => ({QUALITY_POINTS})() > 0", timeout=300)
 
     page.click("#cancel")
     _wait_for(page, "() => document.querySelector('#job-status').textContent === 'cancelled'", timeout=180)
