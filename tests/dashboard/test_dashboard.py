@@ -2,7 +2,8 @@
 
 One real training (30 epochs at 64 px, so it is still running while the page watches): the page
 takes the admin key, lists the job, charts its points live from the stream, cancels it, and draws
-the boxes /predict returns for an uploaded image (the cancelled job's best checkpoint predicts).
+the boxes /predict returns for an uploaded image (the cancelled job's best checkpoint predicts),
+resumes it and cancels it again.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ def test_a_training_charted_live_cancelled_and_tried(service: Service, page: Pag
     ]
     assert _rounded(drawn) == _rounded(expected)
     assert page.is_visible("#predict-image")
+
+    # Resume continues the cancelled job (its status comes back through the restarted stream).
+    page.click("#resume")
+    _wait_for(page, "() => document.querySelector('#job-status').textContent === 'running'", timeout=180)
+    assert service.job(job_id)["attempt"] == 2
+    page.click("#cancel")
+    _wait_for(page, "() => document.querySelector('#job-status').textContent === 'cancelled'", timeout=180)
+    assert service.job(job_id)["status"] == "cancelled"
 
     # The list filters by status, and the overlay view draws both jobs' series of one metric.
     page.goto(service.base_url + "/#/")
