@@ -14,6 +14,7 @@ from app.api import get_principal
 from app.artifacts.router import router as artifacts_router
 from app.artifacts.router import weights_router as weights_artifacts_router
 from app.auth.cache import KeyCache
+from app.dashboard.router import router as dashboard_router
 from app.datasets.router import router as datasets_router
 from app.error_handlers import install_error_handlers
 from app.health.router import router as health_router
@@ -89,6 +90,8 @@ def create_app() -> FastAPI:
     app.add_middleware(JsonBodyLimit, max_bytes=settings.json_max_bytes)
     # Health checks answer anyone (load balancers, orchestrators); everything else needs a key.
     app.include_router(health_router)
+    # The dashboard's page and files hold no data (it fetches everything with the user's key).
+    app.include_router(dashboard_router)
     authenticated = [Depends(get_principal)]
     for router in (
         jobs_router,

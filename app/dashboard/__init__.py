@@ -1,0 +1,1 @@
+"""The browser dashboard: static HTML/CSS/JS served at `/`; it fetches its data with the user's key."""
