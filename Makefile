@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sgjobs-installed
 
-.PHONY: install serve test test-fast lint format lock clean bench-smoke
+.PHONY: install browser serve test test-fast lint format lock clean bench-smoke
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ serve: install
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
-test: install
+# The dashboard's browser tests (tests/dashboard) drive Debian's Chromium through Playwright.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
+test: install browser
 	$(PYTEST) $(ARGS)
 
-test-fast: install
+test-fast: install browser
 	$(PYTEST) -m "not slow" $(ARGS)
 
 bench-smoke: install
