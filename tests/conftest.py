@@ -60,6 +60,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", names, indirect=True, scope="session")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`--dist loadgroup`), a module's tests of one backend run on one worker, so
+    its module fixtures (mostly trained jobs) are built once, as in a single process. A module with
+    `XDIST_SPREAD = True` (cheap fixtures, long tests) is spread test by test; an explicit
+    `xdist_group` mark wins."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if item.get_closest_marker("xdist_group") is not None or getattr(module, "XDIST_SPREAD", False):
+            continue
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend", "") if callspec is not None else ""
+        name = module.__name__ if module is not None else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(f"{name}[{backend}]"))
+
+
 @pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """SQLite: the embedded defaults in SGJOBS_HOME. PostgreSQL + Redis: a throwaway database and queue."""

@@ -30,6 +30,9 @@ from tests.conftest import PG_ADMIN_URL
 from tests.support import Service, make_shapes, make_unreadable_dataset, tiny_spec
 
 pytestmark = pytest.mark.slow
+# With pytest-xdist the tests are spread one by one (see tests/conftest.py): each is long, and the
+# module's fixture is only a service, cheap to start on both workers.
+XDIST_SPREAD = True
 
 # A Redis database of its own, so that flushing it (a broker losing its data) touches no other test.
 CHAOS_REDIS_URL = "redis://127.0.0.1:6379/5"
