@@ -13,7 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from app.db import session_scope, utcnow
+from app.jobs.models import Job, JobStatus
 from app.settings import Settings
 from app.testing import BACKENDS, Backend, backend_resources, serve
 from tests.support import Service
@@ -124,3 +127,16 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def standins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Checkpoint files built from real super-gradients models, good and bad (`tests.weights.standins`)."""
     return build_standins(tmp_path_factory.mktemp("standins"))
+
+
+@pytest.fixture
+def stop_later(service_settings: Settings) -> Iterator[list[str]]:
+    """Jobs a test leaves queued or running: failed afterwards, so no worker ever trains them."""
+    ids: list[str] = []
+    yield ids
+    with session_scope(service_settings.database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status.in_((JobStatus.queued, JobStatus.running)))
+            .values(status=JobStatus.failed, finished_at=utcnow(), error_reason="internal")
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -82,19 +81,6 @@ def _counts(settings: Settings, job_id: str) -> tuple[int, int, int]:
         return tuple(  # type: ignore[return-value]
             session.scalar(select(func.count()).select_from(model).where(column == job_id)) or 0
             for model, column in ((Job, Job.id), (JobEvent, JobEvent.job_id), (Metric, Metric.job_id))
-        )
-
-
-@pytest.fixture
-def stop_later(service: Service, service_settings: Settings) -> Iterator[list[str]]:
-    """Jobs a test leaves queued or running: failed afterwards, so no worker ever trains them."""
-    ids: list[str] = []
-    yield ids
-    with session_scope(service_settings.database_url) as session:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status.in_((JobStatus.queued, JobStatus.running)))
-            .values(status=JobStatus.failed, finished_at=utcnow(), error_reason="internal")
         )
 
 

@@ -9,7 +9,6 @@ they are failed afterwards so no worker ever trains them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,19 +68,6 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def dataset(service: Service) -> str:
     return make_unreadable_dataset(service.datasets_dir, "metrics-bad")
-
-
-@pytest.fixture
-def stop_later(service_settings: Settings) -> Iterator[list[str]]:
-    """Jobs a test leaves queued or running: failed afterwards, so no worker ever trains them."""
-    ids: list[str] = []
-    yield ids
-    with session_scope(service_settings.database_url) as session:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status.in_((JobStatus.queued, JobStatus.running)))
-            .values(status=JobStatus.failed, finished_at=utcnow(), error_reason="internal")
-        )
 
 
 def test_every_name_is_prefixed_and_every_family_is_there(service: Service) -> None:
