@@ -117,6 +117,11 @@ checks.positive_data_acceptance.expected-statuses = [
 checks.negative_data_rejection.expected-statuses = [
   "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx",
 ]
+# The stateful phase (schemathesis 4.32) judged a valid /predict request as negative data: one PNG,
+# iou=0.0, a real job id put into the body by a link, and the case's own description "positive test
+# case" (seen in CI, not reproducible on demand). The fuzzing and coverage phases check /predict's
+# refusals of invalid data; the stateful phase keeps every other check on it.
+phases.stateful.checks.negative_data_rejection.enabled = false
 
 # `bbox_format` applies to Hugging Face datasets only: a valid value for a dataset of another format
 # is refused.

@@ -52,6 +52,17 @@ class RequestMetrics:
         started = time.perf_counter()
         status = 500
         answered: float | None = None
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            REQUEST_SECONDS.labels(route_template(scope, self.routes), method, f"{status // 100}xx").observe(
+                (answered or time.perf_counter()) - started
+            )
 
         async def recording_send(message: Message) -> None:
             nonlocal status, answered
@@ -59,15 +70,16 @@ class RequestMetrics:
                 status = int(message["status"])
                 if _content_type(message).startswith(EVENT_STREAM):
                     answered = time.perf_counter()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Observed before the last byte leaves: a client that scrapes right after its answer
+                # arrived must find it counted (after `send` returns, the client may be faster).
+                record()
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            REQUEST_SECONDS.labels(route_template(scope, self.routes), method, f"{status // 100}xx").observe(
-                (answered or time.perf_counter()) - started
-            )
+            record()
 
 
 def _content_type(start: Message) -> str:
