@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     predict_max_total_pixels: int = Field(
         default=100_000_000, ge=1, description="Pixels of all the images of one request."
     )
+    # A job that succeeds is exported for serving (an ONNX file that onnxruntime runs, `/predict`'s
+    # fast path) by its training process before it is recorded as succeeded; off: PyTorch serves it.
+    serving_export: bool = Field(default=True, description="Export each succeeded job for onnxruntime.")
+    # The API loads a freshly succeeded job's model before anyone asks (`app.prediction.warm`).
+    predict_warm: bool = Field(default=True, description="Load new models before their first /predict.")
+    predict_warm_poll_seconds: float = Field(default=0.5, gt=0, le=60)
 
     # JSON bodies (and any body a route reads into memory), `app.limits.JsonBodyLimit`.
     json_max_bytes: int = Field(default=2**20, ge=1024, description="Largest JSON request body.")
