@@ -31,6 +31,10 @@ from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
 logger = logging.getLogger(__name__)
 
+# The backends a model is served by (`LoadedModel.backend`, `PredictOutcome.backend`).
+ONNXRUNTIME = "onnxruntime"
+PYTORCH = "pytorch"
+
 
 class ModelLoadError(Exception):
     """The checkpoint cannot be turned into a model (corrupt, half-written, not YOLO-NAS)."""
@@ -75,7 +79,7 @@ class LoadedModel:
     pipeline: Any
     class_names: list[str]
     load_seconds: float
-    backend: str = "pytorch"
+    backend: str = PYTORCH
     nbytes: int = 0
 
 
@@ -108,11 +112,7 @@ class PredictOutcome:
     cached: bool
     model_loads: int
     seconds: float
-    backend: str = "pytorch"
-
-
-ONNXRUNTIME = "onnxruntime"
-PYTORCH = "pytorch"
+    backend: str = PYTORCH
 
 
 def load_model(
