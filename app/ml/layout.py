@@ -2,7 +2,8 @@
 
     <job_dir>/checkpoints/train/RUN_*/   ckpt_best.pth, ckpt_latest.pth (and the previous one kept
                                          until the next is in place), average_model.pth,
-                                         averaging_snapshots.pkl while training, TensorBoard files
+                                         averaging_snapshots.pkl while training, TensorBoard files,
+                                         <checkpoint stem>.serving.onnx once exported for serving
 
 Standard library only: the training code writes these files and `app.jobs.files` (the service)
 reads them, and app.ml may not import app.jobs.
