@@ -71,6 +71,12 @@ class Settings(BaseSettings):
 
     # Prediction (`/predict`).
     predict_cache_size: int = Field(default=4, ge=1, le=64, description="Models held ready for /predict.")
+    predict_cache_max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=2**20,
+        description="Memory the models held ready for /predict may take together (roughly: ONNX file "
+        "sizes, or twice a PyTorch model's weights); least recently used ones are dropped beyond it.",
+    )
     predict_max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
     predict_max_images: int = Field(default=32, ge=1, le=1024)
     predict_max_image_pixels: int = Field(default=50_000_000, ge=1, description="Decompression-bomb guard.")
