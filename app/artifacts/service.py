@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.artifacts.schemas import Artifact, ArtifactList, ExportOut
 from app.errors import NotFound
-from app.inference import call_model_server
+from app.inference import call_model_server, release_connection
 from app.jobs import files
 from app.jobs.service import get_job
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
@@ -69,6 +69,7 @@ def export_onnx(session: Session, *, settings: Settings, job_id: str, scope: str
     checkpoint = best_checkpoint(job)
     assert job.job_dir is not None  # a job with a checkpoint has a directory
     output = files.export_file(Path(job.job_dir))
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
     result = _export(settings, model=job.model, checkpoint=checkpoint, output=output, class_names=None)
     return ExportOut(
         job_id=job.id,
@@ -109,6 +110,7 @@ def export_weights(session: Session, *, settings: Settings, weights_id: str, sco
     found = weights.get_weights(session, weights_id=weights_id, scope=scope)
     checkpoint = weights.existing_file(settings, found)
     output = weights.export_file(settings, found.id)
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
     result = _export(
         settings, model=found.model, checkpoint=checkpoint, output=output, class_names=found.classes
     )
