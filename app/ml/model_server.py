@@ -363,6 +363,14 @@ def _stats(engine: Any, batcher: Any) -> dict[str, Any]:
     }
 
 
+def _answer_stats(engine: Any, batcher: Any, request_id: Any, replies: _Replies) -> None:
+    try:
+        answer = {"ok": True, "result": _stats(engine, batcher)}
+    except Exception as exc:
+        answer = _error(exc)
+    replies.send(request_id, answer)
+
+
 def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int) -> int:
     """Answer requests from `conn` until the API goes away (the receiver loop)."""
     from app.ml.batcher import Batcher
@@ -383,7 +391,10 @@ def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int
             elif op in ("export", "inspect"):
                 slow.put(request)
             elif op == "stats":
-                replies.send(request.get("id"), {"ok": True, "result": _stats(engine, batcher)})
+                # Waits for a model being loaded (its lock): on a thread, never in this loop.
+                threading.Thread(
+                    target=_answer_stats, args=(engine, batcher, request.get("id"), replies), daemon=True
+                ).start()
             else:
                 replies.send(
                     request.get("id"), {"ok": False, "kind": "internal", "message": f"unknown op {op!r}"}

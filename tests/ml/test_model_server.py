@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,7 @@ def test_many_calls_in_flight_each_get_their_own_answer(server: ModelServer, tmp
     calls: list[Callable[[], Any]] = []
     for i in range(12):
         if i % 3 == 0:
-            calls.append(
-                lambda i=i: server.call("inspect", timeout=60, path=str(tmp_path / f"missing-{i}.pth"))
-            )
+            calls.append(partial(server.call, "inspect", timeout=60, path=str(tmp_path / f"missing-{i}.pth")))
         else:
             calls.append(lambda: server.call("stats", timeout=60))
     outcomes = _in_threads(calls)

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,7 @@ def test_requests_to_one_model_share_a_pass_and_each_gets_its_own_images_in_orde
     together: list[dict[str, Any]] = []
     for _ in range(3):  # concurrent clients nearly always arrive within one pass of another
         calls = Calls(
-            [
-                lambda files=files: _predict(service, files, job_id=job["id"], conf="0.05")
-                for files in requests
-            ]
+            [partial(_predict, service, files, job_id=job["id"], conf="0.05") for files in requests]
         )
         together = [r.json() for r in calls.results()]
         if any(body["batch_requests"] > 1 for body in together):
@@ -179,8 +177,8 @@ def test_health_and_jobs_answer_within_a_second_while_16_slow_predictions_and_an
     export = Calls([lambda: service.client.post(f"/weights/{other.json()['id']}/export", timeout=600)])
     predictions = Calls(
         [
-            lambda i=i: _predict(
-                service, [(f"{i}-{j}.png", _png(i + j)) for j in range(2)], weights_id=coco["id"]
+            partial(
+                _predict, service, [(f"{i}-{j}.png", _png(i + j)) for j in range(2)], weights_id=coco["id"]
             )
             for i in range(16)
         ]
@@ -212,8 +210,8 @@ def test_a_killed_inference_process_fails_every_waiting_request_with_503_and_the
     before = _stats(service)
     waiting = Calls(
         [
-            lambda i=i: _predict(
-                service, [(f"{i}-{j}.png", _png(i + j)) for j in range(4)], weights_id=coco["id"]
+            partial(
+                _predict, service, [(f"{i}-{j}.png", _png(i + j)) for j in range(4)], weights_id=coco["id"]
             )
             for i in range(6)
         ]
