@@ -72,6 +72,9 @@ class _Child:
     sock: socket.socket
     conn: Connection
     pending: dict[int, Future[dict[str, Any]]] = field(default_factory=dict)
+    # When the child last answered a prediction, export or inspection (`stats` answers say
+    # nothing of the threads that do the work): a busy child makes progress, a hung one does not.
+    progress: float = field(default_factory=time.monotonic)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     stopped: bool = False
 
@@ -133,6 +136,8 @@ class ModelServer:
                 answer: dict[str, Any] = child.conn.recv()
                 with self._lock:
                     future = child.pending.pop(answer.get("id", -1), None)
+                    if not answer.get("stats"):
+                        child.progress = time.monotonic()
                 if future is not None and not future.done():
                     future.set_result(answer)
         except (EOFError, OSError):
@@ -195,20 +200,30 @@ class ModelServer:
         return future, extra, child
 
     def call(self, op: str, *, timeout: float, **payload: Any) -> dict[str, Any]:
-        """Send one request and wait up to `timeout` seconds (plus start-up) for its answer.
+        """Send one request and wait for its answer while the child makes progress: it is taken as
+        hung when `timeout` seconds (plus start-up) pass with neither this answer nor any other
+        (requests queued behind others' batches wait for them; the child answers one after another).
 
         Raises ModelServerError for an error the child reported, ModelServerUnavailable when it
-        died or timed out (it is killed, failing every call in flight; the next call starts a new one).
+        died or hung (it is killed, failing every call in flight; the next call starts a new one).
         """
         future, extra, child = self.submit(op, **payload)
-        try:
-            answer = future.result(timeout + extra)
-        except FutureTimeout:
-            message = f"the inference process did not answer within {timeout + extra:.0f} s"
-            self._stop(child, message)
-            if not future.done():
-                raise ModelServerUnavailable(message) from None
-            answer = future.result()  # the answer (or the failure) won the race
+        limit = timeout + extra
+        sent = time.monotonic()
+        while True:
+            since = max(sent, child.progress)
+            try:
+                answer = future.result(max(0.0, since + limit - time.monotonic()))
+                break
+            except FutureTimeout:
+                if child.progress > since:
+                    continue  # others were answered meanwhile: busy, not hung
+                message = f"the inference process did not answer within {limit:.0f} s"
+                self._stop(child, message)
+                if not future.done():
+                    raise ModelServerUnavailable(message) from None
+                answer = future.result()  # the answer (or the failure) won the race
+                break
         if not answer.get("ok"):
             raise ModelServerError(str(answer.get("kind", "internal")), str(answer.get("message", "")))
         result: dict[str, Any] = answer["result"]
@@ -368,7 +383,7 @@ def _answer_stats(engine: Any, batcher: Any, request_id: Any, replies: _Replies)
         answer = {"ok": True, "result": _stats(engine, batcher)}
     except Exception as exc:
         answer = _error(exc)
-    replies.send(request_id, answer)
+    replies.send(request_id, {**answer, "stats": True})  # not progress of the work (see `_Child`)
 
 
 def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int) -> int:
