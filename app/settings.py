@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     # The API loads a freshly succeeded job's model before anyone asks (`app.prediction.warm`).
     predict_warm: bool = Field(default=True, description="Load new models before their first /predict.")
     predict_warm_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    # Requests for the same model and thresholds that reach the inference process within this window
+    # share one forward pass (`app.ml.batcher`); 0: only requests already queued are merged.
+    predict_batch_window_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="How long a batch waits for more requests (ms)."
+    )
+    # Images per merged forward pass; a request with more runs alone, never split.
+    predict_max_batch_images: int = Field(default=16, ge=1, le=1024, description="Images per merged batch.")
+    # Predictions this API process runs at once (decoding, then waiting for the inference process),
+    # on threads of their own: more get a 503 with Retry-After instead of a thread from the pool
+    # that every other route uses.
+    predict_max_in_flight: int = Field(
+        default=32, ge=1, le=1024, description="Predictions at once; more: 503."
+    )
 
     # JSON bodies (and any body a route reads into memory), `app.limits.JsonBodyLimit`.
     json_max_bytes: int = Field(default=2**20, ge=1024, description="Largest JSON request body.")

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.artifacts.schemas import Artifact, ArtifactList, ExportOptions, ExportOut
 from app.errors import InvalidInput, NotFound, ServiceUnavailable
-from app.inference import call_model_server
+from app.inference import call_model_server, release_connection
 from app.jobs import files
 from app.jobs.service import get_job
 from app.prediction.service import best_checkpoint
@@ -143,6 +143,7 @@ def export_onnx(
     assert job.job_dir is not None  # a job with a checkpoint has a directory
     variant = export_variant(options)
     output = files.export_file(Path(job.job_dir), variant)
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
     result = _export(
         settings, model=job.model, checkpoint=checkpoint, output=output, class_names=None, options=options
     )
@@ -202,6 +203,7 @@ def export_weights(
     checkpoint = weights.existing_file(settings, found)
     variant = export_variant(options)
     output = _weights_export_file(settings, found.id, variant)
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
     result = _export(
         settings,
         model=found.model,

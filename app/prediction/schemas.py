@@ -35,7 +35,13 @@ class PredictResponse(BaseModel):
     images: list[ImagePrediction]
     cached: bool = Field(description="The model was already loaded (no checkpoint read for this request).")
     model_loads: int = Field(description="Checkpoints the inference process has loaded since it started.")
-    inference_ms: float = Field(description="Time in the model pipeline (preprocess, forward, NMS).")
+    inference_ms: float = Field(
+        description="Time in the model pipeline (preprocess, forward, NMS) of the batch this request ran in."
+    )
+    batch_requests: int = Field(
+        description="Requests that shared this one's forward pass, this one included (1: it ran alone)."
+    )
+    batch_images: int = Field(description="Images in that forward pass, this request's and the others'.")
 
 
 class CachedModel(BaseModel):
@@ -53,3 +59,8 @@ class PredictStats(BaseModel):
     model_loads: int
     capacity: int
     cached_models: list[CachedModel]
+    requests: int = Field(default=0, description="Predictions the running process received.")
+    batches: int = Field(default=0, description="Forward passes that answered them.")
+    merged_requests: int = Field(default=0, description="Requests that shared a forward pass with others.")
+    largest_batch: int = Field(default=0, description="Requests in the largest forward pass.")
+    running_models: int = Field(default=0, description="Models with predictions running or queued now.")
