@@ -25,6 +25,7 @@ def model_server(settings: Settings) -> ModelServer:
         device=settings.device,
         batch_window_ms=settings.predict_batch_window_ms,
         max_batch_images=settings.predict_max_batch_images,
+        max_bytes=settings.predict_cache_max_bytes,
     )
 
 

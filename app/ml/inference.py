@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,8 +323,12 @@ class InferenceEngine:
     max_bytes: int | None = None
     # onnxruntime's intra-op threads per session; None: os.cpu_count().
     ort_threads: int | None = None
+    # Called once before the first model loads on the PyTorch path (the inference process makes
+    # super-gradients' device there, so that serving ONNX files alone never imports torch or SG).
+    prepare_torch: Callable[[], object] | None = None
     loads: int = 0
     _models: OrderedDict[ModelKey, LoadedModel] = field(default_factory=OrderedDict)
+    _torch_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, key: ModelKey) -> tuple[LoadedModel, bool]:
         """The model for `key` and whether it was already loaded; loads (and evicts) otherwise."""
@@ -362,6 +368,7 @@ class InferenceEngine:
                 backend=ONNXRUNTIME,
                 nbytes=served.path.stat().st_size,
             )
+        self.ensure_torch()
         model, class_names = load_model(key.model, Path(key.checkpoint), self.device, key.class_names)
         pipeline = build_pipeline(model)
         return LoadedModel(
@@ -373,6 +380,13 @@ class InferenceEngine:
             backend=PYTORCH,
             nbytes=_torch_nbytes(model),
         )
+
+    def ensure_torch(self) -> None:
+        """Run `prepare_torch` if it has not run yet (before anything here uses torch or SG)."""
+        with self._torch_lock:
+            if self.prepare_torch is not None:
+                self.prepare_torch()
+                self.prepare_torch = None
 
     def _evict(self, *, room_for: int) -> None:
         """Drop least recently used models until `room_for` more fit within `capacity` and the held

@@ -22,6 +22,7 @@ This module's top level is the parent side and imports only the standard library
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import logging
 import os
@@ -89,6 +90,8 @@ class ModelServer:
     device: str = "cpu"
     batch_window_ms: float = 5.0
     max_batch_images: int = 16
+    # Bytes the held models may take together (`InferenceEngine.max_bytes`); None: by count only.
+    max_bytes: int | None = None
     starts: int = 0
     _child: _Child | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,6 +113,7 @@ class ModelServer:
                     self.device,
                     str(self.batch_window_ms),
                     str(self.max_batch_images),
+                    str(self.max_bytes or 0),
                 ],
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -247,7 +251,13 @@ _server_lock = threading.Lock()
 
 
 def get_model_server(
-    *, home: Path, capacity: int, device: str, batch_window_ms: float = 5.0, max_batch_images: int = 16
+    *,
+    home: Path,
+    capacity: int,
+    device: str,
+    batch_window_ms: float = 5.0,
+    max_batch_images: int = 16,
+    max_bytes: int | None = None,
 ) -> ModelServer:
     """The API process's one inference process handle (started lazily on its first call)."""
     global _server
@@ -260,6 +270,7 @@ def get_model_server(
                 device=device,
                 batch_window_ms=batch_window_ms,
                 max_batch_images=max_batch_images,
+                max_bytes=max_bytes,
             )
             atexit.register(_server.close)
         return _server
@@ -313,6 +324,7 @@ def _slow(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
     from app.ml.weights import inspect_checkpoint
 
     if request["op"] == "export":
+        engine.ensure_torch()
         result = export_onnx(
             request["model"],
             Path(request["checkpoint"]),
@@ -321,6 +333,9 @@ def _slow(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
             iou=request["iou"],
             device=engine.device,
             class_names=request.get("class_names"),
+            input_size=request.get("input_size"),
+            batch_size=request.get("batch_size", 1),
+            fp16=request.get("fp16", False),
         )
         return {"ok": True, "result": asdict(result)}
     # Unpickling someone's file happens here, never in the API process (weights_only=True).
@@ -365,6 +380,20 @@ def _predict(batcher: Any, request: dict[str, Any], replies: _Replies) -> None:
     )
 
 
+def _preload(engine: Any, batcher: Any, request: dict[str, Any], replies: _Replies) -> None:
+    """Load a model into the cache ahead of its first prediction (`app.prediction.warm`)."""
+    from app.ml.inference import ModelKey
+
+    try:
+        key = ModelKey.of(request["model"], Path(request["checkpoint"]), request.get("class_names"))
+        with batcher.load_lock:
+            loaded, cached = engine.get(key)
+        answer = {"ok": True, "result": {"backend": loaded.backend, "cached": cached}}
+    except Exception as exc:
+        answer = _error(exc)
+    replies.send(request.get("id"), answer)
+
+
 def _stats(engine: Any, batcher: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -405,6 +434,11 @@ def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int
                 _predict(batcher, request, replies)
             elif op in ("export", "inspect"):
                 slow.put(request)
+            elif op == "preload":
+                # Loading takes a while: on a thread, like a runner's load.
+                threading.Thread(
+                    target=_preload, args=(engine, batcher, request, replies), name="preload", daemon=True
+                ).start()
             elif op == "stats":
                 # Waits for a model being loaded (its lock): on a thread, never in this loop.
                 threading.Thread(
@@ -419,24 +453,35 @@ def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int
 
 
 def main(argv: list[str]) -> int:
-    """Child entry point: `python -m app.ml.model_server FD CAPACITY DEVICE [WINDOW_MS MAX_BATCH_IMAGES]`."""
+    """Child entry point:
+    `python -m app.ml.model_server FD CAPACITY DEVICE [WINDOW_MS MAX_BATCH_IMAGES [MAX_BYTES]]`."""
     fd, capacity, requested_device = int(argv[0]), int(argv[1]), argv[2]
     window_ms = float(argv[3]) if len(argv) > 3 else 5.0
     max_batch_images = int(argv[4]) if len(argv) > 4 else 16
+    max_bytes = (int(argv[5]) or None) if len(argv) > 5 else None
     # The parent kills us when it needs to; SIGINT from a terminal's Ctrl-C is the API's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     start = time.perf_counter()
     from app.ml.inference import InferenceEngine
 
-    try:
-        device = setup_device(requested_device)
-    except ValueError as exc:
-        # A configuration error, not a crash: stay up and say so to every request, rather than
-        # die and be restarted (seconds of imports) for each one.
-        print(f"inference process {os.getpid()} cannot serve: {exc}", flush=True)
-        return _refuse_all(conn, str(exc))
-    engine = InferenceEngine(capacity=capacity, device=device)
+    if requested_device == "cpu":
+        # torch and super-gradients (seconds to import) only with the first model onnxruntime cannot
+        # serve: a process serving exported models starts in well under a second.
+        device = "cpu"
+        prepare_torch = functools.partial(setup_device, "cpu")
+    else:
+        try:
+            device = setup_device(requested_device)
+        except ValueError as exc:
+            # A configuration error, not a crash: stay up and say so to every request, rather than
+            # die and be restarted (seconds of imports) for each one.
+            print(f"inference process {os.getpid()} cannot serve: {exc}", flush=True)
+            return _refuse_all(conn, str(exc))
+        prepare_torch = None
+    engine = InferenceEngine(
+        capacity=capacity, device=device, max_bytes=max_bytes, prepare_torch=prepare_torch
+    )
     print(
         f"inference process {os.getpid()} ready on {device} in {time.perf_counter() - start:.1f} s "
         f"(batches: {window_ms:g} ms window, up to {max_batch_images} images)",
