@@ -206,6 +206,8 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
         from app.ml.training import run_training
 
         result = run_training(config, reporter)
+        if settings.serving_export:
+            _export_for_serving(spec.model, job_dir, reporter)
         return {
             "status": JobStatus.succeeded,
             "device": result.device,
@@ -243,6 +245,29 @@ def train(settings: Settings, job_id: str, attempt: int) -> dict[str, Any]:
         reporter.close()
         if reporter.lost:
             raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
+
+
+def _export_for_serving(model: str, job_dir: Path, reporter: DbReporter) -> None:
+    """Export the best checkpoint for onnxruntime (`app.ml.export.export_job_for_serving`) before the
+    job is recorded as succeeded, so the API's warmer finds the fast path ready at once; a failure is
+    an event, and PyTorch serves the model."""
+    from app.ml.export import export_job_for_serving
+
+    try:
+        exported = export_job_for_serving(model, job_dir)
+    except Exception as exc:  # SG and torch raise many types; the job's result stands either way
+        reporter.event(
+            f"serving export failed, /predict uses PyTorch for this model: {type(exc).__name__}: {exc}",
+            level="warning",
+        )
+        return
+    if exported is not None:
+        name = Path(exported.path).name
+        reporter.event(
+            f"exported for serving with onnxruntime in {exported.seconds:.1f} s "
+            f"({name}, {exported.size / 2**20:.1f} MiB)",
+            data={"serving_onnx": name, "seconds": round(exported.seconds, 3)},
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from app.ml.inference import load_model
-from app.ml.layout import temp_path
+from app.ml.layout import BEST_CHECKPOINT, run_dirs, serving_onnx_path, temp_path
 from app.ml.ort import SPEC_KEY, PostProcessing, ServingSpec
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
@@ -298,3 +298,21 @@ def _serving_spec_of(path: Path) -> ServingSpec:
     if SPEC_KEY not in props:
         raise ExportError(f"{path.name} carries no serving spec")
     return ServingSpec.from_json(props[SPEC_KEY])
+
+
+def best_checkpoint_of(job_dir: Path) -> Path | None:
+    """The newest `ckpt_best.pth` among the job's run directories (the one /predict serves)."""
+    found = [
+        run_dir / BEST_CHECKPOINT for run_dir in run_dirs(job_dir) if (run_dir / BEST_CHECKPOINT).is_file()
+    ]
+    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def export_job_for_serving(model_name: str, job_dir: Path) -> ServingExport | None:
+    """Export a finished training's best checkpoint for serving, next to it
+    (`layout.serving_onnx_path`); None when the run left no best checkpoint. Raises as
+    `export_for_serving` does."""
+    checkpoint = best_checkpoint_of(job_dir)
+    if checkpoint is None:
+        return None
+    return export_for_serving(model_name, checkpoint, serving_onnx_path(checkpoint))

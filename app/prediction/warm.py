@@ -1,12 +1,12 @@
 """The model warmer: a freshly succeeded job's model is loaded into the inference process before
 anyone asks for it, so the first /predict after success is as fast as the next ones.
 
-One daemon thread per API process polls the database every `predict_warm_poll_seconds` for jobs
-that succeeded since it last looked (the worker exports the serving ONNX before it records success,
-so the model loads on the onnxruntime path when that export worked) and asks the inference process
-to load each one's best checkpoint (op `preload`: the same load a /predict would do, into the same
-bounded cache). Jobs that succeeded before this process started are not loaded: a restart must not
-fill the cache with models nobody asked for.
+One daemon thread per API process starts the inference process, then polls the database every
+`predict_warm_poll_seconds` for jobs that succeeded since it last looked (the worker exports the
+serving ONNX before it records success, so the model loads on the onnxruntime path when that export
+worked) and asks the inference process to load each one's best checkpoint (op `preload`: the same
+load a /predict would do, into the same bounded cache). Jobs that succeeded before this process
+started are not loaded: a restart must not fill the cache with models nobody asked for.
 
 A failure to warm is logged and forgotten: /predict loads the model itself, as it would without
 the warmer.
@@ -60,6 +60,13 @@ def warm_new_models(settings: Settings, *, since: datetime) -> datetime:
 def run_forever(settings: Settings, *, stop: threading.Event) -> None:
     """Warm new models every `predict_warm_poll_seconds` until `stop` is set."""
     since = utcnow()
+    try:
+        # The inference process starts now rather than with the first model to warm: on the CPU it
+        # imports neither torch nor SG until a model needs them (under a second), on a GPU it makes
+        # the device ready (seconds) while nobody waits.
+        call_model_server(settings, "stats", timeout=PRELOAD_TIMEOUT_SECONDS)
+    except AppError as exc:
+        logger.warning("could not start the inference process: %s", exc)
     while not stop.wait(settings.predict_warm_poll_seconds):
         try:
             since = warm_new_models(settings, since=since)
