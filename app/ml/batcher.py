@@ -57,6 +57,7 @@ class BatchAnswer:
     cached: bool
     model_loads: int
     seconds: float
+    backend: str
     batch_requests: int
     batch_images: int
 
@@ -180,6 +181,7 @@ class Batcher:
                     cached=cached,
                     model_loads=loads,
                     seconds=seconds,
+                    backend=str(getattr(loaded, "backend", "pytorch")),
                     batch_requests=len(batch),
                     batch_images=len(images),
                 ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -42,12 +44,18 @@ class PredictResponse(BaseModel):
         description="Requests that shared this one's forward pass, this one included (1: it ran alone)."
     )
     batch_images: int = Field(description="Images in that forward pass, this request's and the others'.")
+    backend: Literal["onnxruntime", "pytorch"] = Field(
+        description="What ran the model: onnxruntime on the job's serving export, or super-gradients' "
+        "PyTorch pipeline (a model without one)."
+    )
 
 
 class CachedModel(BaseModel):
     model: str
     checkpoint: str
     load_seconds: float
+    backend: str = Field(default="pytorch", description="onnxruntime or pytorch.")
+    nbytes: int = Field(default=0, description="Memory the model holds, roughly.")
 
 
 class PredictStats(BaseModel):
@@ -58,6 +66,8 @@ class PredictStats(BaseModel):
     process_starts: int
     model_loads: int
     capacity: int
+    max_bytes: int | None = Field(default=None, description="The cache's memory bound (bytes).")
+    held_bytes: int = Field(default=0, description="Memory the held models take, roughly.")
     cached_models: list[CachedModel]
     requests: int = Field(default=0, description="Predictions the running process received.")
     batches: int = Field(default=0, description="Forward passes that answered them.")

@@ -227,6 +227,7 @@ def predict(
         model_loads=result["model_loads"],
         inference_ms=round(result["seconds"] * 1000, 2),
         batch_requests=result["batch_requests"],
+        backend=result["backend"],
         batch_images=result["batch_images"],
     )
     record_prediction(
