@@ -95,10 +95,6 @@ def test_fp16_on_a_cpu_server_is_refused(service: Service, job: dict[str, Any]) 
     assert not any("fp16" in name for name in exports)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.ml.model_server's export op does not pass input_size/batch_size/fp16 to export_onnx yet",
-)
 def test_input_size_and_batch_are_exported(service: Service, job: dict[str, Any], tmp_path: Path) -> None:
     export = _export(service, f"/jobs/{job['id']}/export", {"input_size": [96, 128], "batch_size": 2})
     assert export["artifact"]["name"] == "export/model-96x128-b2-conf0.25-iou0.65.onnx"
