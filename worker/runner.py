@@ -12,7 +12,6 @@ exited, so one worker never runs two trainings.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from app.ml.sg_setup import child_environment
 from app.process import die_with_parent
 from app.settings import Settings
 from worker.outcome import LEASE_LOST, record_outcome
-from worker.standby import STARTED_FD_VARIABLE, StandbySlot, signalled
+from worker.standby import StandbySlot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,8 +82,7 @@ def run_training_process(
     """Train a claimed attempt in a child process, supervise it, and record the outcome.
 
     With `standby`, the attempt goes to its spare training process when it has a usable one (else
-    to a fresh one, as without), and a new spare is started once this training has finished its
-    first batch (or has ended), for the next attempt.
+    to a fresh one, as without); the caller starts the next spare once this returns.
 
     Returns the job's status, `HANDED_BACK` when `shutdown` was set (the worker is stopping: the job
     goes back to the queue at once, for another worker to resume), or `LEASE_LOST` when the job moved
@@ -93,43 +91,10 @@ def run_training_process(
     job_dir.mkdir(parents=True, exist_ok=True)
     env = child_environment(files.sg_log_dir(job_dir), extra=settings.as_env())
     spare = standby.take(env, job_id=job_id, attempt=attempt) if standby is not None else None
-    started_fd: int | None
     if spare is not None:
         logger.info("job %s: attempt %d runs in standby training process %d", job_id, attempt, spare.proc.pid)
-        proc, started_fd = spare.proc, spare.started_fd
+        proc = spare.proc
     else:
-        proc, started_fd = _start_fresh(
-            env, job_id=job_id, attempt=attempt, job_dir=job_dir, signal=standby is not None
-        )
-    try:
-        return _supervise(
-            settings,
-            proc,
-            job_id=job_id,
-            attempt=attempt,
-            job_dir=job_dir,
-            shutdown=shutdown,
-            on_started=(lambda: standby.fill(settings)) if standby is not None else None,
-            started_fd=started_fd,
-        )
-    finally:
-        if started_fd is not None:
-            os.close(started_fd)
-        if spare is not None:
-            shutil.rmtree(spare.directory, ignore_errors=True)
-
-
-def _start_fresh(
-    env: dict[str, str], *, job_id: str, attempt: int, job_dir: Path, signal: bool
-) -> tuple[subprocess.Popen[bytes], int | None]:
-    """A new training process for the attempt, and (with `signal`) the read end of its started pipe."""
-    read_fd: int | None = None
-    pass_fds: tuple[int, ...] = ()
-    if signal:
-        read_fd, write_fd = os.pipe()
-        env = {**env, STARTED_FD_VARIABLE: str(write_fd)}
-        pass_fds = (write_fd,)
-    try:
         with open(files.console_log(job_dir), "ab") as console:
             proc = subprocess.Popen(
                 [*TRAIN_COMMAND, job_id, str(attempt)],
@@ -139,17 +104,13 @@ def _start_fresh(
                 env=env,
                 cwd=job_dir,
                 start_new_session=True,
-                pass_fds=pass_fds,
                 preexec_fn=die_with_parent(),
             )
-    except BaseException:
-        if read_fd is not None:
-            os.close(read_fd)
-        raise
+    try:
+        return _supervise(settings, proc, job_id=job_id, attempt=attempt, job_dir=job_dir, shutdown=shutdown)
     finally:
-        for fd in pass_fds:
-            os.close(fd)
-    return proc, read_fd
+        if spare is not None:  # its folder, now that it has exited
+            shutil.rmtree(spare.directory, ignore_errors=True)
 
 
 def _supervise(
@@ -160,8 +121,6 @@ def _supervise(
     attempt: int,
     job_dir: Path,
     shutdown: threading.Event | None,
-    on_started: Callable[[], None] | None,
-    started_fd: int | None,
 ) -> str:
     killed_for_cancel = False
     stalled_for: float | None = None
@@ -178,9 +137,6 @@ def _supervise(
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if on_started is not None and started_fd is not None and signalled(started_fd):
-                on_started()  # past its start: the next spare's imports no longer slow this one
-                on_started = None
             if recorded_at is not None:
                 if time.monotonic() - recorded_at > LEASE_LOST_GRACE_SECONDS:
                     _stop(proc)  # its outcome is recorded; a teardown that hangs must not hold the worker

@@ -11,9 +11,9 @@ attempt ends: nothing a training sets process-wide reaches the next job.
 
 A spare that died, or was started with another environment or older code than a training process
 would get now, is discarded and the attempt starts a fresh process, as without a spare. The next
-spare is started once the running training has finished its first batch (it signals that on a pipe,
-`STARTED_FD_VARIABLE`), or when it ends, so that its imports do not compete with the training's
-start for the CPU.
+spare is started when the worker starts and whenever a training ends, not while one runs: its
+seconds of imports would take CPU from that training (measured on 2 cores). A job claimed while the
+spare still imports is handed to it all the same: it starts as soon as the imports are done.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ import hashlib
 import json
 import logging
 import os
-import select
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +49,8 @@ STANDBY_SG_LOGS = "logs"
 # that `ps` (and whoever looks for a job's training process by its command line) sees them.
 STANDBY_ARG = "--standby" + "=" * 96
 STANDBY_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process", STANDBY_ARG]
-# The training process writes one byte to this file descriptor when its first batch has ended.
-STARTED_FD_VARIABLE = "SGJOBS_STARTED_FD"
-# Variables that differ between two training processes of the same worker by design.
-_PER_PROCESS_VARIABLES = ("SUPER_GRADIENTS_LOG_DIR", STARTED_FD_VARIABLE)
+# The variable that differs between two training processes of the same worker by design.
+_PER_PROCESS_VARIABLES = ("SUPER_GRADIENTS_LOG_DIR",)
 
 
 def code_stamp() -> int:
@@ -74,50 +70,22 @@ def environment_key(env: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps([kept, code_stamp()]).encode()).hexdigest()
 
 
-def started_signal() -> Callable[[], None] | None:
-    """In a training process: the function that tells its worker the first batch has ended (once),
-    or None when the worker did not ask for it."""
-    value = os.environ.get(STARTED_FD_VARIABLE)
-    if not value or not value.isdigit():
-        return None
-    fd = int(value)
-
-    def signal_started() -> None:
-        try:
-            os.write(fd, b"1")
-            os.close(fd)
-        except OSError:
-            pass  # the worker stopped listening (its attempt ended): nothing to tell
-
-    return signal_started
-
-
-def signalled(fd: int) -> bool:
-    """True once the training process holding `fd`'s other end wrote to it or exited (never blocks)."""
-    readable, _, _ = select.select([fd], [], [], 0)
-    return bool(readable)
-
-
 @dataclass
 class Standby:
-    """A spare training process: its process, its folder, what it was started with, and the read end
-    of its started pipe."""
+    """A spare training process: its process, its folder and what it was started with."""
 
     proc: subprocess.Popen[bytes]
     directory: Path
     key: str
-    started_fd: int
 
     def discard(self) -> None:
-        """Stop the process (if alive) and remove its folder and pipe."""
+        """Stop the process (if alive) and remove its folder."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
-        with contextlib.suppress(OSError):
-            os.close(self.started_fd)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -128,8 +96,6 @@ def start_standby(settings: Settings) -> Standby:
     directory = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
     env = child_environment(directory / STANDBY_SG_LOGS, extra=settings.as_env())
     key = environment_key(env)
-    read_fd, write_fd = os.pipe()
-    env[STARTED_FD_VARIABLE] = str(write_fd)
     try:
         with open(directory / STANDBY_OUTPUT, "ab") as output:
             proc = subprocess.Popen(
@@ -140,19 +106,15 @@ def start_standby(settings: Settings) -> Standby:
                 env=env,
                 cwd=directory,
                 start_new_session=True,
-                pass_fds=(write_fd,),
                 # Started by the worker's main thread (the solo pool's task thread), which lives as long
                 # as the worker: the signal comes when the worker dies.
                 preexec_fn=die_with_parent(),
             )
     except BaseException:
-        os.close(read_fd)
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    finally:
-        os.close(write_fd)
     logger.info("started a standby training process (pid %d)", proc.pid)
-    return Standby(proc=proc, directory=directory, key=key, started_fd=read_fd)
+    return Standby(proc=proc, directory=directory, key=key)
 
 
 class StandbySlot:

@@ -46,4 +46,4 @@ def train_job(self: object, job_id: str) -> str:
     finally:
         STATE.idle()
         if not STATE.stopping.is_set():
-            SLOT.fill(settings)  # usually started already, once the training had its first batch
+            SLOT.fill(settings)  # for the next job, now that no training needs the CPU

@@ -13,6 +13,7 @@ nothing more.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from app.weights import service as weights
 from app.weights.models import Weights
 from worker.outcome import LEASE_LOST_EXIT, record_outcome, write_result
 from worker.reporter import DbReporter
-from worker.standby import READY_FILE, STANDBY_ARG, started_signal
+from worker.standby import READY_FILE, STANDBY_ARG
 
 logger = logging.getLogger("sgjobs.train")
 # When this process started (ISO 8601, UTC), for the warm-start event.
@@ -129,7 +130,6 @@ def train(
         lease_seconds=settings.lease_seconds,
         interval=settings.report_interval_seconds,
         watch=spec.training.metric_to_watch,
-        on_first_batch=started_signal(),
     ).start()
     if standby is not None:
         reporter.event(
@@ -300,9 +300,15 @@ def _standby(settings: Settings) -> tuple[str, int, dict[str, Any]] | None:
 
     started = time.monotonic()
     device = prewarm(settings.device)
-    (Path.cwd() / READY_FILE).write_text(f"{time.monotonic() - started:.2f}\n")
+    # What the imports made lives as long as the process: out of the collector's sight, a full
+    # collection (while the job indexes its dataset, say) no longer walks over it.
+    gc.collect()
+    gc.freeze()
+    ready_file = Path.cwd() / READY_FILE
+    ready_file.write_text(f"{time.monotonic() - started:.2f}\n")
     ready = time.monotonic()
     line = sys.stdin.readline()
+    ready_file.unlink(missing_ok=True)
     if not line:
         return None
     assignment = json.loads(line)
