@@ -299,7 +299,13 @@ def _standby(settings: Settings) -> tuple[str, int, dict[str, Any]] | None:
     from app.ml.training import prewarm
 
     started = time.monotonic()
-    device = prewarm(settings.device)
+    device: str | None = None
+    try:
+        device = prewarm(settings.device)
+    except Exception:
+        # (A device that cannot be set up, say.) The attempt meets the same error where a fresh
+        # process would, and fails as it would there.
+        traceback.print_exc()
     # What the imports made lives as long as the process: out of the collector's sight, a full
     # collection (while the job indexes its dataset, say) no longer walks over it.
     gc.collect()

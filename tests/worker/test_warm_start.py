@@ -18,8 +18,10 @@ import psutil
 import pytest
 
 from app.jobs import files
+from app.ml.sg_setup import child_environment
+from app.settings import Settings
 from tests.support import Service, make_shapes, tiny_spec
-from worker.standby import READY_FILE, STANDBY_ARG, STANDBY_DIR
+from worker.standby import READY_FILE, STANDBY_ARG, STANDBY_DIR, StandbySlot
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
 
@@ -113,3 +115,21 @@ def test_a_dead_spare_is_replaced_by_a_fresh_training_process(service: Service, 
     assert done["status"] == "succeeded", (done, service.events(job["id"]))
     assert _warm_event(service, job["id"]) is None
     assert _ready_spare(service).pid != spare.pid
+
+
+def test_a_spare_started_with_another_environment_is_discarded(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    slot = StandbySlot()
+    slot.fill(settings)
+    spare = slot.spare
+    assert spare is not None and spare.proc.poll() is None
+    try:
+        # What a training process for the attempt would get now: a setting changed since.
+        changed = settings.model_copy(update={"jobs_dir": tmp_path / "elsewhere"})
+        env = child_environment(tmp_path / "job" / "logs", extra=changed.as_env())
+        assert slot.take(env, job_id="j", attempt=1) is None
+        assert spare.proc.poll() is not None and not spare.directory.exists()
+        assert slot.spare is None
+    finally:
+        slot.close()
+        spare.discard()
