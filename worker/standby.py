@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,11 +90,34 @@ class Standby:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _host() -> str:
+    # Workers on other hosts (containers) may share the home: their pids mean nothing here.
+    return socket.gethostname().replace("@", "_").replace("/", "_")
+
+
+def _remove_orphans(root: Path) -> None:
+    """Remove the folders of spares whose worker on this host is gone (killed: its spare got SIGTERM,
+    its folder stayed). A folder's name is `HOST@PID-` of its worker and a random part."""
+    host = _host()
+    for folder in root.iterdir():
+        owner_host, _, rest = folder.name.rpartition("@")
+        pid = rest.split("-", 1)[0]
+        if owner_host != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass  # alive (another user's): not ours to judge
+
+
 def start_standby(settings: Settings) -> Standby:
     """Start a spare training process for `settings`; it imports in the background."""
     root = settings.home / STANDBY_DIR
     root.mkdir(parents=True, exist_ok=True)
-    directory = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    _remove_orphans(root)
+    directory = Path(tempfile.mkdtemp(prefix=f"{_host()}@{os.getpid()}-", dir=root))
     env = child_environment(directory / STANDBY_SG_LOGS, extra=settings.as_env())
     key = environment_key(env)
     try:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +24,7 @@ from app.jobs import files
 from app.ml.sg_setup import child_environment
 from app.settings import Settings
 from tests.support import Service, make_shapes, tiny_spec
-from worker.standby import READY_FILE, STANDBY_ARG, STANDBY_DIR, StandbySlot
+from worker.standby import READY_FILE, STANDBY_ARG, STANDBY_DIR, STANDBY_OUTPUT, StandbySlot
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
 
@@ -133,3 +136,21 @@ def test_a_spare_started_with_another_environment_is_discarded(tmp_path: Path) -
     finally:
         slot.close()
         spare.discard()
+
+
+def test_folders_of_spares_whose_worker_is_gone_are_removed(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = settings.home / STANDBY_DIR / f"{socket.gethostname()}@{gone.pid}-x"
+    elsewhere = settings.home / STANDBY_DIR / f"another-host@{gone.pid}-x"
+    for folder in (orphan, elsewhere):
+        (folder / STANDBY_OUTPUT).parent.mkdir(parents=True)
+        (folder / READY_FILE).write_text("1\n")
+    slot = StandbySlot()
+    try:
+        slot.fill(settings)
+        assert slot.spare is not None and slot.spare.directory.is_dir()
+        assert not orphan.exists() and elsewhere.exists()
+    finally:
+        slot.close()
