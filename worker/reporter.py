@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -42,9 +41,7 @@ class DbReporter:
         lease_seconds: float,
         interval: float,
         watch: str | None = None,
-        on_first_batch: Callable[[], None] | None = None,
     ) -> None:
-        self._on_first_batch = on_first_batch
         self._database_url = database_url
         self._job_id = job_id
         self._attempt = attempt
@@ -106,9 +103,6 @@ class DbReporter:
     def progress(self, *, epoch: int, max_epochs: int, batch: int, batches_per_epoch: int) -> None:
         with self._lock:
             self._progress = {"epoch": epoch, "batch": batch, "batches_per_epoch": batches_per_epoch}
-        if self._on_first_batch is not None:
-            first, self._on_first_batch = self._on_first_batch, None
-            first()
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         with self._lock:

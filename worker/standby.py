@@ -12,7 +12,7 @@ attempt ends: nothing a training sets process-wide reaches the next job.
 A spare that died, or was started with another environment or older code than a training process
 would get now, is discarded and the attempt starts a fresh process, as without a spare. The next
 spare is started when the worker starts and whenever a training ends, not while one runs: its
-seconds of imports would take CPU from that training (measured on 2 cores). A job claimed while the
+seconds of imports would take CPU from that training (seen on 2 cores). A job claimed while the
 spare still imports is handed to it all the same: it starts as soon as the imports are done.
 """
 
@@ -40,7 +40,7 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 # Under the service's home: one folder per spare (its output and super-gradients' logs until it has
-# a job), removed when the spare takes a job or is discarded.
+# a job), removed when the training it took ends or it is discarded.
 STANDBY_DIR = "standby"
 # Written into a spare's folder once it has imported everything and waits (the benchmark waits for it).
 READY_FILE = "ready"
