@@ -8,7 +8,8 @@ Runs in the inference process (`app.ml.model_server`) or the worker. Two things 
   with a message instead (it is a declared dependency).
 - torch >= 2.9 defaults `torch.onnx.export` to `dynamo=True`, which SG's TorchScript-style call
   cannot turn off; we pass `dynamo=False` by wrapping `torch.onnx.export` for the duration of
-  the call only (the inference process runs one request at a time).
+  the call only (exports run one at a time, on the inference process's one export thread, and
+  nothing else there calls `torch.onnx.export`).
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ def build_pipeline(model: Any, *, conf: float = DEFAULT_CONF, iou: float = DEFAU
 
 
 def set_thresholds(pipeline: Any, *, conf: float, iou: float) -> None:
-    """Change the score and NMS thresholds of a held pipeline (one request at a time per process)."""
+    """Change the score and NMS thresholds of a held pipeline (one batch at a time per model, on its
+    runner thread)."""
     callback = pipeline.post_prediction_callback
     callback.score_threshold = float(conf)
     callback.nms_threshold = float(iou)
