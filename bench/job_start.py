@@ -39,10 +39,10 @@ from bench.harness import (
     parse_time,
     remove_job_dir,
     services,
+    wait_for_spare,
     workspace,
 )
 from bench.harness import job_spec as make_job_spec
-from worker.standby import READY_FILE, STANDBY_DIR
 
 DEFAULTS = Size(images=96, val_images=16, input_size=64, epochs=2, batch_size=8, repeats=3)
 SMOKE = Size(images=16, val_images=8, input_size=64, epochs=2, batch_size=8, repeats=1)
@@ -51,19 +51,6 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("dataset_s", "dataset ready"),
     ("sg_import_model_s", "training "),
 )
-
-# The longest wait for the worker's spare training process to be ready before a start.
-SPARE_WAIT_S = 120.0
-
-
-def wait_for_spare(service: Any, timeout: float = SPARE_WAIT_S) -> bool:
-    """Wait until the service's worker has a spare training process that waits for a job."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any((service.home / STANDBY_DIR).glob(f"*/{READY_FILE}")):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def first_batch(service: Any, job_id: str, timeout: float = 600) -> float:
