@@ -154,6 +154,9 @@ class StandbySlot:
     def fill(self, settings: Settings) -> None:
         """Start a spare unless a live one waits already; never raises (the next attempt would then
         start a fresh process)."""
+        if not settings.training_spare:
+            self.close()
+            return
         if self._spare is not None and self._spare.proc.poll() is None:
             return
         self.close()

@@ -47,7 +47,7 @@ def download_artifact(
     return FileResponse(path, filename=PurePosixPath(name).name, media_type="application/octet-stream")
 
 
-@router.post("/{job_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
+@router.post("/{job_id}/export", response_model=ExportOut, responses=problems(400, 404, 409, 422, 503))
 async def export_job(
     job_id: ObjectId,
     session: SessionDep,
@@ -91,7 +91,9 @@ def download_weights_artifact(
     return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
 
-@weights_router.post("/{weights_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
+@weights_router.post(
+    "/{weights_id}/export", response_model=ExportOut, responses=problems(400, 404, 409, 422, 503)
+)
 async def export_weights(
     weights_id: ObjectId,
     session: SessionDep,

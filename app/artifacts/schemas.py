@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
@@ -40,7 +40,10 @@ class ExportOptions(BaseModel):
     batch_size: int = Field(default=1, ge=1, le=64, description="Images per call of the exported model.")
     conf: float = Field(default=DEFAULT_CONF, ge=0.0, le=1.0, description="Score threshold inside the model.")
     iou: float = Field(default=DEFAULT_IOU, gt=0.0, le=1.0, description="NMS IoU threshold inside the model.")
-    fp16: bool = Field(default=False, description="Half-precision weights; needs a server with a CUDA GPU.")
+    # Strict: 0 or "yes" are not a boolean here (the document says boolean).
+    fp16: StrictBool = Field(
+        default=False, description="Half-precision weights; needs a server with a CUDA GPU."
+    )
 
 
 class ExportOut(BaseModel):

@@ -1,14 +1,18 @@
 """A succeeded job's model is exported for onnxruntime by its training and loaded by the API's warmer
-before anyone asks: its first /predict finds it held, on the onnxruntime path (the defaults)."""
+before anyone asks: its first /predict finds it held, on the onnxruntime path (the defaults, on a
+service of this module's own: the shared test services do not export)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from app.testing import Backend
+from tests.conftest import started_service
 from tests.prediction.helpers import encode, scene
 from tests.support import Service, make_shapes, tiny_spec
 from tests.weights.test_router import upload
@@ -18,13 +22,22 @@ pytestmark = pytest.mark.slow  # trains a job (about 30 s on 2 CPU cores)
 DATASET = "warm-shapes"
 
 
+@pytest.fixture(scope="module")
+def exporting(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service with the shipped defaults for serving: exported on success, warmed."""
+    home = tmp_path_factory.mktemp(f"warm-{backend.name}")
+    with started_service(backend, home, serving_export=True, predict_warm=True) as running:
+        yield running
+
+
 def _held(service: Service, checkpoint: str) -> dict[str, Any] | None:
     stats = service.client.get("/predict/stats").json()
     return next((m for m in stats["cached_models"] if m["checkpoint"] == checkpoint), None)
 
 
 @pytest.mark.backends("sqlite")
-def test_a_succeeded_jobs_model_is_loaded_on_onnxruntime_before_its_first_request(service: Service) -> None:
+def test_a_succeeded_jobs_model_is_loaded_on_onnxruntime_before_its_first_request(exporting: Service) -> None:
+    service = exporting
     make_shapes(service.datasets_dir, DATASET, splits=(("train", 16), ("valid", 8)), max_size=112)
     spec = tiny_spec(DATASET, name="warm", input_size=[64, 64], training={"max_epochs": 1, "batch_size": 8})
     job = service.wait(service.submit(spec)["id"], timeout=600)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,21 @@ import pytest
 from app.jobs import files
 from app.ml.sg_setup import child_environment
 from app.settings import Settings
+from app.testing import Backend
+from tests.conftest import started_service
 from tests.support import Service, make_shapes, tiny_spec
 from worker.standby import READY_FILE, STANDBY_ARG, STANDBY_DIR, STANDBY_OUTPUT, StandbySlot
 
 pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
+
+
+@pytest.fixture(scope="module")
+def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """This module's own service, with the shipped default of a spare training process per worker."""
+    with started_service(
+        backend, tmp_path_factory.mktemp(f"spare-{backend.name}"), training_spare=True
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
