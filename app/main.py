@@ -26,6 +26,7 @@ from app.limits import JsonBodyLimit
 from app.observability.middleware import RequestMetrics
 from app.observability.router import router as observability_router
 from app.openapi import install_openapi, operation_id, problems
+from app.prediction import warm as model_warmer
 from app.prediction.router import document_limits as document_predict_limits
 from app.prediction.router import router as prediction_router
 from app.security import RequestGuard, allowed_hosts
@@ -60,11 +61,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Webhook messages are sent from here too, so a job cancelled while no worker runs is reported.
     stop = threading.Event()
     webhooks = webhook_sender.start(settings, note=lifecycle.note, stop=stop)
+    warmer = model_warmer.start(settings, stop=stop)
     try:
         yield
     finally:
         stop.set()
         webhooks.join(timeout=settings.webhook_timeout_seconds)
+        if warmer is not None:
+            warmer.join(timeout=5)
 
 
 def create_app() -> FastAPI:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     dataloader_workers: int = Field(default=0, ge=0, le=64)
+    # Each worker keeps one training process that has imported super-gradients waiting for its next
+    # job (`worker.standby`): a job starts in about a second instead of several. It holds about 1 GB
+    # of memory (and a CUDA context on a GPU); off: each attempt starts a fresh process.
+    training_spare: bool = Field(default=True, description="Keep a spare training process per worker.")
     # The supervising worker renews its job's lease this often (the training process renews it too,
     # with every write it makes).
     heartbeat_seconds: float = Field(default=5.0, gt=0)
@@ -71,6 +75,12 @@ class Settings(BaseSettings):
 
     # Prediction (`/predict`).
     predict_cache_size: int = Field(default=4, ge=1, le=64, description="Models held ready for /predict.")
+    predict_cache_max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=2**20,
+        description="Memory the models held ready for /predict may take together (roughly: ONNX file "
+        "sizes, or twice a PyTorch model's weights); least recently used ones are dropped beyond it.",
+    )
     predict_max_request_bytes: int = Field(default=64 * 2**20, ge=1024)
     predict_max_images: int = Field(default=32, ge=1, le=1024)
     predict_max_image_pixels: int = Field(default=50_000_000, ge=1, description="Decompression-bomb guard.")
@@ -78,6 +88,25 @@ class Settings(BaseSettings):
     # files can decode to gigabytes.
     predict_max_total_pixels: int = Field(
         default=100_000_000, ge=1, description="Pixels of all the images of one request."
+    )
+    # A job that succeeds is exported for serving (an ONNX file that onnxruntime runs, `/predict`'s
+    # fast path) by its training process before it is recorded as succeeded; off: PyTorch serves it.
+    serving_export: bool = Field(default=True, description="Export each succeeded job for onnxruntime.")
+    # The API loads a freshly succeeded job's model before anyone asks (`app.prediction.warm`).
+    predict_warm: bool = Field(default=True, description="Load new models before their first /predict.")
+    predict_warm_poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    # Requests for the same model and thresholds that reach the inference process within this window
+    # share one forward pass (`app.ml.batcher`); 0: only requests already queued are merged.
+    predict_batch_window_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="How long a batch waits for more requests (ms)."
+    )
+    # Images per merged forward pass; a request with more runs alone, never split.
+    predict_max_batch_images: int = Field(default=16, ge=1, le=1024, description="Images per merged batch.")
+    # Predictions this API process runs at once (decoding, then waiting for the inference process),
+    # on threads of their own: more get a 503 with Retry-After instead of a thread from the pool
+    # that every other route uses.
+    predict_max_in_flight: int = Field(
+        default=32, ge=1, le=1024, description="Predictions at once; more: 503."
     )
 
     # JSON bodies (and any body a route reads into memory), `app.limits.JsonBodyLimit`.

@@ -33,6 +33,7 @@ from app import testing
 from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
 from app.process import die_with_parent
 from app.testing import Backend
+from worker.standby import READY_FILE, STANDBY_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("SGJOBS_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -603,3 +604,17 @@ def describe(opts: Options) -> str:
 
 def target(ok: bool) -> str:
     return "yes" if ok else "**no**"
+
+
+# The longest wait for the worker's spare training process to be ready before a start.
+SPARE_WAIT_S = 120.0
+
+
+def wait_for_spare(service: Any, timeout: float = SPARE_WAIT_S) -> bool:
+    """Wait until the service's worker has a spare training process that waits for a job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any((service.home / STANDBY_DIR).glob(f"*/{READY_FILE}")):
+            return True
+        time.sleep(0.1)
+    return False

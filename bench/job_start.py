@@ -3,14 +3,16 @@
     python -m bench.job_start [--backend sqlite|postgres|both] [--repeats N] [--smoke] ...
 
 The worker is warmed up by one job that runs to its first batch. Then, per repeat, the harness
-POSTs a job (time taken just before the POST) and follows it to its first `Batch_PPYoloELoss/loss`
-point, whose `time` is stamped at the end of the first batch in the training process; then it
-cancels the job and waits for it to end. The total is split with the job's events:
+waits until the worker's spare training process (`worker.standby`) has imported everything and
+waits for a job (at most `SPARE_WAIT_S`; a start without one is cold, and counted so), POSTs a job
+(time taken just before the POST) and follows it to its first `Batch_PPYoloELoss/loss` point,
+whose `time` is stamped at the end of the first batch in the training process; then it cancels the
+job and waits for it to end. The total is split with the job's events:
 
 * queue + claim: POST until the "attempt 1 running on <worker>" event (written by the worker's claim);
 * dataset: until the "dataset ready" event (training process start, dataset validation/indexing);
-* SG import + model: until the "training <model> on <device>" event (imported, datasets and
-  model built, right before Trainer.train);
+* SG import + model: until the "training <model> on <device>" event (imported, unless the spare
+  had imported already; datasets and model built, right before Trainer.train);
 * first batch: until the first batch ended (SG's set-up in train() and the batch itself).
 
 Events written by the training process carry the time they were written, which is up to one report
@@ -37,6 +39,7 @@ from bench.harness import (
     parse_time,
     remove_job_dir,
     services,
+    wait_for_spare,
     workspace,
 )
 from bench.harness import job_spec as make_job_spec
@@ -70,6 +73,7 @@ def first_batch(service: Any, job_id: str, timeout: float = 600) -> float:
 
 
 def one_start(service: Any, dataset: Any, size: Size, label: str) -> dict[str, Any]:
+    spare_ready = wait_for_spare(service)
     posted = time.time()
     job = service.submit(make_job_spec(dataset, size, f"start-{label}"))
     first = first_batch(service, job["id"])
@@ -85,7 +89,13 @@ def one_start(service: Any, dataset: Any, size: Size, label: str) -> dict[str, A
         if not found:
             raise BenchError(f"job {job['id']} has no event starting with {prefix!r}")
         marks[key] = found[0]
-    result: dict[str, Any] = {"job_id": job["id"], "total_s": first - posted}
+    warm = any((e.get("data") or {}).get("standby") for e in events)
+    result: dict[str, Any] = {
+        "job_id": job["id"],
+        "total_s": first - posted,
+        "spare_ready": spare_ready,
+        "warm": warm,
+    }
     previous = posted
     for key, _ in PHASES:
         result[key] = marks[key] - previous
@@ -118,7 +128,15 @@ def main() -> int:
     for name, results in runs.items():
         meds = {k: median([r[k] for r in results]) for k in keys}
         summary["medians"][name] = meds
-        rows.append([name, *(fmt(meds[k]) for k in keys), ", ".join(fmt(r["total_s"]) for r in results)])
+        warm = sum(1 for r in results if r["warm"] and r["spare_ready"])
+        rows.append(
+            [
+                name,
+                *(fmt(meds[k]) for k in keys),
+                f"{warm}/{len(results)}",
+                ", ".join(fmt(r["total_s"]) for r in results),
+            ]
+        )
     table = markdown_table(
         [
             "backend",
@@ -127,6 +145,7 @@ def main() -> int:
             "dataset s",
             "SG import + model s",
             "first batch s",
+            "warm starts",
             "total per run s",
         ],
         rows,

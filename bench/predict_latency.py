@@ -1,12 +1,22 @@
-"""Warm /predict latency against super-gradients' in-process predict, and throughput with 4 clients.
+"""Warm /predict latency against super-gradients' in-process predict and onnxruntime's own
+in-process latency, and throughput with 4 clients.
 
     .venv/bin/python -m bench.predict_latency                 # starts `sgjobs serve`, trains a tiny model
     .venv/bin/python -m bench.predict_latency --url http://127.0.0.1:8000 --job <id>
+    .venv/bin/python -m bench.predict_latency --in-process-only --input-size 640   # no service
+
+`--in-process-only` measures the in-process ways alone, on a stand-in checkpoint: random YOLO-NAS-S
+weights with the preprocessing a job trained through the API at `--input-size` px carries (the
+latency does not depend on the weights, bar NMS on a handful of boxes).
 
 Everything runs in one invocation on one machine: N sequential warm requests of one image over
 HTTP, then the same image through `model.predict` in a process of its own (super-gradients'
 import rewires stdout and logging) two ways: as the seed calls it (`fuse_model=False`) and the
-best in-process way (one held fused pipeline). Then 4 concurrent HTTP clients. Prints a markdown
+best in-process way (one held fused pipeline); then onnxruntime in the same process on the serving
+ONNX file (`app.ml.export.export_for_serving`): the session alone on the preprocessed image
+(onnxruntime's own latency) and with `app.ml.ort`'s preprocessing and NMS (what the ORT backend of
+/predict runs), and SG's own ONNX export with preprocessing and NMS inside. Then 4 concurrent HTTP
+clients. Prints a markdown
 section (and appends it to --markdown FILE if given).
 """
 
@@ -17,6 +27,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,27 +122,15 @@ def _throughput(
     return clients * per_client / elapsed
 
 
-def _in_process(checkpoint: str, image_file: Path, n: int) -> dict[str, Any]:
+def _in_process(checkpoint: str, image_file: Path, n: int, standin_size: int | None = None) -> dict[str, Any]:
     """Run this module with --in-process in a fresh interpreter and read its JSON answer."""
     env = {**os.environ, "CRASH_HANDLER": "FALSE", "CONSOLE_LOG_LEVEL": "ERROR"}
     env["SUPER_GRADIENTS_LOG_DIR"] = str(image_file.parent / "sg_logs")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.predict_latency",
-            "--in-process",
-            checkpoint,
-            str(image_file),
-            "-n",
-            str(n),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
+    command = [sys.executable, "-m", "bench.predict_latency", "--in-process", checkpoint, str(image_file)]
+    command += ["-n", str(n)]
+    if standin_size is not None:
+        command += ["--standin", str(standin_size)]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(out.stderr[-3000:])
@@ -139,11 +138,41 @@ def _in_process(checkpoint: str, image_file: Path, n: int) -> dict[str, Any]:
     return result
 
 
-def in_process_main(checkpoint: str, image_file: str, n: int) -> None:
-    """The in-process side: `model.predict` as the seed calls it, then one held fused pipeline."""
+def write_standin(checkpoint: Path, input_size: int) -> None:
+    """Random YOLO-NAS-S weights (3 classes) with the processing params a job trained through the API
+    at `input_size` px carries (the validation set's: `DetectionPaddedRescale` + standardize)."""
+    import torch
+    from super_gradients.training import models
+
+    size = [input_size, input_size]
+    processings: list[Any] = [
+        "ReverseImageChannels",
+        {"DetectionLongestMaxSizeRescale": {"output_shape": size}},
+        {"DetectionLongestMaxSizeRescale": {"output_shape": size}},
+        {"DetectionBottomRightPadding": {"output_shape": size, "pad_value": 114}},
+        {"ImagePermute": {"permutation": [2, 0, 1]}},
+        {"StandardizeImage": {"max_value": 255.0}},
+    ]
+    net = models.get("yolo_nas_s", num_classes=3, pretrained_weights=None).state_dict()
+    processing = {
+        "class_names": ["circle", "square", "triangle"],
+        "image_processor": {"ComposeProcessing": {"processings": processings}},
+        "iou": 0.65,
+        "conf": 0.5,
+    }
+    torch.save({"net": net, "processing_params": processing}, checkpoint)
+
+
+def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int | None) -> None:
+    """The in-process side: `model.predict` as the seed calls it, one held fused pipeline, then
+    onnxruntime on the serving ONNX file and on SG's own export."""
+    from app.ml.export import export_for_serving, export_onnx
     from app.ml.inference import build_pipeline, load_model, set_thresholds
+    from app.ml.ort import OrtModel, preprocess
     from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
+    if standin_size is not None:
+        write_standin(Path(checkpoint), standin_size)
     image = np.asarray(Image.open(image_file).convert("RGB"))
     model, _ = load_model("yolo_nas_s", Path(checkpoint))
     result: dict[str, Any] = {}
@@ -164,7 +193,83 @@ def in_process_main(checkpoint: str, image_file: str, n: int) -> None:
     pipeline = build_pipeline(model)
     set_thresholds(pipeline, conf=DEFAULT_CONF, iou=DEFAULT_IOU)
     result["held_fused_pipeline"] = _stats(timed(lambda: pipeline([image], batch_size=1)))
+
+    work = Path(image_file).parent
+    serving = export_for_serving("yolo_nas_s", Path(checkpoint), work / "serving.onnx")
+    result["serving_export_seconds"] = serving.seconds
+    result["serving_onnx_mb"] = serving.size / 1e6
+    ort = OrtModel.load(Path(serving.path))
+    tensor = preprocess(image, ort.spec.steps)[0][None]
+    result["ort_session_only"] = _stats(timed(lambda: ort.session.run(None, {ort.input_name: tensor})))
+    result["ort_with_pre_post"] = _stats(
+        timed(lambda: ort.predict([image], conf=DEFAULT_CONF, iou=DEFAULT_IOU))
+    )
+
+    sg_export = export_onnx("yolo_nas_s", Path(checkpoint), work / "sg_export.onnx")
+    result["sg_export_seconds"] = sg_export.seconds
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(sg_export.path, providers=["CPUExecutionProvider"])
+    height, width = sg_export.input_shape[2:]
+    # SG's exported graph takes the image already at the input size (its own resize is not inside).
+    resized = np.asarray(Image.fromarray(image).resize((width, height)), dtype=np.uint8).transpose(2, 0, 1)[
+        None
+    ]
+    name = session.get_inputs()[0].name
+    result["sg_onnx_with_nms"] = _stats(timed(lambda: session.run(None, {name: resized})))
+    assert sys.__stdout__ is not None
     sys.__stdout__.write("RESULT " + json.dumps(result) + "\n")  # SG replaced sys.stdout
+
+
+def _ort_lines(local: dict[str, Any], reference: dict[str, float], label: str) -> list[str]:
+    """Table rows for the onnxruntime measurements, with their ratio to `reference` (`label`)."""
+    rows = [
+        ("onnxruntime session alone, serving ONNX (onnxruntime's own latency)", local["ort_session_only"]),
+        ("onnxruntime + `app.ml.ort` preprocessing and NMS (the ORT backend)", local["ort_with_pre_post"]),
+        (
+            "onnxruntime, SG's own export (preprocessing and NMS inside, image pre-resized)",
+            local["sg_onnx_with_nms"],
+        ),
+    ]
+    return [
+        f"| in-process, {name} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | "
+        f"{r['median_ms'] / reference['median_ms']:.2f} / {r['p95_ms'] / reference['p95_ms']:.2f} |"
+        for name, r in rows
+    ] + [
+        "",
+        f"Ratios to {label}. Serving export: {local['serving_export_seconds']:.1f} s, "
+        f"{local['serving_onnx_mb']:.1f} MB; SG's export: {local['sg_export_seconds']:.1f} s.",
+    ]
+
+
+def _in_process_only(
+    args: argparse.Namespace, width: int, height: int, image_file: Path, payload: bytes
+) -> str:
+    local = _in_process(str(image_file.parent / "standin.pth"), image_file, args.n, args.input_size)
+    seed, held = local["predict_fuse_false"], local["held_fused_pipeline"]
+    load = os.getloadavg()
+    lines = [
+        f"## In-process latency at {args.input_size} px",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: {os.cpu_count()} CPU cores, "
+        f"no GPU, {platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} (other jobs shared the machine).",
+        f"Command: `.venv/bin/python -m bench.predict_latency {' '.join(sys.argv[1:])}`.",
+        f"Model: stand-in YOLO-NAS-S (random weights, the preprocessing of a job trained at "
+        f"{args.input_size} px); one {width}x{height} JPEG ({len(payload) / 1000:.0f} kB); conf 0.25, "
+        f"iou 0.65; n = {args.n} each, after 3 warm-up calls.",
+        "",
+        "| one image | median ms | p95 ms | ratio to SG's held fused pipeline (median / p95) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| in-process `model.predict(fuse_model=False)` (the seed) | {seed['median_ms']:.1f} | "
+        f"{seed['p95_ms']:.1f} | {seed['median_ms'] / held['median_ms']:.2f} / "
+        f"{seed['p95_ms'] / held['p95_ms']:.2f} |",
+        f"| in-process, SG's held fused pipeline | {held['median_ms']:.1f} | {held['p95_ms']:.1f} | "
+        "1.00 / 1.00 |",
+        *_ort_lines(local, held, "SG's held fused pipeline"),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -180,12 +285,18 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-client", type=int, default=25)
     parser.add_argument("--size", default="320x240", help="image WxH")
-    parser.add_argument("--input-size", type=int, default=64, help="training input size when training")
+    parser.add_argument(
+        "--input-size", type=int, default=64, help="input size (px) of the trained or stand-in model"
+    )
+    parser.add_argument(
+        "--in-process-only", action="store_true", help="no service: the in-process ways on a stand-in model"
+    )
     parser.add_argument("--markdown", type=Path, help="append the markdown section to this file")
     parser.add_argument("--in-process", nargs=2, metavar=("CHECKPOINT", "IMAGE"), help=argparse.SUPPRESS)
+    parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
-        in_process_main(args.in_process[0], args.in_process[1], args.n)
+        in_process_main(args.in_process[0], args.in_process[1], args.n, args.standin)
         return 0
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -196,6 +307,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sgjobs-bench-"))
     image_file = work / "bench.jpg"
     image_file.write_bytes(payload)
+    if args.in_process_only:
+        _emit(_in_process_only(args, width, height, image_file, payload), args.markdown)
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     with ExitStack() as stack:
         url = args.url
         headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
@@ -245,22 +360,31 @@ def main() -> int:
         f"| in-process, one held fused pipeline (best in-process) | {held['median_ms']:.1f} | "
         f"{held['p95_ms']:.1f} | "
         f"{held['median_ms'] / seed['median_ms']:.2f} / {held['p95_ms'] / seed['p95_ms']:.2f} |",
+        *_ort_lines(local, seed, "in-process `predict`"),
+        "",
+        f"HTTP vs onnxruntime's own latency (session alone): "
+        f"{http['median_ms'] / local['ort_session_only']['median_ms']:.2f}x median; "
+        f"vs the ORT backend in process: {http['median_ms'] / local['ort_with_pre_post']['median_ms']:.2f}x.",
         "",
         f"HTTP vs the best in-process way: {http['median_ms'] / held['median_ms']:.2f}x median, "
         f"{http['p95_ms'] / held['p95_ms']:.2f}x p95.",
         "",
         f"Throughput: {throughput:.1f} images/s with {args.clients} concurrent clients "
         f"({args.clients} x {args.per_client} requests), {single:.1f} images/s with one client. "
-        "The inference process answers one request at a time, so concurrency mostly overlaps HTTP and "
-        "decoding with inference.",
+        "Concurrent requests for the same model share forward passes (see bench.predict_throughput "
+        "for 1 vs 8 clients).",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+    _emit("\n".join(lines), args.markdown)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _emit(text: str, markdown: Path | None) -> None:
+    print(text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

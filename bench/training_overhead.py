@@ -38,6 +38,7 @@ from bench.harness import (
     services,
     target,
     throughput,
+    wait_for_spare,
     workspace,
 )
 from bench.harness import job_spec as make_job_spec
@@ -59,6 +60,10 @@ def main() -> int:
         dataset = make_dataset(datasets_dir, size)
         with services(opts.backends, work, datasets_dir, size.device) as svc:
             for round_ in range(size.repeats):
+                # Each worker starts its spare training process (seconds of imports) when a training
+                # ends: no round starts before every spare is waiting, so none measures that import.
+                for service in svc.values():
+                    wait_for_spare(service)
                 print(f"round {round_ + 1}/{size.repeats}: plain", file=sys.stderr, flush=True)
                 plain = run_plain(dataset, size, work, f"r{round_}")
                 tp = throughput(plain.batch_ends, plain.result["train_images"], size.batch_size)
@@ -73,6 +78,8 @@ def main() -> int:
                     }
                 )
                 for name, service in svc.items():
+                    for other in svc.values():
+                        wait_for_spare(other)
                     print(f"round {round_ + 1}/{size.repeats}: {name}", file=sys.stderr, flush=True)
                     posted = time.time()
                     job = service.submit(make_job_spec(dataset, size, f"overhead-{name}-{round_}"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,15 @@ SERVICE_SETTINGS: dict[str, object] = {
     "webhook_timeout_seconds": 5,
     # Keep-alive comments every second, so tests/jobs/test_stream.py sees one on a quiet stream.
     "stream_ping_seconds": 1,
+    # No onnxruntime export of each succeeded job (seconds of CPU per job, for every training of the
+    # suite): PyTorch serves these services' models. tests/prediction/test_warm.py runs a service with
+    # the default (on), and tests/ml/test_ort_serving.py checks what onnxruntime answers.
+    "serving_export": False,
+    # Nor the API's warmer (it would load every succeeded job's model, on PyTorch here), nor a spare
+    # training process per worker (seconds of imports at every worker start, used or not):
+    # tests/prediction/test_warm.py and tests/worker/test_warm_start.py run services with them on.
+    "predict_warm": False,
+    "training_spare": False,
     # Tenants with small quotas, for tests/auth/test_quotas.py; team-weights' storage holds one
     # YOLO-NAS-S checkpoint (about 77 MB) but not two.
     "tenant_quotas": {
@@ -108,9 +118,15 @@ def service_settings(backend: Backend, service: Service) -> Settings:
 @pytest.fixture(scope="session")
 def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`sgjobs serve` in a child process: migrations, the API on a free port, one Celery worker."""
-    home = tmp_path_factory.mktemp(f"sgjobs-{backend.name}")
+    with started_service(backend, tmp_path_factory.mktemp(f"sgjobs-{backend.name}")) as running:
+        yield running
+
+
+@contextmanager
+def started_service(backend: Backend, home: Path, **settings: object) -> Iterator[Service]:
+    """`sgjobs serve` with SERVICE_SETTINGS (and `settings` over them) in `home`, as a Service."""
     # SGJOBS_HOME relative, as in the README's default (`./var`): every process must resolve it the same.
-    with serve(backend, home.name, cwd=home.parent, settings=SERVICE_SETTINGS) as running:
+    with serve(backend, home.name, cwd=home.parent, settings={**SERVICE_SETTINGS, **settings}) as running:
         with httpx.Client(base_url=running.base_url, headers=running.headers, timeout=30) as client:
             yield Service(
                 backend.name,

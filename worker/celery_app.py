@@ -30,12 +30,15 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     # Imported here so that `celery -A worker.celery_app` does not pay for it at import time.
     from app.jobs import lifecycle
     from app.webhooks import sender as webhook_sender
+    from worker.standby import SLOT
     from worker.sweeper import run_forever
 
     STATE.name = getattr(sender, "hostname", None)
     threading.Thread(target=run_forever, name="sgjobs-sweeper", daemon=True).start()
     # Webhook messages of the jobs that end here (and of any other: every sender takes any message).
     webhook_sender.start(get_settings(), note=lifecycle.note, stop=STATE.stopping)
+    # The first job's training process, started now so that it waits imported (`worker.standby`).
+    SLOT.fill(get_settings())
 
 
 @signals.worker_shutting_down.connect
@@ -50,7 +53,9 @@ def _hand_back_on_shutdown(sig: str = "", how: str = "", **_: Any) -> None:
 def _say_goodbye(**_: Any) -> None:
     from app.db import session_scope
     from app.workers import service as workers
+    from worker.standby import SLOT
 
+    SLOT.close()  # the spare would also get SIGTERM when this process exits (`die_with_parent`)
     if STATE.name is None:
         return
     try:

@@ -12,6 +12,7 @@ exited, so one worker never runs two trainings.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,11 +28,13 @@ from app.ml.sg_setup import child_environment
 from app.process import die_with_parent
 from app.settings import Settings
 from worker.outcome import LEASE_LOST, record_outcome
+from worker.standby import StandbySlot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# The per-job training process; the job id and the attempt number are appended.
+# A training process started for its attempt; the job id and the attempt number are appended.
+# (`worker.standby` starts them ahead of their job.)
 TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
 # How often the supervisor looks at its child and at a shutdown request.
 POLL_SECONDS = 0.5
@@ -74,8 +77,12 @@ def run_training_process(
     attempt: int,
     job_dir: Path,
     shutdown: threading.Event | None = None,
+    standby: StandbySlot | None = None,
 ) -> str:
     """Train a claimed attempt in a child process, supervise it, and record the outcome.
+
+    With `standby`, the attempt goes to its spare training process when it has a usable one (else
+    to a fresh one, as without); the caller starts the next spare once this returns.
 
     Returns the job's status, `HANDED_BACK` when `shutdown` was set (the worker is stopping: the job
     goes back to the queue at once, for another worker to resume), or `LEASE_LOST` when the job moved
@@ -83,19 +90,40 @@ def run_training_process(
     """
     job_dir.mkdir(parents=True, exist_ok=True)
     env = child_environment(files.sg_log_dir(job_dir), extra=settings.as_env())
+    spare = standby.take(env, job_id=job_id, attempt=attempt) if standby is not None else None
+    if spare is not None:
+        logger.info("job %s: attempt %d runs in standby training process %d", job_id, attempt, spare.proc.pid)
+        proc = spare.proc
+    else:
+        with open(files.console_log(job_dir), "ab") as console:
+            proc = subprocess.Popen(
+                [*TRAIN_COMMAND, job_id, str(attempt)],
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=job_dir,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+    try:
+        return _supervise(settings, proc, job_id=job_id, attempt=attempt, job_dir=job_dir, shutdown=shutdown)
+    finally:
+        if spare is not None:  # its folder, now that it has exited
+            shutil.rmtree(spare.directory, ignore_errors=True)
+
+
+def _supervise(
+    settings: Settings,
+    proc: subprocess.Popen[bytes],
+    *,
+    job_id: str,
+    attempt: int,
+    job_dir: Path,
+    shutdown: threading.Event | None,
+) -> str:
     killed_for_cancel = False
     stalled_for: float | None = None
-    with open(files.console_log(job_dir), "ab") as console:
-        proc = subprocess.Popen(
-            [*TRAIN_COMMAND, job_id, str(attempt)],
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=job_dir,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
     cancel_seen: float | None = None
     marker: tuple[object, ...] | None = None
     marker_since = time.monotonic()

@@ -11,6 +11,7 @@ from app.queue import TRAIN_TASK
 from app.settings import get_settings
 from worker.celery_app import celery_app
 from worker.runner import run_training_process
+from worker.standby import SLOT
 from worker.state import STATE
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def train_job(self: object, job_id: str) -> str:
     STATE.busy(job_id)
     try:
         return run_training_process(
-            settings, job_id=job_id, attempt=attempt, job_dir=job_dir, shutdown=STATE.stopping
+            settings, job_id=job_id, attempt=attempt, job_dir=job_dir, shutdown=STATE.stopping, standby=SLOT
         )
     finally:
         STATE.idle()
+        if not STATE.stopping.is_set():
+            SLOT.fill(settings)  # for the next job, now that no training needs the CPU

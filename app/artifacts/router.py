@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 
 from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.artifacts import service
-from app.artifacts.schemas import ArtifactList, ExportOut
+from app.artifacts.schemas import ArtifactList, ExportOptions, ExportOut
 from app.openapi import problems
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
@@ -47,15 +47,21 @@ def download_artifact(
     return FileResponse(path, filename=PurePosixPath(name).name, media_type="application/octet-stream")
 
 
-@router.post("/{job_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
+@router.post("/{job_id}/export", response_model=ExportOut, responses=problems(400, 404, 409, 422, 503))
 async def export_job(
-    job_id: ObjectId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+    job_id: ObjectId,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    options: ExportOptions | None = None,
 ) -> ExportOut:
     """Export the job's best model to ONNX (with its preprocessing and NMS); download it from
-    `artifact.url`. A second call returns the existing file. 409 while the job has no checkpoint."""
+    `artifact.url`. A second call with the same options returns the existing file; other options
+    get a file of their own. No body: the defaults. 409 while the job has no checkpoint; 422 for
+    `fp16` on a server without a CUDA GPU."""
     # Export takes seconds: off the event loop, so other requests keep being answered.
     return await run_in_threadpool(
-        service.export_onnx, session, settings=settings, job_id=job_id, scope=principal.scope
+        service.export_onnx, session, settings=settings, job_id=job_id, scope=principal.scope, options=options
     )
 
 
@@ -77,19 +83,31 @@ def download_weights_artifact(
     settings: SettingsDep,
     principal: PrincipalDep,
 ) -> FileResponse:
-    """Download registered weights' checkpoint (`weights.pth`) or ONNX export (`export/model.onnx`)."""
+    """Download registered weights' checkpoint (`weights.pth`) or ONNX export (`export/model.onnx`, or
+    `export/model-<options>.onnx` for an export with options)."""
     path = service.weights_artifact_path(
         session, settings=settings, weights_id=weights_id, name=name, scope=principal.scope
     )
     return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
 
-@weights_router.post("/{weights_id}/export", response_model=ExportOut, responses=problems(404, 409, 422, 503))
+@weights_router.post(
+    "/{weights_id}/export", response_model=ExportOut, responses=problems(400, 404, 409, 422, 503)
+)
 async def export_weights(
-    weights_id: ObjectId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+    weights_id: ObjectId,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
+    options: ExportOptions | None = None,
 ) -> ExportOut:
-    """Export registered weights to ONNX (with their preprocessing and NMS), as `POST
-    /jobs/{id}/export` does for a job; download it from `artifact.url`."""
+    """Export registered weights to ONNX (with their preprocessing and NMS), with the same options as
+    `POST /jobs/{id}/export` does for a job; download it from `artifact.url`."""
     return await run_in_threadpool(
-        service.export_weights, session, settings=settings, weights_id=weights_id, scope=principal.scope
+        service.export_weights,
+        session,
+        settings=settings,
+        weights_id=weights_id,
+        scope=principal.scope,
+        options=options,
     )

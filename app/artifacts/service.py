@@ -7,17 +7,17 @@ are `app.jobs.files`: a download name is looked up in its listing, never joined 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.artifacts.schemas import Artifact, ArtifactList, ExportOut
-from app.errors import NotFound
-from app.inference import call_model_server
+from app.artifacts.schemas import Artifact, ArtifactList, ExportOptions, ExportOut
+from app.errors import InvalidInput, NotFound, ServiceUnavailable
+from app.inference import call_model_server, release_connection
 from app.jobs import files
 from app.jobs.service import get_job
-from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.prediction.service import best_checkpoint
 from app.settings import Settings
 from app.weights import service as weights
@@ -45,10 +45,50 @@ def artifact_path(session: Session, *, job_id: str, name: str, scope: str | None
     return found.path
 
 
+def export_variant(options: ExportOptions) -> str:
+    """The name part that tells an export's options apart ("" for the defaults: `export/model.onnx`
+    as before options existed). Only digits, letters, "." and "-": safe in a file name."""
+    if options == ExportOptions():
+        return ""
+    parts = []
+    if options.input_size is not None:
+        parts.append(f"{options.input_size[0]}x{options.input_size[1]}")
+    parts += [f"b{options.batch_size}", f"conf{options.conf:g}", f"iou{options.iou:g}"]
+    if options.fp16:
+        parts.append("fp16")
+    return "-".join(parts)
+
+
+def _check_fp16(settings: Settings, options: ExportOptions) -> None:
+    """422 for an fp16 export on a server whose inference process runs on the CPU (SG converts the
+    model to half precision and traces it on the export device)."""
+    if not options.fp16:
+        return
+    device = settings.device
+    if device == "auto":  # the inference process decided: ask it
+        device = str(
+            call_model_server(settings, "stats", timeout=EXPORT_TIMEOUT_SECONDS).get("device", "cpu")
+        )
+    if not device.startswith("cuda"):
+        raise InvalidInput.field(
+            ["body", "fp16"], "an fp16 export needs a CUDA GPU; this server runs on the CPU"
+        )
+
+
 def _export(
-    settings: Settings, *, model: str, checkpoint: Path, output: Path, class_names: list[str] | None
+    settings: Settings,
+    *,
+    model: str,
+    checkpoint: Path,
+    output: Path,
+    class_names: list[str] | None,
+    options: ExportOptions,
 ) -> dict[str, Any]:
-    return call_model_server(
+    _check_fp16(settings, options)
+    payload: dict[str, Any] = {}
+    if options != ExportOptions():  # the defaults: the request as before options existed
+        payload = {"input_size": options.input_size, "batch_size": options.batch_size, "fp16": options.fp16}
+    result = call_model_server(
         settings,
         "export",
         timeout=EXPORT_TIMEOUT_SECONDS,
@@ -56,31 +96,61 @@ def _export(
         checkpoint=str(checkpoint),
         output=str(output),
         class_names=class_names,
-        conf=DEFAULT_CONF,
-        iou=DEFAULT_IOU,
+        conf=options.conf,
+        iou=options.iou,
+        **payload,
     )
+    shape = result["input_shape"]
+    wanted_size = list(options.input_size) if options.input_size is not None else shape[2:]
+    if shape[0] != options.batch_size or shape[2:] != wanted_size:
+        # An inference process that does not pass the options on to the export wrote a default
+        # model under this options' name: remove it rather than serve it as what was asked.
+        output.unlink(missing_ok=True)
+        raise ServiceUnavailable(
+            f"the export came out as {shape}, not as asked; the inference process ignored the options"
+        )
+    return result
 
 
-def export_onnx(session: Session, *, settings: Settings, job_id: str, scope: str | None) -> ExportOut:
+def _export_out(result: dict[str, Any], options: ExportOptions, classes: list[str]) -> dict[str, Any]:
+    return {
+        "cached": result["cached"],
+        "seconds": round(result["seconds"], 3),
+        "input_shape": result["input_shape"],
+        "input_dtype": result["input_dtype"],
+        "outputs": result["outputs"],
+        "classes": classes,
+        "conf": options.conf,
+        "iou": options.iou,
+    }
+
+
+def export_onnx(
+    session: Session,
+    *,
+    settings: Settings,
+    job_id: str,
+    scope: str | None,
+    options: ExportOptions | None = None,
+) -> ExportOut:
     """Export the job's best model to ONNX with SG (preprocessing and NMS inside) into
-    `<job_dir>/export/model.onnx`; an export of the same checkpoint is reused. 409 without a
+    `<job_dir>/export/model.onnx` (`export/model-<options>.onnx` with options other than the
+    defaults); an export of the same checkpoint with the same options is reused. 409 without a
     best checkpoint."""
+    options = options or ExportOptions()
     job = get_job(session, job_id=job_id, scope=scope)
     checkpoint = best_checkpoint(job)
     assert job.job_dir is not None  # a job with a checkpoint has a directory
-    output = files.export_file(Path(job.job_dir))
-    result = _export(settings, model=job.model, checkpoint=checkpoint, output=output, class_names=None)
+    variant = export_variant(options)
+    output = files.export_file(Path(job.job_dir), variant)
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
+    result = _export(
+        settings, model=job.model, checkpoint=checkpoint, output=output, class_names=None, options=options
+    )
     return ExportOut(
         job_id=job.id,
-        artifact=_artifact(job.id, files.EXPORT_NAME, files.ONNX_KIND, output),
-        cached=result["cached"],
-        seconds=round(result["seconds"], 3),
-        input_shape=result["input_shape"],
-        input_dtype=result["input_dtype"],
-        outputs=result["outputs"],
-        classes=list(job.classes or []),
-        conf=DEFAULT_CONF,
-        iou=DEFAULT_IOU,
+        artifact=_artifact(job.id, files.export_name(variant), files.ONNX_KIND, output),
+        **_export_out(result, options, list(job.classes or [])),
     )
 
 
@@ -91,41 +161,65 @@ WEIGHTS_CHECKPOINT = "weights.pth"
 def weights_artifact_path(
     session: Session, *, settings: Settings, weights_id: str, name: str, scope: str | None
 ) -> Path:
-    """The file behind a weights artifact name (`weights.pth`, `export/model.onnx`); 404 otherwise."""
+    """The file behind a weights artifact name (`weights.pth`, `export/model.onnx`, or an export with
+    options, `export/model-<options>.onnx`); 404 otherwise."""
     found = weights.get_weights(session, weights_id=weights_id, scope=scope)
-    paths = {
-        WEIGHTS_CHECKPOINT: weights.weights_file(settings, found.id),
-        files.EXPORT_NAME: weights.export_file(settings, found.id),
-    }
-    path = paths.get(name)
+    path: Path | None = None
+    if name == WEIGHTS_CHECKPOINT:
+        path = weights.weights_file(settings, found.id)
+    elif (match := _WEIGHTS_EXPORT.fullmatch(name)) is not None:
+        path = _weights_export_file(settings, found.id, match["variant"] or "")
     if path is None or not path.is_file():
-        raise NotFound(f"weights {weights_id!r} have no artifact {name!r} (they have {', '.join(paths)})")
+        raise NotFound(
+            f"weights {weights_id!r} have no artifact {name!r} "
+            f"(they have {WEIGHTS_CHECKPOINT}, {files.EXPORT_NAME})"
+        )
     return path
 
 
-def export_weights(session: Session, *, settings: Settings, weights_id: str, scope: str | None) -> ExportOut:
+# `export/model.onnx` or `export/model-<variant>.onnx`, the variant as `export_variant` writes it:
+# never a "/" or "..", so the name cannot leave the weights' export folder.
+_WEIGHTS_EXPORT = re.compile(r"export/model(?:-(?P<variant>[0-9a-z]+(?:[.-][0-9a-z]+)*))?\.onnx")
+
+
+def _weights_export_file(settings: Settings, weights_id: str, variant: str) -> Path:
+    default = weights.export_file(settings, weights_id)
+    return default.parent / Path(files.export_name(variant)).name
+
+
+def export_weights(
+    session: Session,
+    *,
+    settings: Settings,
+    weights_id: str,
+    scope: str | None,
+    options: ExportOptions | None = None,
+) -> ExportOut:
     """Export registered weights to ONNX with SG (preprocessing and NMS inside; a file without SG's
-    preprocessing gets SG's own for pretrained YOLO-NAS, 640 px), reused while the file is current."""
+    preprocessing gets SG's own for pretrained YOLO-NAS, 640 px), reused while the file is current;
+    options as for a job's export."""
+    options = options or ExportOptions()
     found = weights.get_weights(session, weights_id=weights_id, scope=scope)
     checkpoint = weights.existing_file(settings, found)
-    output = weights.export_file(settings, found.id)
+    variant = export_variant(options)
+    output = _weights_export_file(settings, found.id, variant)
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
     result = _export(
-        settings, model=found.model, checkpoint=checkpoint, output=output, class_names=found.classes
+        settings,
+        model=found.model,
+        checkpoint=checkpoint,
+        output=output,
+        class_names=found.classes,
+        options=options,
     )
+    name = files.export_name(variant)
     return ExportOut(
         weights_id=found.id,
         artifact=Artifact(
-            name=files.EXPORT_NAME,
+            name=name,
             kind=files.ONNX_KIND,
             size=output.stat().st_size,
-            url=f"/weights/{found.id}/artifacts/{files.EXPORT_NAME}",
+            url=f"/weights/{found.id}/artifacts/{name}",
         ),
-        cached=result["cached"],
-        seconds=round(result["seconds"], 3),
-        input_shape=result["input_shape"],
-        input_dtype=result["input_dtype"],
-        outputs=result["outputs"],
-        classes=list(found.classes or []),
-        conf=DEFAULT_CONF,
-        iou=DEFAULT_IOU,
+        **_export_out(result, options, list(found.classes or [])),
     )

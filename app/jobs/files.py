@@ -47,6 +47,8 @@ CONSOLE_LOG = "console.log"
 RESULT_FILE = "result.json"
 DATASET_DIR = "dataset"
 EXPORT_NAME = "export/model.onnx"
+# An export with options other than the defaults: `export/model-<variant>.onnx` (`export_file`).
+EXPORT_VARIANTS = "export/model-*.onnx"
 
 # Artifact keys (recorded on the job when it ends, and the kinds the API lists) of the checkpoints.
 CKPT_BEST = "ckpt_best"
@@ -84,9 +86,14 @@ def sg_log_dir(job_dir: Path) -> Path:
     return job_dir / SG_LOG_DIR
 
 
-def export_file(job_dir: Path) -> Path:
-    """Where the ONNX export is written."""
-    return job_dir / EXPORT_NAME
+def export_file(job_dir: Path, variant: str = "") -> Path:
+    """Where the ONNX export is written; `variant` names the options of a non-default one."""
+    return job_dir / export_name(variant)
+
+
+def export_name(variant: str = "") -> str:
+    """The artifact name of the ONNX export with options `variant` ("" for the defaults)."""
+    return EXPORT_NAME.removesuffix(".onnx") + f"-{variant}.onnx" if variant else EXPORT_NAME
 
 
 def contained_file(path: Path, job_dir: Path) -> bool:
@@ -192,6 +199,7 @@ def _candidates(job: Job, job_dir: Path) -> list[tuple[str, Path]]:
         events = (job_dir / CHECKPOINTS_DIR).rglob(TENSORBOARD_PATTERN)
     items.extend((TENSORBOARD_KIND, path) for path in sorted(events))
     items.append((ONNX_KIND, export_file(job_dir)))
+    items.extend((ONNX_KIND, path) for path in sorted(job_dir.glob(EXPORT_VARIANTS)))
     return items
 
 

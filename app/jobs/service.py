@@ -630,3 +630,14 @@ def checkpoint_to_promote(session: Session, *, job_id: str, scope: str | None) -
     if checkpoint is None:
         raise Conflict(f"job {job_id!r} has no best checkpoint to promote (status {job.status})")
     return JobCheckpoint(job_id=job.id, job_name=job.name, path=checkpoint)
+
+
+def succeeded_since(session: Session, *, since: datetime, limit: int) -> Sequence[Job]:
+    """Jobs of every tenant that succeeded after `since`, oldest first (for the API's model warmer)."""
+    query = (
+        select(Job)
+        .where(Job.status == JobStatus.succeeded, Job.finished_at > since)
+        .order_by(Job.finished_at, Job.id)
+        .limit(limit)
+    )
+    return session.scalars(query).all()

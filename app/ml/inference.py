@@ -8,23 +8,34 @@ super-gradients' own `model.predict` re-fuses (or deep-copies) the model on ever
 `lru_cache` on `_get_pipeline` holds one entry for the whole class, keyed on thresholds, and the
 fused copy lives in the pipeline it throws away), so each model here keeps the pipeline it built
 once and only the thresholds of its post-prediction callback change per request.
+
+Two backends: a checkpoint with a current serving ONNX file (`app.ml.layout.serving_onnx_path`,
+written by `app.ml.export.export_for_serving`) is served by onnxruntime (`app.ml.ort`, no torch and
+no SG imported); any other (no file, a stale one, one that does not load) by SG's PyTorch pipeline.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from app.ml.layout import serving_onnx_path
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
 logger = logging.getLogger(__name__)
+
+# The backends a model is served by (`LoadedModel.backend`, `PredictOutcome.backend`).
+ONNXRUNTIME = "onnxruntime"
+PYTORCH = "pytorch"
 
 
 class ModelLoadError(Exception):
@@ -59,13 +70,19 @@ class ModelKey:
 
 @dataclass
 class LoadedModel:
-    """A model with its held pipeline and the class names its checkpoint carries."""
+    """A model ready to answer, and the class names its checkpoint carries.
+
+    `backend`: ONNXRUNTIME (`model` is an `app.ml.ort.OrtModel`, `pipeline` None) or PYTORCH (`model`
+    is SG's model, `pipeline` the held fused pipeline). `nbytes`: the memory it holds, roughly.
+    """
 
     key: ModelKey
     model: Any
     pipeline: Any
     class_names: list[str]
     load_seconds: float
+    backend: str = PYTORCH
+    nbytes: int = 0
 
 
 @dataclass
@@ -97,6 +114,7 @@ class PredictOutcome:
     cached: bool
     model_loads: int
     seconds: float
+    backend: str = PYTORCH
 
 
 def load_model(
@@ -160,7 +178,8 @@ def build_pipeline(model: Any, *, conf: float = DEFAULT_CONF, iou: float = DEFAU
 
 
 def set_thresholds(pipeline: Any, *, conf: float, iou: float) -> None:
-    """Change the score and NMS thresholds of a held pipeline (one request at a time per process)."""
+    """Change the score and NMS thresholds of a held pipeline (one batch at a time per model, on its
+    runner thread)."""
     callback = pipeline.post_prediction_callback
     callback.score_threshold = float(conf)
     callback.nms_threshold = float(iou)
@@ -218,12 +237,19 @@ def render(image: np.ndarray, detections: list[Detection], image_format: str) ->
     return buffer.getvalue()
 
 
-def to_result(prediction: Any, class_names: list[str], *, image_format: str | None) -> ImageResult:
-    """Plain data from an SG `ImageDetectionPrediction`. SG already maps boxes back to the original
-    image's pixels; we clip them to the image (SG does not)."""
-    height, width = prediction.image.shape[:2]
-    pred = prediction.prediction
-    boxes = np.asarray(pred.bboxes_xyxy, dtype=np.float64).reshape(-1, 4)
+def image_result(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    *,
+    image_format: str | None,
+) -> ImageResult:
+    """Plain data from detections in `image`'s pixels (either backend), boxes clipped to the image
+    (SG does not clip)."""
+    height, width = image.shape[:2]
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
     detections = [
@@ -233,20 +259,77 @@ def to_result(prediction: Any, class_names: list[str], *, image_format: str | No
             class_id=int(label),
             class_name=class_names[int(label)],
         )
-        for (x1, y1, x2, y2), score, label in zip(boxes, pred.confidence, pred.labels, strict=True)
+        for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels, strict=True)
     ]
-    rendered = render(prediction.image, detections, image_format) if image_format else None
+    rendered = render(image, detections, image_format) if image_format else None
     return ImageResult(width=int(width), height=int(height), detections=detections, rendered=rendered)
+
+
+def to_result(prediction: Any, class_names: list[str], *, image_format: str | None) -> ImageResult:
+    """Plain data from an SG `ImageDetectionPrediction` (SG already maps boxes back to the original
+    image's pixels)."""
+    pred = prediction.prediction
+    return image_result(
+        prediction.image,
+        pred.bboxes_xyxy,
+        pred.confidence,
+        pred.labels,
+        class_names,
+        image_format=image_format,
+    )
+
+
+def load_serving(key: ModelKey, device: str, threads: int | None = None) -> Any | None:
+    """The checkpoint's serving ONNX file in onnxruntime (an `app.ml.ort.OrtModel`), or None when
+    there is none at least as new as the checkpoint, or it cannot serve (logged; the PyTorch path
+    serves then)."""
+    from app.ml.ort import OrtModel, ServingFileError
+
+    path = serving_onnx_path(Path(key.checkpoint))
+    try:
+        if path.stat().st_mtime_ns < key.mtime_ns:
+            return None  # a rewritten checkpoint (a running job's new best): the file is stale
+    except FileNotFoundError:
+        return None
+    try:
+        loaded = OrtModel.load(path, device=device, threads=threads)
+    except ServingFileError as exc:
+        logger.warning("serving %s with pytorch: %s", key.checkpoint, exc)
+        return None
+    if key.class_names is not None and len(key.class_names) != len(loaded.spec.class_names):
+        logger.warning("serving %s with pytorch: the ONNX file has other classes", key.checkpoint)
+        return None
+    return loaded
+
+
+def _torch_nbytes(model: Any) -> int:
+    # The model and the fused copy its pipeline holds: about twice the parameters and buffers.
+    tensors = [*model.parameters(), *model.buffers()]
+    return 2 * sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
 class InferenceEngine:
-    """The LRU of ready models of one inference process. Not thread-safe: one request at a time."""
+    """The LRU of ready models of one inference process, bounded by count (`capacity`) and by
+    memory (`max_bytes`, roughly: see `LoadedModel.nbytes`); the most recently used model stays even
+    when it alone is over `max_bytes`.
+
+    `get` is not thread-safe (the caller serializes it); `infer` may run in several threads at
+    once for different models (one thread per model at a time).
+    """
 
     capacity: int
     device: str = "cpu"
+    # None: bounded by count only (the inference process passes `Settings.predict_cache_max_bytes`).
+    max_bytes: int | None = None
+    # onnxruntime's intra-op threads per session; None: os.cpu_count().
+    ort_threads: int | None = None
+    # Called once before the first model loads on the PyTorch path (the inference process makes
+    # super-gradients' device there, so that serving ONNX files alone never imports torch or SG).
+    prepare_torch: Callable[[], object] | None = None
     loads: int = 0
     _models: OrderedDict[ModelKey, LoadedModel] = field(default_factory=OrderedDict)
+    _torch_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, key: ModelKey) -> tuple[LoadedModel, bool]:
         """The model for `key` and whether it was already loaded; loads (and evicts) otherwise."""
@@ -257,23 +340,90 @@ class InferenceEngine:
         # Another version of the same checkpoint file is stale now.
         for old in [k for k in self._models if k.checkpoint == key.checkpoint]:
             del self._models[old]
-        while len(self._models) >= self.capacity:
-            evicted, _ = self._models.popitem(last=False)
-            logger.info("evicted %s", evicted.checkpoint)
+        # Room before loading, so the held models and the new one never exceed the bounds together
+        # (by count; by memory as far as the old ones go).
+        self._evict(room_for=1)
         start = time.perf_counter()
+        loaded = self._load(key, start)
+        self.loads += 1
+        self._models[key] = loaded
+        self._evict(room_for=0)
+        logger.info(
+            "loaded %s with %s in %.2f s (load #%d)",
+            key.checkpoint,
+            loaded.backend,
+            loaded.load_seconds,
+            self.loads,
+        )
+        return loaded, False
+
+    def _load(self, key: ModelKey, start: float) -> LoadedModel:
+        served = load_serving(key, self.device, self.ort_threads)
+        if served is not None:
+            return LoadedModel(
+                key=key,
+                model=served,
+                pipeline=None,
+                class_names=served.spec.class_names,
+                load_seconds=time.perf_counter() - start,
+                backend=ONNXRUNTIME,
+                nbytes=served.path.stat().st_size,
+            )
+        self.ensure_torch()
         model, class_names = load_model(key.model, Path(key.checkpoint), self.device, key.class_names)
         pipeline = build_pipeline(model)
-        loaded = LoadedModel(
+        return LoadedModel(
             key=key,
             model=model,
             pipeline=pipeline,
             class_names=class_names,
             load_seconds=time.perf_counter() - start,
+            backend=PYTORCH,
+            nbytes=_torch_nbytes(model),
         )
-        self.loads += 1
-        self._models[key] = loaded
-        logger.info("loaded %s in %.2f s (load #%d)", key.checkpoint, loaded.load_seconds, self.loads)
-        return loaded, False
+
+    def ensure_torch(self) -> None:
+        """Run `prepare_torch` if it has not run yet (before anything here uses torch or SG)."""
+        with self._torch_lock:
+            if self.prepare_torch is not None:
+                self.prepare_torch()
+                self.prepare_torch = None
+
+    def _evict(self, *, room_for: int) -> None:
+        """Drop least recently used models until `room_for` more fit within `capacity` and the held
+        bytes are within `max_bytes`; after a load (`room_for=0`) never the model just loaded."""
+        floor = 0 if room_for else 1
+        while len(self._models) > floor and (
+            len(self._models) + room_for > self.capacity
+            or (self.max_bytes is not None and sum(m.nbytes for m in self._models.values()) > self.max_bytes)
+        ):
+            evicted, model = self._models.popitem(last=False)
+            logger.info("evicted %s (%s, %d bytes)", evicted.checkpoint, model.backend, model.nbytes)
+
+    def infer(
+        self,
+        loaded: LoadedModel,
+        images: list[np.ndarray],
+        *,
+        conf: float = DEFAULT_CONF,
+        iou: float = DEFAULT_IOU,
+        image_format: str | None = None,
+    ) -> tuple[list[ImageResult], float]:
+        """Detections for `images` (HWC RGB uint8, one batch) with a model from `get`, and the
+        seconds it took; with `image_format` ("jpeg" or "png") also each image with its boxes drawn.
+        Safe in several threads for different models, not for one model."""
+        start = time.perf_counter()
+        if loaded.backend == ONNXRUNTIME:
+            answers = loaded.model.predict(images, conf=conf, iou=iou)
+            results = [
+                image_result(image, boxes, scores, labels, loaded.class_names, image_format=image_format)
+                for image, (boxes, scores, labels) in zip(images, answers, strict=True)
+            ]
+        else:
+            set_thresholds(loaded.pipeline, conf=conf, iou=iou)
+            predictions = run_pipeline(loaded.pipeline, images)
+            results = [to_result(p, loaded.class_names, image_format=image_format) for p in predictions]
+        return results, time.perf_counter() - start
 
     def predict(
         self,
@@ -284,28 +434,34 @@ class InferenceEngine:
         iou: float = DEFAULT_IOU,
         image_format: str | None = None,
     ) -> PredictOutcome:
-        """Detections for `images` (HWC RGB uint8) with the model of `key`; with `image_format`
-        ("jpeg" or "png") also each image with its boxes drawn."""
+        """Detections for `images` (HWC RGB uint8) with the model of `key` (`get` then `infer`)."""
         loaded, cached = self.get(key)
-        start = time.perf_counter()
-        set_thresholds(loaded.pipeline, conf=conf, iou=iou)
-        predictions = run_pipeline(loaded.pipeline, images)
-        results = [to_result(p, loaded.class_names, image_format=image_format) for p in predictions]
+        results, seconds = self.infer(loaded, images, conf=conf, iou=iou, image_format=image_format)
         return PredictOutcome(
             results=results,
             class_names=loaded.class_names,
             cached=cached,
             model_loads=self.loads,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
+            backend=loaded.backend,
         )
 
     def stats(self) -> dict[str, Any]:
-        """Loads so far and what is held now, most recently used last."""
+        """Loads so far and what is held now (backend, approximate bytes), most recently used last."""
         return {
+            "device": self.device,
             "model_loads": self.loads,
             "capacity": self.capacity,
+            "max_bytes": self.max_bytes,
+            "held_bytes": sum(m.nbytes for m in self._models.values()),
             "cached_models": [
-                {"model": k.model, "checkpoint": k.checkpoint, "load_seconds": round(m.load_seconds, 3)}
+                {
+                    "model": k.model,
+                    "checkpoint": k.checkpoint,
+                    "load_seconds": round(m.load_seconds, 3),
+                    "backend": m.backend,
+                    "nbytes": m.nbytes,
+                }
                 for k, m in self._models.items()
             ],
         }

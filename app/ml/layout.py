@@ -2,7 +2,8 @@
 
     <job_dir>/checkpoints/train/RUN_*/   ckpt_best.pth, ckpt_latest.pth (and the previous one kept
                                          until the next is in place), average_model.pth,
-                                         averaging_snapshots.pkl while training, TensorBoard files
+                                         averaging_snapshots.pkl while training, TensorBoard files,
+                                         <checkpoint stem>.serving.onnx once exported for serving
 
 Standard library only: the training code writes these files and `app.jobs.files` (the service)
 reads them, and app.ml may not import app.jobs.
@@ -27,6 +28,9 @@ AVERAGING_SNAPSHOTS = "averaging_snapshots.pkl"
 TENSORBOARD_PATTERN = "events.out.tfevents.*"
 # The ckpt_latest.pth that the newest one replaced: the fallback when the newest does not load.
 PREVIOUS_LATEST_CHECKPOINT = "ckpt_latest.previous.pth"
+# The serving ONNX file of a checkpoint (`app.ml.export.export_for_serving`), next to it:
+# `ckpt_best.pth` -> `ckpt_best.serving.onnx`. The inference engine serves it with onnxruntime.
+SERVING_ONNX_SUFFIX = ".serving.onnx"
 # Files being written (`<name>.<pid>-<token>.tmp`); never a checkpoint, never an artifact.
 TEMP_SUFFIX = ".tmp"
 # The files a resume may start from, most preferred first among those of the same epoch.
@@ -45,6 +49,11 @@ def temp_path(path: Path) -> Path:
 def is_temp_file(path: Path) -> bool:
     """True for a temporary file of `temp_path` (possibly left behind by a killed process)."""
     return path.name.endswith(TEMP_SUFFIX)
+
+
+def serving_onnx_path(checkpoint: Path) -> Path:
+    """Where the serving ONNX file of `checkpoint` is written and looked for."""
+    return checkpoint.with_name(checkpoint.stem + SERVING_ONNX_SUFFIX)
 
 
 def run_dirs(job_dir: Path) -> list[Path]:

@@ -99,3 +99,31 @@ def setup_device(requested: str) -> str:
     device = choose_device(requested, cuda_available=torch.cuda.is_available())
     sg_setup_device(device=device, multi_gpu=MultiGPUMode.OFF, num_gpus=1 if device == "cuda" else 0)
     return device
+
+
+def move_sg_logs(log_dir: Path) -> None:
+    """Make super-gradients log into `log_dir` from now on, as if this process had imported it with
+    SUPER_GRADIENTS_LOG_DIR=`log_dir`: its console sink's file (started anew, as an import does) and
+    its log file. For a training process that imported SG before it had a job (`worker.standby`);
+    what it logged before stays in its old folder.
+    """
+    import sys
+    from datetime import datetime
+
+    from super_gradients.common.auto_logging import console_logging
+    from super_gradients.common.auto_logging.auto_logger import AutoLoggerConfig
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["SUPER_GRADIENTS_LOG_DIR"] = str(log_dir)
+    sink = console_logging._console_sink
+    sink._flush()  # what the sink holds was written before the job: to the old file
+    filename = str(log_dir / "console.log")
+    # The header SG's import writes (ConsoleSink._setup), so both kinds of start leave the same file.
+    with open(filename, mode="w", encoding="utf-8") as f:
+        f.write("============================================================\n")
+        f.write(f"New run started at {datetime.now().strftime('%Y-%m-%d.%H:%M:%S.%f')}\n")
+        f.write(f'sys.argv: "{" ".join(sys.argv)}"\n')
+        f.write("============================================================\n")
+    sink.filename = sink.stdout.filename = sink.stderr.filename = filename
+    # Its import-time logging set-up again: a new log file in log_dir, the old handlers closed.
+    AutoLoggerConfig.get_instance()._setup_default_logging()

@@ -331,6 +331,36 @@ def _load_model(config: TrainingConfig) -> Any:
         return models.get(config.model, **kwargs)
 
 
+def prewarm(device: str) -> str:
+    """Import what `run_training` uses and set up `device` (a CUDA context and cuDNN loaded), for a
+    training process that waits for its job (`worker.standby`); SG's environment must be set
+    already (`app.ml.sg_setup.child_environment`). Returns the device; raises as `setup_device`."""
+    import torch
+    from super_gradients import Trainer  # noqa: F401
+    from super_gradients.training import models  # noqa: F401
+    from super_gradients.training.datasets.detection_datasets.coco_format_detection import (  # noqa: F401
+        COCOFormatDetectionDataset,
+    )
+    from super_gradients.training.losses import PPYoloELoss  # noqa: F401
+    from super_gradients.training.metrics import DetectionMetrics_050  # noqa: F401
+    from super_gradients.training.models.detection_models.pp_yolo_e import (  # noqa: F401
+        PPYoloEPostPredictionCallback,
+    )
+    from super_gradients.training.transforms import transforms  # noqa: F401
+    from super_gradients.training.utils.collate_fn import DetectionCollateFN  # noqa: F401
+    from torch.utils.data import DataLoader  # noqa: F401
+
+    from app.ml import callbacks, checkpoints, sg_logger  # noqa: F401
+
+    chosen = setup_device(device)
+    if chosen == "cuda":
+        # The context and cuDNN load at the first convolution on the GPU: seconds, paid here.
+        x = torch.zeros(1, 3, 32, 32, device="cuda")
+        torch.nn.functional.conv2d(x, torch.zeros(8, 3, 3, 3, device="cuda"))
+        torch.cuda.synchronize()
+    return chosen
+
+
 def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
     """Train `config.model` on `config.train`, validating on `config.val`, reporting to `reporter`.
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
@@ -14,7 +17,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api import PrincipalDep, SessionDep, SettingsDep
-from app.errors import AppError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from app.errors import AppError, InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from app.limits import (
     MULTIPART_MAX_FIELD_BYTES,
     PREDICT_MAX_FORM_FIELDS,
@@ -233,19 +236,34 @@ async def predict(
             raise _field_error("format", "format=image takes exactly one image")
     finally:
         await form.close()
-    # Decoding and inference block: run them in a worker thread so other requests keep being served.
-    result = await run_in_threadpool(
-        service.predict,
-        session,
-        settings=settings,
-        scope=principal.scope,
-        job_id=job_id,
-        weights_id=weights_id,
-        uploads=uploads,
-        conf=conf,
-        iou=iou,
-        image_format=image_format,
-    )
+    slots = _slots(request, settings)
+    if slots.used >= slots.capacity:
+        raise ServiceUnavailable(
+            f"{slots.used} predictions are running, the most this server takes at once "
+            "(SGJOBS_PREDICT_MAX_IN_FLIGHT); try again shortly"
+        )
+    # Checked and taken with no await between: the count is exact on the event loop.
+    slots.used += 1
+    try:
+        # Decoding and the inference wait block: on threads of their own (not the pool every
+        # other route uses), so slow predictions never leave /healthz or GET /jobs waiting.
+        result = await to_thread.run_sync(
+            partial(
+                service.predict,
+                session,
+                settings=settings,
+                scope=principal.scope,
+                job_id=job_id,
+                weights_id=weights_id,
+                uploads=uploads,
+                conf=conf,
+                iou=iou,
+                image_format=image_format,
+            ),
+            limiter=slots.limiter,
+        )
+    finally:
+        slots.used -= 1
     if isinstance(result, service.Rendered):
         return Response(
             result.content,
@@ -257,6 +275,24 @@ async def predict(
             },
         )
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+@dataclass
+class _Slots:
+    """Predictions running in this API process, and the threads they wait on."""
+
+    capacity: int
+    limiter: CapacityLimiter
+    used: int = 0
+
+
+def _slots(request: Request, settings: Settings) -> _Slots:
+    # Made on the event loop (an anyio limiter belongs to one), once per app.
+    slots: _Slots | None = getattr(request.app.state, "predict_slots", None)
+    if slots is None:
+        capacity = settings.predict_max_in_flight
+        slots = request.app.state.predict_slots = _Slots(capacity, CapacityLimiter(capacity))
+    return slots
 
 
 @router.get("/stats", response_model=PredictStats, responses=problems(503))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -35,13 +37,25 @@ class PredictResponse(BaseModel):
     images: list[ImagePrediction]
     cached: bool = Field(description="The model was already loaded (no checkpoint read for this request).")
     model_loads: int = Field(description="Checkpoints the inference process has loaded since it started.")
-    inference_ms: float = Field(description="Time in the model pipeline (preprocess, forward, NMS).")
+    inference_ms: float = Field(
+        description="Time in the model pipeline (preprocess, forward, NMS) of the batch this request ran in."
+    )
+    batch_requests: int = Field(
+        description="Requests that shared this one's forward pass, this one included (1: it ran alone)."
+    )
+    batch_images: int = Field(description="Images in that forward pass, this request's and the others'.")
+    backend: Literal["onnxruntime", "pytorch"] = Field(
+        description="What ran the model: onnxruntime on the job's serving export, or super-gradients' "
+        "PyTorch pipeline (a model without one)."
+    )
 
 
 class CachedModel(BaseModel):
     model: str
     checkpoint: str
     load_seconds: float
+    backend: str = Field(default="pytorch", description="onnxruntime or pytorch.")
+    nbytes: int = Field(default=0, description="Memory the model holds, roughly.")
 
 
 class PredictStats(BaseModel):
@@ -52,4 +66,11 @@ class PredictStats(BaseModel):
     process_starts: int
     model_loads: int
     capacity: int
+    max_bytes: int | None = Field(default=None, description="The cache's memory bound (bytes).")
+    held_bytes: int = Field(default=0, description="Memory the held models take, roughly.")
     cached_models: list[CachedModel]
+    requests: int = Field(default=0, description="Predictions the running process received.")
+    batches: int = Field(default=0, description="Forward passes that answered them.")
+    merged_requests: int = Field(default=0, description="Requests that shared a forward pass with others.")
+    largest_batch: int = Field(default=0, description="Requests in the largest forward pass.")
+    running_models: int = Field(default=0, description="Models with predictions running or queued now.")

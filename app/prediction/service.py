@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets.pipeline import TRAINABLE_FORMATS
 from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
-from app.inference import call_model_server, model_server
+from app.inference import call_model_server, model_server, release_connection
 from app.jobs import files
 from app.jobs.models import Job
 from app.jobs.service import get_job
@@ -179,8 +179,10 @@ def predict(
     image_format: str | None = None,
 ) -> PredictResponse | Rendered:
     """Detections for every upload with the job's best model or the registered weights (one of
-    `job_id` and `weights_id`), as one batch. With `image_format` ("jpeg" or "png") and one upload,
-    that image with its boxes drawn instead."""
+    `job_id` and `weights_id`), as one batch (which the inference process may merge with other
+    requests' to the same model). With `image_format` ("jpeg" or "png") and one upload, that image
+    with its boxes drawn instead. `session` is closed once the checkpoint is found (its connection
+    goes back to the pool before the inference wait)."""
     started = time.perf_counter()
     # Every image is checked, from its header, before anything is decoded or looked up: one bad file
     # fails the request, naming it.
@@ -190,6 +192,8 @@ def predict(
         max_total_pixels=settings.predict_max_total_pixels,
     )
     source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id, scope=scope)
+    # Decoding and inference take seconds; the database has nothing more to say to this request.
+    release_connection(session)
     images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
     result = call_model_server(
         settings,
@@ -222,6 +226,9 @@ def predict(
         cached=result["cached"],
         model_loads=result["model_loads"],
         inference_ms=round(result["seconds"] * 1000, 2),
+        batch_requests=result["batch_requests"],
+        backend=result["backend"],
+        batch_images=result["batch_images"],
     )
     record_prediction(
         seconds=time.perf_counter() - started, inference_seconds=result["seconds"], cached=result["cached"]

@@ -91,7 +91,10 @@ def test_the_folder_is_scanned_at_start(tmp_path: Path, standins: Path) -> None:
     home = tmp_path / "home"
     (home / "weights").mkdir(parents=True)
     shutil.copy(standins / "yolo_nas_s_coco.pth", home / "weights" / "yolo_nas_s_coco.pth")
-    with backend_resources("sqlite") as backend, serve(backend, home, settings={"device": "cpu"}) as running:
+    with (
+        backend_resources("sqlite") as backend,
+        serve(backend, home, settings={"device": "cpu", "training_spare": False}) as running,
+    ):
         deadline = time.monotonic() + 180
         with httpx.Client(base_url=running.base_url, headers=running.headers, timeout=30) as client:
             while True:

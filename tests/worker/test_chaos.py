@@ -57,6 +57,12 @@ CHAOS_SETTINGS: dict[str, object] = {
     # Redis hands the message of a running job to the other worker every few seconds (jobs here run
     # longer): the redelivery must find the job claimed and do nothing.
     "broker_visibility_timeout_seconds": 3,
+    # As the shared test services (tests/conftest.py): no onnxruntime export per success, no model
+    # warmer and no spare training process per worker. On 2 CPU cores each spare's import (seconds,
+    # at every worker start and after every training) competes with the trainings the chaos runs.
+    "serving_export": False,
+    "predict_warm": False,
+    "training_spare": False,
 }
 EPOCHS = 3
 # A dataset folder whose annotations cannot be read: its jobs fail at the dataset check.

@@ -1,0 +1,196 @@
+"""Prediction requests of the inference process, merged into batches per model.
+
+Runs inside the inference process (`app.ml.model_server`). Each model (a `ModelKey`) with requests
+waiting has one runner thread: it takes the oldest request, waits up to `window` seconds for more
+requests to the same model with the same thresholds and output format, and runs them through the
+model as one batch of at most `max_images` images (a request with more runs alone, never split).
+Each request gets exactly its own images' results, in its order. Requests for different models run
+on different threads, so one model's long batch never holds up another's; loading (`engine.get`,
+not thread-safe) is serialized by one lock.
+
+The engine: `get(key) -> (LoadedModel, cached)` and `infer(loaded, images, *, conf, iou,
+image_format) -> (results, seconds)`, safe from different threads for different models (see
+`_infer` for engines without `infer`). This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictRequest:
+    """One request's images and settings, and where its answer goes (`done` gets a `BatchAnswer` or
+    the exception that failed its batch; called once, from a runner thread)."""
+
+    key: Hashable
+    images: list[Any]
+    conf: float
+    iou: float
+    image_format: str | None
+    done: Callable[[BatchAnswer | BaseException], None]
+
+    def joins(self, first: PredictRequest) -> bool:
+        """Whether this request can share `first`'s forward pass."""
+        return (self.key, self.conf, self.iou, self.image_format) == (
+            first.key,
+            first.conf,
+            first.iou,
+            first.image_format,
+        )
+
+
+@dataclass
+class BatchAnswer:
+    """One request's share of a batch: its own results in order, and what the batch was."""
+
+    results: list[Any]
+    class_names: list[str]
+    cached: bool
+    model_loads: int
+    seconds: float
+    backend: str
+    batch_requests: int
+    batch_images: int
+
+
+@dataclass
+class BatchStats:
+    """Counters since the process started."""
+
+    requests: int = 0
+    batches: int = 0
+    merged_requests: int = 0  # requests that shared their forward pass with at least one other
+    largest_batch: int = 0  # requests in the largest batch
+
+
+def _infer(
+    engine: Any, loaded: Any, images: list[Any], *, conf: float, iou: float, image_format: str | None
+) -> tuple[list[Any], float]:
+    """`engine.infer`, or for an engine without it (app.ml.inference before its `infer`) the same
+    steps with that module's functions, which touch only `loaded`'s own pipeline."""
+    infer = getattr(engine, "infer", None)
+    if infer is not None:
+        results, seconds = infer(loaded, images, conf=conf, iou=iou, image_format=image_format)
+        return list(results), float(seconds)
+    from app.ml.inference import run_pipeline, set_thresholds, to_result
+
+    start = time.perf_counter()
+    set_thresholds(loaded.pipeline, conf=conf, iou=iou)
+    predictions = run_pipeline(loaded.pipeline, images)
+    results = [to_result(p, loaded.class_names, image_format=image_format) for p in predictions]
+    return results, time.perf_counter() - start
+
+
+@dataclass
+class Batcher:
+    """Queues of prediction requests per model, each drained by its own runner thread."""
+
+    engine: Any
+    window: float
+    max_images: int
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+    stats: BatchStats = field(default_factory=BatchStats)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _queues: dict[Hashable, deque[PredictRequest]] = field(default_factory=dict)
+
+    def submit(self, request: PredictRequest) -> None:
+        """Queue `request`; its model's runner thread starts if none runs."""
+        with self._cond:
+            self.stats.requests += 1
+            queue = self._queues.get(request.key)
+            if queue is None:
+                queue = self._queues[request.key] = deque()
+                threading.Thread(
+                    target=self._run, args=(request.key,), name="predict-runner", daemon=True
+                ).start()
+            queue.append(request)
+            self._cond.notify_all()
+
+    def running_models(self) -> int:
+        """Models with a runner thread now."""
+        with self._cond:
+            return len(self._queues)
+
+    def _run(self, key: Hashable) -> None:
+        while True:
+            batch = self._take(key)
+            if not batch:
+                return
+            self._serve(batch)
+
+    def _take(self, key: Hashable) -> list[PredictRequest]:
+        """The next batch for `key`: the oldest request and the compatible ones that come within the
+        window, up to `max_images`. Empty (and the runner ends) when nothing waits."""
+        with self._cond:
+            queue = self._queues[key]
+            if not queue:
+                del self._queues[key]
+                return []
+            first = queue.popleft()
+            batch, images = [first], len(first.images)
+            deadline = time.monotonic() + self.window
+            while images < self.max_images:
+                for request in list(queue):
+                    if request.joins(first) and images + len(request.images) <= self.max_images:
+                        queue.remove(request)
+                        batch.append(request)
+                        images += len(request.images)
+                left = deadline - time.monotonic()
+                if left <= 0 or images >= self.max_images:
+                    break
+                self._cond.wait(left)
+            self.stats.batches += 1
+            if len(batch) > 1:
+                self.stats.merged_requests += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            return batch
+
+    def _serve(self, batch: list[PredictRequest]) -> None:
+        first = batch[0]
+        images = [image for request in batch for image in request.images]
+        try:
+            with self.load_lock:
+                loaded, cached = self.engine.get(first.key)
+                loads = int(getattr(self.engine, "loads", 0))
+            results, seconds = _infer(
+                self.engine, loaded, images, conf=first.conf, iou=first.iou, image_format=first.image_format
+            )
+            if len(results) != len(images):
+                raise RuntimeError(f"{len(results)} results for {len(images)} images")
+        except Exception as exc:  # every waiter hears of it; the runner goes on with the next batch
+            for request in batch:
+                _deliver(request, exc)
+            return
+        start = 0
+        for request in batch:
+            end = start + len(request.images)
+            _deliver(
+                request,
+                BatchAnswer(
+                    results=results[start:end],
+                    class_names=list(loaded.class_names),
+                    cached=cached,
+                    model_loads=loads,
+                    seconds=seconds,
+                    backend=str(getattr(loaded, "backend", "pytorch")),
+                    batch_requests=len(batch),
+                    batch_images=len(images),
+                ),
+            )
+            start = end
+
+
+def _deliver(request: PredictRequest, answer: BatchAnswer | BaseException) -> None:
+    try:
+        request.done(answer)
+    except Exception:  # a waiter that cannot be answered must not stop the runner for the others
+        logger.exception("answering a prediction failed")

@@ -1,0 +1,285 @@
+"""Serving a YOLO-NAS model from its serving ONNX file with onnxruntime, without torch or SG.
+
+The serving file (`app.ml.export.export_for_serving`) holds the network only: a float32 batch
+[N, 3, H, W] in, decoded boxes [N, A, 4] (input pixels, xyxy) and class scores [N, A, C] out, with a
+dynamic batch axis. Everything around it is here, in numpy and OpenCV, step for step as SG 3.7.1's
+`DetectionPipeline` does it with the checkpoint's own processing params (written into the file's
+metadata at export): the preprocessing (`training/processing/processing.py`), the post-prediction
+callback (`PPYoloEPostPredictionCallback`: score threshold, top-k, per-class NMS as torchvision's
+`batched_nms`, max predictions) and the mapping of boxes back to the original image.
+
+Importing this module must stay cheap (no torch, no super_gradients): a process that serves only
+ONNX models starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The key of the serving spec (JSON) in the ONNX file's metadata_props.
+SPEC_KEY = "sgjobs.serving"
+# Bump when the spec's meaning changes: a file of another version is not used (the PyTorch path is).
+SPEC_VERSION = 1
+
+# The preprocessing steps we reproduce, by the names `spec_from_processor` gives them.
+STEPS = frozenset(
+    {"reverse_channels", "longest_max_size_rescale", "rescale", "pad", "standardize", "normalize", "permute"}
+)
+
+
+class ServingFileError(Exception):
+    """The serving ONNX file cannot be used (unreadable, no spec, a step we do not reproduce)."""
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """SG's `PPYoloEPostPredictionCallback` settings other than the per-request thresholds."""
+
+    nms_top_k: int = 1024
+    max_predictions: int = 300
+    multi_label_per_box: bool = True
+    class_agnostic_nms: bool = False
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What the serving file's metadata says: the model's classes, input size, preprocessing steps
+    (in SG's order) and post-processing settings."""
+
+    class_names: list[str]
+    input_size: tuple[int, int]
+    steps: list[dict[str, Any]]
+    post: PostProcessing
+
+    def to_json(self) -> str:
+        """The spec as stored in the ONNX metadata."""
+        return json.dumps(
+            {
+                "version": SPEC_VERSION,
+                "class_names": self.class_names,
+                "input_size": list(self.input_size),
+                "steps": self.steps,
+                "post": self.post.__dict__,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ServingSpec:
+        """Parse a stored spec; ServingFileError when it is of another version or has unknown steps."""
+        data = json.loads(text)
+        if data.get("version") != SPEC_VERSION:
+            raise ServingFileError(f"serving spec version {data.get('version')!r}, expected {SPEC_VERSION}")
+        unknown = [s.get("op") for s in data["steps"] if s.get("op") not in STEPS]
+        if unknown:
+            raise ServingFileError(f"unsupported preprocessing steps {unknown}")
+        height, width = data["input_size"]
+        return cls(
+            class_names=[str(n) for n in data["class_names"]],
+            input_size=(int(height), int(width)),
+            steps=list(data["steps"]),
+            post=PostProcessing(**data["post"]),
+        )
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+# How to undo one step on boxes: ("scale", sy, sx) or ("shift", dy, dx); applied in reverse order.
+_Undo = tuple[str, float, float]
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    import cv2
+
+    # SG's `_rescale_image`: cv2.INTER_LINEAR.
+    return cv2.resize(np.ascontiguousarray(image), dsize=(width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def preprocess(image: np.ndarray, steps: list[dict[str, Any]]) -> tuple[np.ndarray, list[_Undo]]:
+    """`image` (HWC RGB uint8) through `steps` as SG's processings do it; the network input for it
+    (CHW float32) and how to map boxes back."""
+    undo: list[_Undo] = []
+    out: np.ndarray = image
+    for step in steps:
+        op = step["op"]
+        if op == "reverse_channels":
+            out = out[..., ::-1]
+        elif op == "longest_max_size_rescale":
+            target_h, target_w = step["output_shape"]
+            height, width = out.shape[:2]
+            scale = min(target_h / height, target_w / width)
+            if scale != 1.0:
+                out = _resize(out, round(height * scale), round(width * scale))
+            undo.append(("scale", scale, scale))
+        elif op == "rescale":
+            target_h, target_w = step["output_shape"]
+            height, width = out.shape[:2]
+            out = _resize(out, target_h, target_w)
+            undo.append(("scale", target_h / height, target_w / width))
+        elif op == "pad":
+            target_h, target_w = step["output_shape"]
+            pad_h, pad_w = target_h - out.shape[0], target_w - out.shape[1]
+            if step["mode"] == "center":
+                top, left = pad_h // 2, pad_w // 2
+            else:  # bottom_right
+                top, left = 0, 0
+            value = step["pad_value"]
+            fill = [value] * out.shape[2] if isinstance(value, int | float) else list(value)
+            padded = np.empty((target_h, target_w, out.shape[2]), dtype=out.dtype)
+            padded[...] = np.asarray(fill, dtype=out.dtype)
+            padded[top : top + out.shape[0], left : left + out.shape[1]] = out
+            out = padded
+            undo.append(("shift", float(top), float(left)))
+        elif op == "standardize":
+            out = (out / float(step["max_value"])).astype(np.float32)
+        elif op == "normalize":
+            mean = np.asarray(step["mean"], dtype=np.float32).reshape(1, 1, -1)
+            std = np.asarray(step["std"], dtype=np.float32).reshape(1, 1, -1)
+            out = (out - mean) / std
+        elif op == "permute":
+            out = np.ascontiguousarray(out.transpose(*step["permutation"]))
+        else:  # from_json refuses unknown steps; this is a defect if reached
+            raise ServingFileError(f"unsupported preprocessing step {op!r}")
+    return np.asarray(out, dtype=np.float32), undo
+
+
+def _undo_boxes(boxes: np.ndarray, undo: list[_Undo]) -> np.ndarray:
+    """Boxes in the network input's pixels back to the original image's, as SG's
+    `postprocess_predictions` (in reverse order; float32 like `_rescale_bboxes`)."""
+    out = boxes.astype(np.float32, copy=True)
+    for kind, a, b in reversed(undo):
+        if kind == "shift":
+            out[:, [0, 2]] -= b
+            out[:, [1, 3]] -= a
+        else:
+            out *= np.array([[1 / b, 1 / a, 1 / b, 1 / a]], dtype=np.float32)
+    return out
+
+
+# --- post-processing -----------------------------------------------------------------------------
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy NMS, highest score first, as torchvision's `nms`: a box is dropped when
+    its IoU with a kept box is above `iou_threshold`."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        width = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        height = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = width * height
+        iou = inter / (areas[i] + areas[rest] - inter)
+        order = rest[~(iou > iou_threshold)]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float
+) -> np.ndarray:
+    """torchvision's `batched_nms`: NMS per class, by offsetting each class's boxes apart so that
+    boxes of different classes never overlap; indices by decreasing score."""
+    if boxes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = labels.astype(boxes.dtype) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def decode(
+    boxes: np.ndarray, scores: np.ndarray, *, conf: float, iou: float, post: PostProcessing
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's network output (boxes [A, 4], scores [A, C]) to its detections (boxes, scores,
+    labels), as `PPYoloEPostPredictionCallback.forward`."""
+    boxes = boxes.astype(np.float32, copy=False)
+    scores = scores.astype(np.float32, copy=False)
+    if post.multi_label_per_box:
+        rows, labels = np.nonzero(scores > conf)
+        cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
+    else:
+        labels = scores.argmax(axis=1)
+        best = scores[np.arange(len(scores)), labels]
+        mask = best >= conf
+        cand_boxes, cand_scores, labels = boxes[mask], best[mask], labels[mask]
+    if cand_scores.shape[0] > post.nms_top_k:
+        top = np.argsort(-cand_scores, kind="stable")[: post.nms_top_k]
+        cand_boxes, cand_scores, labels = cand_boxes[top], cand_scores[top], labels[top]
+    if post.class_agnostic_nms:
+        keep = nms(cand_boxes, cand_scores, iou)
+    else:
+        keep = batched_nms(cand_boxes, cand_scores, labels, iou)
+    keep = keep[: post.max_predictions]
+    return cand_boxes[keep], cand_scores[keep], labels[keep].astype(np.int64)
+
+
+# --- the session ---------------------------------------------------------------------------------
+
+
+def providers_for(device: str) -> list[str]:
+    """onnxruntime's execution providers for the engine's `device`: TensorRT then CUDA when the
+    device is CUDA and this onnxruntime has them, always the CPU last."""
+    import onnxruntime
+
+    available = set(onnxruntime.get_available_providers())
+    chosen = []
+    if device.startswith("cuda"):
+        chosen += [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+@dataclass
+class OrtModel:
+    """A serving ONNX file loaded in onnxruntime, with its spec."""
+
+    session: Any
+    spec: ServingSpec
+    input_name: str
+    path: Path
+
+    @classmethod
+    def load(cls, path: Path, *, device: str = "cpu", threads: int | None = None) -> OrtModel:
+        """Open `path` in onnxruntime; ServingFileError when it cannot serve."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3  # errors only: no warnings per provider on every load
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=providers_for(device))
+            meta = session.get_modelmeta().custom_metadata_map
+        except Exception as exc:  # onnxruntime raises its own types for a bad file
+            raise ServingFileError(f"cannot load {path.name}: {exc}") from exc
+        if SPEC_KEY not in meta:
+            raise ServingFileError(f"{path.name} carries no serving spec")
+        spec = ServingSpec.from_json(meta[SPEC_KEY])
+        return cls(session=session, spec=spec, input_name=session.get_inputs()[0].name, path=path)
+
+    def predict(
+        self, images: list[np.ndarray], *, conf: float, iou: float
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image (HWC RGB uint8): boxes (xyxy, original pixels, not clipped), scores, labels."""
+        inputs, undos = [], []
+        for image in images:
+            tensor, undo = preprocess(image, self.spec.steps)
+            inputs.append(tensor)
+            undos.append(undo)
+        shapes = {t.shape for t in inputs}
+        if len(shapes) != 1:  # as SG's pipeline: a batch needs one shape (a resizing step gives it)
+            raise ValueError(f"preprocessed images have different shapes {sorted(shapes)}")
+        boxes, scores = self.session.run(None, {self.input_name: np.stack(inputs)})[:2]
+        results = []
+        for image_boxes, image_scores, undo in zip(boxes, scores, undos, strict=True):
+            kept_boxes, kept_scores, labels = decode(
+                image_boxes, image_scores, conf=conf, iou=iou, post=self.spec.post
+            )
+            results.append((_undo_boxes(kept_boxes, undo), kept_scores, labels))
+        return results
