@@ -66,6 +66,17 @@ TENSORBOARD_KIND = "tensorboard"
 ONNX_KIND = "onnx"
 
 
+# A job's folder in the store (`SGJOBS_STORAGE_URL`): `jobs/<job id>/<path in the job directory>`.
+# With the default local store this is the job directory itself (`<home>/jobs/<id>`).
+JOBS_PREFIX = "jobs"
+
+
+def job_key(job_id: str, relative: str = "") -> str:
+    """The store key of the file at `relative` (POSIX) in the job's directory; "" for its folder."""
+    prefix = f"{JOBS_PREFIX}/{job_id}"
+    return f"{prefix}/{relative}" if relative else prefix
+
+
 def console_log(job_dir: Path) -> Path:
     """Where the training process's output goes."""
     return job_dir / CONSOLE_LOG
