@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     storage_cache_max_bytes: int = Field(
         default=20 * 2**30, ge=2**20, description="Local copies of stored objects, at most (bytes)."
     )
+    # A training process uploads its new checkpoints and logs to a remote store this often (and
+    # everything once more before the attempt ends), so a resume elsewhere loses at most this much.
+    storage_sync_seconds: float = Field(default=2.0, gt=0, le=3600)
 
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")

@@ -192,6 +192,8 @@ def serve(
     settings: Mapping[str, object] | None = None,
     startup_timeout: float = 120.0,
     stop_timeout: float = 30.0,
+    command: str = "serve",
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[RunningService]:
     """`sgjobs serve` (migrations, the API on a free port of 127.0.0.1, one worker) in a child process.
 
@@ -203,17 +205,25 @@ def serve(
 
     On exit the service gets SIGTERM (it stops its worker), then whatever is left of its process
     group and of its process tree (the worker and a training run in sessions of their own) is killed.
+
+    `command="api"` runs `sgjobs api` instead (the API alone, on a database already migrated, ready
+    once a worker was seen); `extra_env` is more environment (such as the AWS_* variables of a store).
     """
+    if command not in ("serve", "api"):
+        raise ValueError(f"command must be serve or api, not {command!r}")
     workdir = Path(cwd) if cwd is not None else Path.cwd()
     home_dir = (workdir / home).resolve()
     home_dir.mkdir(parents=True, exist_ok=True)
     admin_key = generate_key()
-    env = service_env(backend, home, **{"admin_key": admin_key, **dict(settings or {})})
+    env = {
+        **service_env(backend, home, **{"admin_key": admin_key, **dict(settings or {})}),
+        **(extra_env or {}),
+    }
     port = free_port()
     log_file = home_dir / "serve.log"
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "app.cli", command, "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             cwd=workdir,
             stdout=log,

@@ -9,6 +9,7 @@ no-op, or from the exit status when the process died without a result file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -18,11 +19,15 @@ from app.db import session_scope
 from app.jobs import files, lifecycle
 from app.jobs.models import FailureReason, JobStatus
 from app.settings import Settings
+from app.storage import StorageError
+from worker.store_sync import job_sync
 
 # What the supervisor returns when the job moved on from its attempt (nothing recorded).
 LEASE_LOST = "lease_lost"
 # The exit status of a training process that stopped because the job moved on (EX_TEMPFAIL).
 LEASE_LOST_EXIT = 75
+
+logger = logging.getLogger(__name__)
 
 
 def write_result(job_dir: Path, attempt: int, result: dict[str, Any]) -> None:
@@ -73,6 +78,7 @@ def record_outcome(
     result = read_result(job_dir, attempt)
     if result is None and returncode == LEASE_LOST_EXIT:
         return LEASE_LOST
+    _push_last_output(settings, job_id=job_id, job_dir=job_dir)
     if result is None and returncode < 0 and stalled_for is None and not killed_for_cancel:
         try:
             signame = signal.Signals(-returncode).name
@@ -145,3 +151,14 @@ def _record_files(settings: Settings, *, job_id: str, attempt: int, job_dir: Pat
     files.remove_training_scratch(job_dir)
     with session_scope(settings.database_url) as session:
         lifecycle.set_artifacts(session, job_id=job_id, artifacts=files.collect_artifacts(job_dir))
+
+
+def _push_last_output(settings: Settings, *, job_id: str, job_dir: Path) -> None:
+    """Upload what the training process wrote after its own last upload (the end of its console log)
+    to a remote store; a failure is logged, the outcome recorded all the same."""
+    try:
+        sync = job_sync(settings, job_dir, job_id)
+        if sync is not None:
+            sync.push()
+    except StorageError as exc:
+        logger.warning("job %s: the console log could not be uploaded to the store: %s", job_id, exc)

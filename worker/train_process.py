@@ -39,11 +39,13 @@ from app.jobs.schemas import JobSpec
 from app.ml.params import TrainingConfig
 from app.ml.types import DiskFull, LeaseLost, TrainingCancelled
 from app.settings import Settings, get_settings
+from app.storage import StorageError
 from app.weights import service as weights
 from app.weights.models import Weights
 from worker.outcome import LEASE_LOST_EXIT, record_outcome, write_result
 from worker.reporter import DbReporter
 from worker.standby import READY_FILE, STANDBY_ARG
+from worker.store_sync import JobSync, Uploader, job_sync
 
 logger = logging.getLogger("sgjobs.train")
 # When this process started (ISO 8601, UTC), for the warm-start event.
@@ -99,6 +101,14 @@ def train(
     says so, with these values and `"standby": true`).
     """
     job_dir = settings.jobs_dir / job_id
+    sync = job_sync(settings, job_dir, job_id)
+    if sync is not None:
+        try:
+            # Before anything looks for a checkpoint to resume from: another machine may have trained
+            # this job further than what this one holds.
+            sync.pull_checkpoints()
+        except StorageError as exc:
+            return {"status": JobStatus.failed, "reason": FailureReason.internal, "message": str(exc)}
     with session_scope(settings.database_url) as session:
         # The worker acts for the service, not for a tenant: it reads any job.
         job = service.get_job(session, job_id=job_id, scope=None)
@@ -131,6 +141,7 @@ def train(
         interval=settings.report_interval_seconds,
         watch=spec.training.metric_to_watch,
     ).start()
+    uploader = Uploader(sync, settings.storage_sync_seconds).start() if sync is not None else None
     if standby is not None:
         reporter.event(
             f"warm start: training process {os.getpid()} had super-gradients imported "
@@ -232,6 +243,11 @@ def train(
         result = run_training(config, reporter)
         if settings.serving_export:
             _export_for_serving(spec.model, job_dir, reporter)
+        if uploader is not None and sync is not None:
+            # Everything is in the store before success is recorded: the API serves it from there.
+            uploader.stop()
+            uploader = None
+            sync.push()
         return {
             "status": JobStatus.succeeded,
             "device": result.device,
@@ -266,9 +282,22 @@ def train(
             "message": f"{type(exc).__name__}: {exc}",
         }
     finally:
+        if uploader is not None and sync is not None:
+            uploader.stop()
+            if not reporter.lost:
+                _push_quietly(sync, reporter)
         reporter.close()
         if reporter.lost:
             raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
+
+
+def _push_quietly(sync: JobSync, reporter: DbReporter) -> None:
+    """The last upload of an attempt that failed or was cancelled: its checkpoints let a later attempt
+    resume on any machine; failing it leaves the job's outcome as it is."""
+    try:
+        sync.push()
+    except StorageError as exc:
+        reporter.event(f"the last checkpoints could not be uploaded to the store: {exc}", level="warning")
 
 
 def _export_for_serving(model: str, job_dir: Path, reporter: DbReporter) -> None:

@@ -77,6 +77,25 @@ def job_key(job_id: str, relative: str = "") -> str:
     return f"{prefix}/{relative}" if relative else prefix
 
 
+# Never uploaded to a remote store: SG's averaging scratch (ten model copies, rewritten every epoch;
+# a resume elsewhere starts the averaging over) and the local fallback of a torn write (an object in
+# the store is whole or absent).
+_NOT_STORED = (AVERAGING_SNAPSHOTS, PREVIOUS_LATEST_CHECKPOINT)
+
+
+def files_to_store(job_dir: Path) -> list[Path]:
+    """The files of the job directory a worker uploads to a remote store: the checkpoints, TensorBoard
+    files and serving exports under `checkpoints/`, the console log and `export/`; no temporary file."""
+    found = [console_log(job_dir)] if console_log(job_dir).is_file() else []
+    for folder in (job_dir / CHECKPOINTS_DIR, job_dir / EXPORT_NAME.split("/")[0]):
+        found.extend(
+            p
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not is_temp_file(p) and p.name not in _NOT_STORED and is_inside(p, job_dir)
+        )
+    return found
+
+
 def console_log(job_dir: Path) -> Path:
     """Where the training process's output goes."""
     return job_dir / CONSOLE_LOG
