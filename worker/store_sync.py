@@ -99,12 +99,14 @@ class JobSync:
                 try:
                     if path.suffix in _REPLACED_WHOLE:
                         os.link(path, snapshot)
+                        st = snapshot.stat()
                     else:
+                        # Stated before the copy: what grows meanwhile goes up next time.
+                        st = path.stat()
                         shutil.copyfile(path, snapshot)
                 except FileNotFoundError:  # replaced or removed since it was listed
                     continue
                 try:
-                    st = snapshot.stat()
                     known = self._state.get(key)
                     if known is not None and (known.get("size"), known.get("mtime_ns")) == (
                         st.st_size,
