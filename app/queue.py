@@ -14,6 +14,15 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "sgjobs.train_job"
+# The pool of workers that takes jobs without a spec `queue` (named so in messages).
+DEFAULT_POOL = "default"
+
+
+def queue_for(settings: Settings, pool: str | None) -> str:
+    """The broker queue of a worker pool: `task_queue` for the default pool (None or ""), else
+    `<task_queue>.<pool>`. Every sender and every worker goes through here, so they agree. A pool
+    name has no dot (`POOL_PATTERN`), so no pool's queue is another's."""
+    return f"{settings.task_queue}.{pool}" if pool else settings.task_queue
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -55,16 +64,22 @@ def _producer(broker: str, queue: str) -> Celery:
     return app
 
 
-def send_train_job(settings: Settings, job_id: str) -> None:
-    """Enqueue a training job by task name. Raises if the broker cannot be reached."""
+def send_train_job(settings: Settings, job_id: str, *, pool: str | None = None) -> None:
+    """Enqueue a training job by task name on its pool's queue (`queue_for`). Raises if the broker
+    cannot be reached. A pool with no live worker keeps the message until one starts."""
     app = _producer(settings.broker_url, settings.task_queue)
     app.send_task(
-        TRAIN_TASK, args=[job_id], queue=settings.task_queue, retry=True, retry_policy={"max_retries": 2}
+        TRAIN_TASK,
+        args=[job_id],
+        queue=queue_for(settings, pool),
+        retry=True,
+        retry_policy={"max_retries": 2},
     )
 
 
 def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
-    """Declare the task queue once, before the API and the worker start using it.
+    """Declare this process's task queue (the queue of `worker_queue`'s pool) once, before the API
+    and the worker start using it.
 
     kombu's SQL transport creates its tables and queue rows with a check-then-insert that races
     when two processes start at the same moment (a UNIQUE error that kills the worker at start-up);
@@ -77,7 +92,7 @@ def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
         try:
             with app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1)
-                Queue(settings.task_queue).bind(conn.default_channel).declare()
+                Queue(queue_for(settings, settings.worker_queue)).bind(conn.default_channel).declare()
             return True
         except Exception as exc:
             logger.warning("broker not ready (attempt %d/%d): %s", attempt + 1, attempts, exc)

@@ -18,6 +18,9 @@ ANY_INTERFACE = ("0.0.0.0", "::", "")
 MIN_WEBHOOK_SECRET_LENGTH = 16
 # The first admin key's file in `home`: the service writes it, the client CLI reads it by default.
 ADMIN_KEY_FILE = "admin.key"
+# A worker pool's name (spec `queue`, SGJOBS_WORKER_QUEUE): short, lower case, usable in a queue name.
+POOL_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+POOL_PATTERN = f"^{POOL_NAME}$"
 
 
 class Settings(BaseSettings):
@@ -35,6 +38,16 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="SQLAlchemy URL; default: SQLite in home.")
     broker_url: str = Field(default="", description="Celery broker; default: SQLite in home.")
     task_queue: str = "sgjobs"
+    # The pool of workers this worker belongs to (`sgjobs worker --queue`): it takes the jobs whose
+    # spec names it in `queue` (`app.queue.queue_for`); "": the default pool (jobs without `queue`).
+    worker_queue: str = Field(
+        default="",
+        pattern=f"^(?:{POOL_NAME})?$",
+        description='The worker pool this worker serves; "": the default pool.',
+    )
+    # GPU ids, "0,1": `sgjobs worker` runs one worker process (one training slot) per listed GPU,
+    # each with CUDA_VISIBLE_DEVICES=<id> (`sgjobs worker --gpus`); "": one worker, as it finds it.
+    worker_gpus: str = Field(default="", description='GPU ids, "0,1": one worker each.')
     # Redis hands an unacknowledged message to another worker after this long. A training's message
     # is acknowledged when it ends; a redelivery of a running job's message finds it claimed and does
     # nothing, so this only bounds how long a message lost with its worker waits in Redis.
@@ -307,6 +320,17 @@ class Settings(BaseSettings):
             "SGJOBS_TASK_QUEUE": self.task_queue,
         }
 
+    @field_validator("worker_gpus")
+    @classmethod
+    def _gpu_list(cls, value: str) -> str:
+        gpu_ids(value)
+        return value
+
+    @property
+    def worker_gpu_ids(self) -> list[str]:
+        """`worker_gpus` as a list of ids, in order, without repeats ([]: none listed)."""
+        return gpu_ids(self.worker_gpus)
+
     @property
     def admin_key_file(self) -> Path:
         """Where the first admin key is written (mode 0600)."""
@@ -316,6 +340,17 @@ class Settings(BaseSettings):
         """Create the home, datasets, jobs and weights directories."""
         for path in (self.home, self.datasets_dir, self.jobs_dir, self.weights_dir):
             path.mkdir(parents=True, exist_ok=True)
+
+
+def gpu_ids(text: str) -> list[str]:
+    """GPU ids from "0,1" (`--gpus`, SGJOBS_WORKER_GPUS); ValueError for anything but numbers or a repeat."""
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    for gpu in ids:
+        if not gpu.isdigit():
+            raise ValueError(f"GPU ids are numbers separated by commas, not {text!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a GPU is listed twice in {text!r}")
+    return ids
 
 
 @lru_cache

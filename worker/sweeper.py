@@ -31,6 +31,10 @@ FORGET_WORKERS_AFTER_SECONDS = 24 * 3600.0
 # every other writer, a training's metrics included, while one runs).
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_ROWS_PER_COMMIT = 50_000
+# The GPUs this worker's training slot offers one job (its presence row; POST /jobs checks a spec's
+# `gpus` against it): one slot per GPU (`sgjobs worker --gpus`), or a CPU. A job asking for more
+# (data-parallel training) needs a worker that offers more, which no worker does yet.
+SLOT_GPUS = 1
 
 
 @dataclass
@@ -47,13 +51,21 @@ def sweep_once(settings: Settings, state: WorkerState = STATE) -> SweepResult:
     result = SweepResult()
     with session_scope(settings.database_url) as session:
         if state.name is not None:
-            workers.seen(session, name=state.name, job_id=state.job_id)
+            workers.seen(
+                session,
+                name=state.name,
+                job_id=state.job_id,
+                queue=settings.worker_queue,
+                gpus=SLOT_GPUS,
+            )
             workers.forget_older_than(session, seconds=FORGET_WORKERS_AFTER_SECONDS)
         result.moved = lifecycle.expire_leases(session)
     idle = state.idle_for() >= settings.resend_after_seconds
     with session_scope(settings.database_url) as session:
         candidates = lifecycle.send_candidates(
-            session, resend_after=settings.resend_after_seconds if idle else None
+            session,
+            resend_after=settings.resend_after_seconds if idle else None,
+            pool=settings.worker_queue,
         )
     for job_id in candidates:
         if dispatch.send(

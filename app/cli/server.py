@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -27,6 +27,8 @@ logger = logging.getLogger("sgjobs")
 
 
 def _worker_argv() -> list[str]:
+    from app.queue import queue_for
+
     settings = get_settings()
     # The solo pool runs the task in the worker's main thread: the task only supervises a training
     # child process, and one training at a time per worker (one worker per GPU) is the design.
@@ -42,7 +44,7 @@ def _worker_argv() -> list[str]:
         "--concurrency",
         "1",
         "--queues",
-        settings.task_queue,
+        queue_for(settings, settings.worker_queue),
         "--hostname",
         # Unique per worker process (a restarted worker is a new one), so a job's attempts name
         # who ran them and a worker's presence row is its own.
@@ -123,26 +125,83 @@ def cmd_api(host: str | None, port: int | None) -> int:
     return 0
 
 
-def cmd_worker() -> int:
+def _pool_args(queue: str | None, gpus: str | None) -> Settings:
+    """--queue and --gpus become SGJOBS_WORKER_QUEUE and SGJOBS_WORKER_GPUS, for this process and
+    its children (the worker processes), and are checked as the settings check them."""
+    if queue is not None:
+        os.environ["SGJOBS_WORKER_QUEUE"] = queue
+    if gpus is not None:
+        os.environ["SGJOBS_WORKER_GPUS"] = gpus
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def cmd_worker(queue: str | None = None, gpus: str | None = None) -> int:
+    """One Celery worker in this process (exec), or, with GPUs listed, one kept-alive worker
+    process per GPU, each seeing only its own (`CUDA_VISIBLE_DEVICES`), stopped together."""
+    from pydantic import ValidationError
+
     from app.queue import prepare_broker
 
-    settings = get_settings()
+    try:
+        settings = _pool_args(queue, gpus)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"sgjobs worker: {problems}", file=sys.stderr)
+        return 2
     settings.ensure_dirs()
     prepare_broker(settings)
-    argv = _worker_argv()
-    os.execv(argv[0], argv)
-    return 0  # pragma: no cover  (execv does not return)
+    gpu_ids = settings.worker_gpu_ids
+    if not gpu_ids:
+        argv = _worker_argv()
+        os.execv(argv[0], argv)
+    return run_worker_slots(gpu_ids)
+
+
+def run_worker_slots(gpu_ids: list[str]) -> int:
+    """Keep one worker process per GPU id until SIGTERM or SIGINT, then stop them all together
+    (each hands its running job back, see `WorkerKeeper.stop`)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    keepers = [gpu_keeper(gpu).start() for gpu in gpu_ids]
+    while not stop.wait(1.0):
+        pass
+    stop_all(keepers)
+    return 0
+
+
+def gpu_keeper(gpu: str) -> WorkerKeeper:
+    """A keeper of one worker process that sees only GPU `gpu`."""
+    return WorkerKeeper(env={"CUDA_VISIBLE_DEVICES": gpu}, label=f"GPU {gpu}")
+
+
+def stop_all(keepers: list[WorkerKeeper], timeout: float = 20.0) -> None:
+    """`stop` every keeper at once: stopped one after the other, the last would wait for all the
+    others' grace periods before handing its job back."""
+    threads = [threading.Thread(target=k.stop, args=(timeout,), daemon=True) for k in keepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 class WorkerKeeper:
     """Runs the worker as a child process and starts it again when it dies (with backoff), until
-    `stop()`: a worker killed by the out-of-memory killer or a crash does not leave jobs waiting."""
+    `stop()`: a worker killed by the out-of-memory killer or a crash does not leave jobs waiting.
+    `env` is added to this process's environment for the child (`CUDA_VISIBLE_DEVICES` of its GPU)."""
 
     # A worker that ran this long before dying is restarted at once; a crash loop backs off.
     HEALTHY_SECONDS = 60.0
     MAX_BACKOFF_SECONDS = 30.0
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, label: str = "") -> None:
+        self._env = {**os.environ, **env} if env else None
+        self._label = label
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self.process: subprocess.Popen[bytes] | None = None
@@ -159,10 +218,11 @@ class WorkerKeeper:
             if self._stopping.is_set():
                 return
             self.process = subprocess.Popen(
-                _worker_argv(), start_new_session=True, preexec_fn=die_with_parent()
+                _worker_argv(), env=self._env, start_new_session=True, preexec_fn=die_with_parent()
             )
             self._started = time.monotonic()
-        print(f"worker started (pid {self.process.pid})", flush=True)
+        on = f", {self._label}" if self._label else ""
+        print(f"worker started (pid {self.process.pid}{on})", flush=True)
 
     def _keep(self) -> None:
         backoff = 1.0
@@ -205,12 +265,13 @@ def cmd_serve(host: str | None, port: int | None) -> int:
     _bootstrap_admin_key()
     _bootstrap_webhook_secret(settings)
     prepare_broker(settings)
-    keeper = WorkerKeeper().start()
+    # One worker, or one per GPU of SGJOBS_WORKER_GPUS, as `sgjobs worker` runs them.
+    keepers = [gpu_keeper(gpu).start() for gpu in settings.worker_gpu_ids] or [WorkerKeeper().start()]
     print(f"datasets directory: {settings.datasets_dir}", flush=True)
     try:
         _run_api(settings.host, settings.port)
     finally:
-        keeper.stop()
+        stop_all(keepers)
     return 0
 
 
@@ -339,7 +400,7 @@ def register(cli: typer.Typer) -> None:
 
     @cli.command("serve", rich_help_panel=panel)
     def serve(host: Host = None, port: Port = None) -> None:
-        """Migrate, then run the API and one worker."""
+        """Migrate, then run the API and one worker (one per GPU of SGJOBS_WORKER_GPUS)."""
         _logging()
         _done(cmd_serve(host, port))
 
@@ -350,10 +411,25 @@ def register(cli: typer.Typer) -> None:
         _done(cmd_api(host, port))
 
     @cli.command("worker", rich_help_panel=panel)
-    def worker() -> None:
-        """Run a training worker (one per GPU)."""
+    def worker(
+        queue: Annotated[
+            str | None,
+            typer.Option(
+                help='the worker pool to serve (jobs whose spec has "queue": NAME); '
+                "default: SGJOBS_WORKER_QUEUE, else the default pool"
+            ),
+        ] = None,
+        gpus: Annotated[
+            str | None,
+            typer.Option(
+                help="GPU ids, 0,1,...: one worker process (training slot) per GPU, each "
+                "with CUDA_VISIBLE_DEVICES=<id>; default: SGJOBS_WORKER_GPUS, else one worker"
+            ),
+        ] = None,
+    ) -> None:
+        """Run a training worker (one per GPU, or one per GPU listed in --gpus)."""
         _logging()
-        _done(cmd_worker())
+        _done(cmd_worker(queue, gpus))
 
     @cli.command("migrate", rich_help_panel=panel)
     def migrate() -> None:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from app import queue
 from app.db import session_scope
 from app.jobs import lifecycle
+from app.jobs.models import Job
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,8 +28,9 @@ def send(settings: Settings, *, job_id: str, resend_after: float | None = None) 
     with session_scope(settings.database_url) as session:
         if not lifecycle.claim_send(session, job_id=job_id, resend_after=resend_after):
             return False
+        pool = job_pool(session, job_id=job_id)
     try:
-        queue.send_train_job(settings, job_id)
+        queue.send_train_job(settings, job_id, pool=pool)
     except Exception as exc:
         logger.warning("could not send job %s: %s", job_id, exc)
         with session_scope(settings.database_url) as session:
@@ -35,3 +40,8 @@ def send(settings: Settings, *, job_id: str, resend_after: float | None = None) 
             )
         return False
     return True
+
+
+def job_pool(session: Session, *, job_id: str) -> str | None:
+    """The worker pool a job asked for (its spec's `queue`; None: the default pool)."""
+    return lifecycle.spec_pool(session.scalar(select(Job.spec).where(Job.id == job_id)))

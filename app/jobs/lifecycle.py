@@ -135,21 +135,29 @@ def unsend(session: Session, *, job_id: str) -> None:
     )
 
 
-def send_candidates(session: Session, *, resend_after: float | None) -> list[str]:
+def send_candidates(session: Session, *, resend_after: float | None, pool: str | None = None) -> list[str]:
     """Queued jobs whose message is missing: never sent (older than a few seconds, so the API's own
     send after its commit goes first), or, with `resend_after` (the asking worker is idle), sent
-    longer ago than that."""
+    longer ago than that and of the asking worker's `pool`: an idle worker proves only its own
+    pool's queue empty (another pool's job may wait, its message in place, for a worker of that pool)."""
     never_sent = Job.enqueued_at.is_(None) & (
         (Job.created_at < db_now(-5)) | (Job.attempt > 0) | (Job.restarts > 0)
     )
     due: ColumnElement[bool] = never_sent
     if resend_after is not None:
         due = due | (Job.enqueued_at < db_now(-resend_after))
-    return list(
-        session.scalars(
-            select(Job.id).where(Job.status == JobStatus.queued, due).order_by(Job.created_at)
-        ).all()
-    )
+    rows = session.execute(
+        select(Job.id, Job.enqueued_at, Job.spec)
+        .where(Job.status == JobStatus.queued, due)
+        .order_by(Job.created_at)
+    ).all()
+    return [job_id for job_id, sent, spec in rows if sent is None or spec_pool(spec) == (pool or None)]
+
+
+def spec_pool(spec: dict[str, Any] | None) -> str | None:
+    """The worker pool a stored spec asks for (`queue`); None: the default pool."""
+    pool = (spec or {}).get("queue")
+    return pool if isinstance(pool, str) and pool else None
 
 
 def claim(session: Session, *, job_id: str, worker: str, job_dir: Path, lease_seconds: float) -> int | None:

@@ -12,6 +12,7 @@ from app.jobs.models import FailureReason, JobStatus
 from app.ml.params import TrainingSpec
 from app.ml.types import ModelName, PretrainedName
 from app.schemas import ID_MAX_LENGTH, ID_PATTERN, PRINTABLE_PATTERN, Page, StrictModel
+from app.settings import POOL_PATTERN
 
 
 class InitFrom(StrictModel):
@@ -73,6 +74,21 @@ class JobSpec(StrictModel):
         "checkpoint before the job fails as worker_lost; at most the server's SGJOBS_MAX_RESTARTS_LIMIT.",
     )
     webhook: WebhookSpec | None = Field(default=None, description="A message when the job ends.")
+    queue: str | None = Field(
+        default=None,
+        pattern=POOL_PATTERN,
+        description="The pool of workers to run on (a name such as `big-gpu`; workers serve a pool with "
+        "`sgjobs worker --queue NAME` or SGJOBS_WORKER_QUEUE). Default: the default pool. A job for a "
+        "pool with no live worker stays queued until one starts.",
+    )
+    gpus: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs the job trains on. More than the largest live worker of its pool offers is a "
+        "422 naming that number (with no live worker in the pool, only 1 is accepted: a worker may "
+        "start later). Each worker slot offers 1 GPU today.",
+    )
 
     @field_validator("input_size")
     @classmethod

@@ -35,6 +35,7 @@ from app.jobs.schemas import (
     StartedFrom,
 )
 from app.paths import is_inside, real
+from app.queue import DEFAULT_POOL
 from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
 from app.settings import Settings
@@ -45,6 +46,7 @@ from app.weights import folder
 from app.weights import service as weights
 from app.weights.models import Weights
 from app.weights.service import Inspector, JobCheckpoint
+from app.workers import service as workers
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +184,7 @@ def create_job(
             ["body", "max_restarts"],
             f"at most {settings.max_restarts_limit} (SGJOBS_MAX_RESTARTS_LIMIT on this server)",
         )
+    check_gpus(session, settings=settings, spec=spec)
     check_quota(
         session,
         settings=settings,
@@ -251,6 +254,24 @@ def _current_status(session: Session, *, job_id: str) -> str:
     return status
 
 
+def check_gpus(
+    session: Session, *, settings: Settings, spec: JobSpec, loc: Sequence[str] = ("body", "gpus")
+) -> None:
+    """422 when the spec asks for more GPUs than the largest live worker of its pool offers (live:
+    seen within one lease, as /readyz counts them). With no live worker in the pool, 1 GPU is
+    accepted (a worker may start later, the job waits queued) and more are refused."""
+    if spec.gpus == 1:
+        return
+    offered = workers.largest_offer(session, queue=spec.queue or "", within=settings.lease_seconds)
+    if spec.gpus > offered:
+        pool = spec.queue or DEFAULT_POOL
+        raise InvalidInput.field(
+            list(loc),
+            f"gpus: {spec.gpus} requested, but the largest worker of pool {pool!r} offers "
+            f"{offered} GPU{'' if offered == 1 else 's'}",
+        )
+
+
 def resume_job(
     session: Session, *, settings: Settings, job_id: str, max_epochs: int | None, principal: Principal
 ) -> Job:
@@ -284,6 +305,7 @@ def resume_job(
         max_epochs=max_epochs or job.max_epochs,
         input_size=JobSpec.model_validate(job.spec).input_size,
     )
+    check_gpus(session, settings=settings, spec=JobSpec.model_validate(job.spec), loc=["spec", "gpus"])
     checkpoint = files.find_checkpoint(job, files.CKPT_LATEST, files.CKPT_BEST)
     if checkpoint is None:
         raise Conflict(

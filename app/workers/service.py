@@ -11,14 +11,12 @@ from app.db import changed, db_now
 from app.workers.models import Worker
 
 
-def seen(session: Session, *, name: str, job_id: str | None) -> None:
-    """Record that worker `name` is alive now (and which job it trains)."""
-    if not changed(
-        session, update(Worker).where(Worker.name == name).values(seen_at=db_now(), job_id=job_id)
-    ):
-        session.execute(
-            insert(Worker).values(name=name, started_at=db_now(), seen_at=db_now(), job_id=job_id)
-        )
+def seen(session: Session, *, name: str, job_id: str | None, queue: str = "", gpus: int = 1) -> None:
+    """Record that worker `name` is alive now, which job it trains, the pool it serves (`queue`, ""
+    the default one) and the GPUs its slot offers a job."""
+    values = {"seen_at": db_now(), "job_id": job_id, "queue": queue, "gpus": gpus}
+    if not changed(session, update(Worker).where(Worker.name == name).values(**values)):
+        session.execute(insert(Worker).values(name=name, started_at=db_now(), **values))
 
 
 def gone(session: Session, *, name: str) -> None:
@@ -38,3 +36,16 @@ def last_seen(session: Session) -> tuple[datetime | None, float | None]:
 def forget_older_than(session: Session, *, seconds: float) -> int:
     """Drop rows of workers not seen for `seconds` (crashed without saying goodbye)."""
     return session.execute(delete(Worker).where(Worker.seen_at < db_now(-seconds))).rowcount  # type: ignore[attr-defined]
+
+
+def largest_offer(session: Session, *, queue: str, within: float) -> int:
+    """The most GPUs one worker of pool `queue` ("" the default one) seen within `within` seconds
+    (database clock) offers a job; 0 when none of that pool is live."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.max(Worker.gpus), 0)).where(
+                Worker.queue == queue, Worker.seen_at >= db_now(-within)
+            )
+        )
+        or 0
+    )
