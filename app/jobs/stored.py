@@ -96,13 +96,22 @@ def stored_checkpoint(store: Store, job: Job, *kinds: str) -> ObjectInfo | None:
     return None
 
 
+def checkpoint_location(settings: Settings, job: Job, *kinds: str) -> str | None:
+    """Where the first of the checkpoint `kinds` the job has is, for messages and events: its path
+    (local store, `files.find_checkpoint`) or its key in the store; None when it has none. Nothing
+    is downloaded."""
+    store = open_store(settings)
+    if store.is_local:
+        path = files.find_checkpoint(job, *kinds)
+        return str(path) if path is not None else None
+    info = stored_checkpoint(store, job, *kinds)
+    return info.key if info is not None else None
+
+
 def has_checkpoint(settings: Settings, job: Job, *kinds: str) -> bool:
     """True when the job has one of the checkpoint `kinds`, in its directory (local store) or in
     the store; nothing is downloaded."""
-    store = open_store(settings)
-    if store.is_local:
-        return files.find_checkpoint(job, *kinds) is not None
-    return stored_checkpoint(store, job, *kinds) is not None
+    return checkpoint_location(settings, job, *kinds) is not None
 
 
 def local_checkpoint(settings: Settings, job: Job, *kinds: str) -> Path | None:
