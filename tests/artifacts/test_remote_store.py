@@ -8,6 +8,7 @@ are in the store under `jobs/<id>/...`, as that worker uploads them: a real YOLO
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,57 @@ def test_predict_hands_the_cached_copy_of_the_stored_checkpoint_to_the_inference
     assert "ckpt_best.pth carries no class names or preprocessing" in answer.json()["detail"]
     cached = remote.home / CACHE_FOLDER / files.job_key(job_id, f"{RUN}/ckpt_best.pth")
     assert cached.read_bytes() == (standins / "s5_named.pth").read_bytes()
+
+
+def _tiny_onnx(path: Path) -> Path:
+    """A valid ONNX file with an export's input (uint8 [1, 3, 64, 64]): what the inference process
+    reads to describe an export it reuses."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["num_detections"])],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("num_detections", TensorProto.UINT8, [1, 3, 64, 64])],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_export_reuses_a_stored_export_no_older_than_the_stored_checkpoint(
+    remote: Service, settings: Settings, store: S3Store, dataset: str, standins: Path
+) -> None:
+    job_id = _stored_job(settings, store, dataset, standins)
+    onnx_file = _tiny_onnx(settings.home / "upload-source" / "model.onnx")
+    key = files.job_key(job_id, files.EXPORT_NAME)
+    store.put_file(key, onnx_file)
+    before = store.stat(key)
+    answer = remote.client.post(f"/jobs/{job_id}/export", timeout=300)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["cached"] is True
+    assert body["input_shape"] == [1, 3, 64, 64]
+    assert body["artifact"]["size"] == onnx_file.stat().st_size
+    assert store.stat(key) == before  # nothing uploaded again
+    assert remote.client.get(body["artifact"]["url"]).content == onnx_file.read_bytes()
+
+
+def test_export_does_not_reuse_a_stored_export_older_than_the_checkpoint(
+    remote: Service, settings: Settings, store: S3Store, dataset: str, standins: Path
+) -> None:
+    job_id = _stored_job(settings, store, dataset, standins)
+    key = files.job_key(job_id, files.EXPORT_NAME)
+    store.put_file(key, _tiny_onnx(settings.home / "upload-source" / "old.onnx"))
+    before = store.stat(key)
+    time.sleep(1.1)  # S3 keeps modification times to the second
+    store.put_file(files.job_key(job_id, f"{RUN}/ckpt_best.pth"), standins / "s5_named.pth")
+    answer = remote.client.post(f"/jobs/{job_id}/export", timeout=300)
+    # A new export is made from the checkpoint, which the stand-in (no preprocessing) cannot give.
+    assert answer.status_code == 409, answer.text
+    assert "carries no class names or preprocessing" in answer.json()["detail"]
+    assert store.stat(key) == before
 
 
 def test_delete_removes_the_jobs_objects(
