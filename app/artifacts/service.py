@@ -17,6 +17,7 @@ from app.artifacts.schemas import Artifact, ArtifactList, ExportOptions, ExportO
 from app.errors import InvalidInput, NotFound, ServiceUnavailable
 from app.inference import call_model_server, release_connection
 from app.jobs import files, stored
+from app.jobs.models import Job
 from app.jobs.service import get_job
 from app.prediction.service import best_checkpoint
 from app.settings import Settings
@@ -191,7 +192,7 @@ def export_onnx(
     )
 
 
-def _remote_export_inputs(settings: Settings, store: Store, job: Any, variant: str) -> tuple[Path, Path]:
+def _remote_export_inputs(settings: Settings, store: Store, job: Job, variant: str) -> tuple[Path, Path]:
     """The cached best checkpoint of a job in a remote store (409 without one) and where its export
     goes: the export's key's place in the store cache. A stored export at least as new as the
     stored checkpoint is fetched there after the checkpoint, so the inference process finds it
