@@ -42,7 +42,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_all_services_present(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "s3", "s3-bucket", "migrate", "api", "worker"}
 
 
 def test_postgres_and_redis(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
@@ -71,7 +71,7 @@ def test_commands(services: dict[str, dict[str, Any]], service: str, command: li
     assert services[service]["command"] == command
 
 
-def test_app_services_share_image_env_and_data_volume(services: dict[str, dict[str, Any]]) -> None:
+def test_app_services_share_nothing_but_database_queue_and_store(services: dict[str, dict[str, Any]]) -> None:
     for name in APP_SERVICES:
         service = services[name]
         assert service["build"] == "." and service["image"] == "sg-jobs:latest"
@@ -79,9 +79,38 @@ def test_app_services_share_image_env_and_data_volume(services: dict[str, dict[s
         assert env["SGJOBS_DATABASE_URL"] == "postgresql+psycopg://sgjobs:sgjobs@postgres:5432/sgjobs"
         assert env["SGJOBS_BROKER_URL"] == "redis://redis:6379/0"
         assert env["SGJOBS_HOME"] == "/data"
-        assert env["SGJOBS_DATASETS_DIR"] == "/data/datasets"
-    assert "sgjobs-data:/data" in services["api"]["volumes"]
-    assert "sgjobs-data:/data" in services["worker"]["volumes"]
+        assert env["SGJOBS_STORAGE_URL"].startswith("s3://sgjobs/")
+        assert env["AWS_ENDPOINT_URL"] == "http://s3:8333"
+        assert len(env["SGJOBS_WEBHOOK_SECRET"]) >= 16  # one signing key for every machine
+        # Each container (each replica of a scaled worker) has a home of its own: an anonymous volume.
+        assert "/data" in service["volumes"]
+        assert not any(v.split(":")[-1] == "/data" and ":" in v for v in service["volumes"])
+        # Datasets and registered weights are still one shared volume (not yet in the store).
+        assert env["SGJOBS_DATASETS_DIR"].startswith("/shared/") and env["SGJOBS_WEIGHTS_DIR"].startswith(
+            "/shared/"
+        )
+        assert "sgjobs-shared:/shared" in service["volumes"]
+
+
+def test_the_store_and_its_bucket(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    s3, bucket = services["s3"], services["s3-bucket"]
+    assert "-s3" in s3["command"] and "-s3.port=8333" in s3["command"]
+    assert "healthz" in " ".join(s3["healthcheck"]["test"]) and "ports" not in s3
+    bucket_name = services["api"]["environment"]["SGJOBS_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+    assert f"s3.bucket.create -name {bucket_name}" in " ".join(bucket["command"])
+    assert bucket["restart"] == "no"
+    # The identity the store accepts is the one the services use.
+    identity = yaml.safe_load(compose["configs"]["s3-identities"]["content"])["identities"][0]
+    env = services["worker"]["environment"]
+    assert identity["credentials"] == [
+        {"accessKey": env["AWS_ACCESS_KEY_ID"], "secretKey": env["AWS_SECRET_ACCESS_KEY"]}
+    ]
+
+
+def test_workers_scale(services: dict[str, dict[str, Any]]) -> None:
+    worker = services["worker"]
+    # `docker compose up --scale worker=N` needs replicas that name no fixed container or host port.
+    assert "container_name" not in worker and "ports" not in worker
 
 
 def test_database_url_matches_postgres_credentials(services: dict[str, dict[str, Any]]) -> None:
@@ -99,6 +128,7 @@ def test_dependencies(services: dict[str, dict[str, Any]]) -> None:
         depends = services[name]["depends_on"]
         assert depends["migrate"] == {"condition": "service_completed_successfully"}
         assert depends["redis"] == {"condition": "service_healthy"}
+        assert depends["s3-bucket"] == {"condition": "service_completed_successfully"}
 
 
 def test_api_port(services: dict[str, dict[str, Any]]) -> None:

@@ -29,6 +29,7 @@ from app.process import die_with_parent
 from app.settings import Settings
 from worker.outcome import LEASE_LOST, record_outcome
 from worker.standby import StandbySlot
+from worker.store_sync import drop_local_copy
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -214,6 +215,8 @@ def _supervise(
     )
     if status == JobStatus.queued:
         dispatch.send(settings, job_id=job_id)
+    elif status in FINISHED_STATUSES:
+        drop_local_copy(settings, job_dir)
     return status
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from app.jobs import files
 from app.ml.types import CHECKPOINTS_DIR
+from app.paths import is_inside, real
 from app.settings import Settings
 from app.storage import Store, open_store
 from app.storage.base import TEMP_SUFFIX
@@ -158,3 +159,15 @@ def job_sync(settings: Settings, job_dir: Path, job_id: str) -> JobSync | None:
         return None
     job_dir.mkdir(parents=True, exist_ok=True)
     return JobSync(store, job_dir, job_id)
+
+
+def drop_local_copy(settings: Settings, job_dir: Path) -> bool:
+    """With a remote store, delete the local directory of a job this machine's attempt ended: the
+    store has everything (a later resume downloads it), and a GPU machine's disk is not an archive.
+    True when it was removed."""
+    if open_store(settings).is_local or not is_inside(job_dir, settings.jobs_dir):
+        return False
+    if real(job_dir) == real(settings.jobs_dir):
+        return False
+    shutil.rmtree(job_dir, ignore_errors=True)
+    return True

@@ -33,7 +33,7 @@ from app.datasets import service as datasets
 from app.datasets.formats import prepare_dataset
 from app.db import session_scope
 from app.errors import DatasetError, InvalidInput
-from app.jobs import files, lifecycle, service
+from app.jobs import files, lifecycle, service, stored
 from app.jobs.models import FailureReason, JobStatus
 from app.jobs.schemas import JobSpec
 from app.ml.params import TrainingConfig
@@ -66,7 +66,7 @@ def _init_checkpoint(
     """The checkpoint file the job starts from (None: random weights) and how to name its source."""
     if spec.init_from is not None and spec.init_from.job_id is not None:
         source = service.get_job(session, job_id=spec.init_from.job_id, scope=None)
-        checkpoint = files.init_checkpoint(source)
+        checkpoint = stored.local_checkpoint(settings, source, files.CKPT_BEST, files.CKPT_LATEST)
         if checkpoint is None:
             raise InitCheckpointGone(f"job {source.id} has no checkpoint any more")
         return checkpoint, f"job {source.id}"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 from typing import Annotated
+from urllib.parse import quote
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from app.api import ObjectId, PrincipalDep, SessionDep, SettingsDep
 from app.artifacts import service
 from app.artifacts.schemas import ArtifactList, ExportOptions, ExportOut
 from app.openapi import problems
+from app.storage import open_store
 
 router = APIRouter(prefix="/jobs", tags=["artifacts"])
 weights_router = APIRouter(prefix="/weights", tags=["artifacts"])
@@ -21,10 +23,12 @@ ArtifactName = Annotated[str, Path(min_length=1, max_length=1000, description="A
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=problems(404, 422, 503))
-def list_artifacts(job_id: ObjectId, session: SessionDep, principal: PrincipalDep) -> ArtifactList:
+def list_artifacts(
+    job_id: ObjectId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> ArtifactList:
     """The job's files (checkpoints, averaged model, TensorBoard event files, console log, ONNX export)
     with their sizes and download URLs."""
-    return service.list_artifacts(session, job_id=job_id, scope=principal.scope)
+    return service.list_artifacts(session, settings=settings, job_id=job_id, scope=principal.scope)
 
 
 @router.get(
@@ -39,12 +43,28 @@ def list_artifacts(job_id: ObjectId, session: SessionDep, principal: PrincipalDe
     },
 )
 def download_artifact(
-    job_id: ObjectId, name: ArtifactName, session: SessionDep, principal: PrincipalDep
-) -> FileResponse:
+    job_id: ObjectId, name: ArtifactName, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> Response:
     """Download one listed file; `name` as in the listing."""
-    path = service.artifact_path(session, job_id=job_id, name=name, scope=principal.scope)
     # The listed name, which may differ from the file's own (TensorBoard's names the host).
-    return FileResponse(path, filename=PurePosixPath(name).name, media_type="application/octet-stream")
+    filename = PurePosixPath(name).name
+    store = open_store(settings)
+    if store.is_local:
+        path = service.artifact_path(session, job_id=job_id, name=name, scope=principal.scope)
+        return FileResponse(path, filename=filename, media_type="application/octet-stream")
+    found = service.stored_artifact(session, store=store, job_id=job_id, name=name, scope=principal.scope)
+    # Opened now, so that a missing object or a failing store is a 404 or 503, not a cut-off body.
+    body = store.open_stream(found.key)
+    headers = {"Content-Length": str(found.size), "Content-Disposition": _attachment(filename)}
+    return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition for a download named `filename`, as `FileResponse` writes it."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
 
 
 @router.post("/{job_id}/export", response_model=ExportOut, responses=problems(400, 404, 409, 422, 503))

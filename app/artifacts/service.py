@@ -16,33 +16,59 @@ from sqlalchemy.orm import Session
 from app.artifacts.schemas import Artifact, ArtifactList, ExportOptions, ExportOut
 from app.errors import InvalidInput, NotFound, ServiceUnavailable
 from app.inference import call_model_server, release_connection
-from app.jobs import files
+from app.jobs import files, stored
+from app.jobs.models import Job
 from app.jobs.service import get_job
 from app.prediction.service import best_checkpoint
 from app.settings import Settings
+from app.storage import Store, open_cache, open_store
 from app.weights import service as weights
 
 EXPORT_TIMEOUT_SECONDS = 600.0
 
 
-def _artifact(job_id: str, name: str, kind: str, path: Path) -> Artifact:
-    return Artifact(name=name, kind=kind, size=path.stat().st_size, url=f"/jobs/{job_id}/artifacts/{name}")
+def _artifact(
+    job_id: str, name: str, kind: str, path: Path | None = None, size: int | None = None
+) -> Artifact:
+    if size is None:
+        assert path is not None
+        size = path.stat().st_size
+    return Artifact(name=name, kind=kind, size=size, url=f"/jobs/{job_id}/artifacts/{name}")
 
 
-def list_artifacts(session: Session, *, job_id: str, scope: str | None) -> ArtifactList:
-    """The job's downloadable files with their sizes (empty before it has run)."""
+def list_artifacts(session: Session, *, settings: Settings, job_id: str, scope: str | None) -> ArtifactList:
+    """The job's downloadable files with their sizes (empty before it has run): from its directory
+    with the local store, from the store (`stored.list_stored_files`) with a remote one."""
     job = get_job(session, job_id=job_id, scope=scope)
-    items = [_artifact(job.id, name, f.kind, f.path) for name, f in files.list_files(job).items()]
+    store = open_store(settings)
+    if store.is_local:
+        items = [_artifact(job.id, name, f.kind, f.path) for name, f in files.list_files(job).items()]
+    else:
+        release_connection(session)  # listing the store may take a while: no pooled connection held
+        listed = stored.list_stored_files(store, job).items()
+        items = [_artifact(job.id, name, f.kind, size=f.size) for name, f in listed]
     return ArtifactList(job_id=job.id, status=job.status, items=items)
 
 
 def artifact_path(session: Session, *, job_id: str, name: str, scope: str | None) -> Path:
-    """The file behind a listed artifact name; 404 for anything not listed."""
+    """The file behind a listed artifact name (local store); 404 for anything not listed."""
     job = get_job(session, job_id=job_id, scope=scope)
     found = files.find_file(job, name)
     if found is None:
         raise NotFound(f"job {job_id!r} has no artifact {name!r}")
     return found.path
+
+
+def stored_artifact(
+    session: Session, *, store: Store, job_id: str, name: str, scope: str | None
+) -> stored.StoredFile:
+    """The object behind a listed artifact name (remote store); 404 for anything not listed."""
+    job = get_job(session, job_id=job_id, scope=scope)
+    release_connection(session)
+    found = stored.list_stored_files(store, job).get(name)
+    if found is None:
+        raise NotFound(f"job {job_id!r} has no artifact {name!r}")
+    return found
 
 
 def export_variant(options: ExportOptions) -> str:
@@ -136,22 +162,50 @@ def export_onnx(
     """Export the job's best model to ONNX with SG (preprocessing and NMS inside) into
     `<job_dir>/export/model.onnx` (`export/model-<options>.onnx` with options other than the
     defaults); an export of the same checkpoint with the same options is reused. 409 without a
-    best checkpoint."""
+    best checkpoint.
+
+    With a remote store the best checkpoint is the store's (downloaded into the store cache), the
+    export is written at its key's place in the cache and uploaded under the job's key; a stored
+    export at least as new as the stored checkpoint is reused (the local rule: the export is newer
+    than the checkpoint)."""
     options = options or ExportOptions()
     job = get_job(session, job_id=job_id, scope=scope)
-    checkpoint = best_checkpoint(job)
-    assert job.job_dir is not None  # a job with a checkpoint has a directory
     variant = export_variant(options)
-    output = files.export_file(Path(job.job_dir), variant)
-    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
+    store = open_store(settings)
+    if store.is_local:
+        checkpoint = best_checkpoint(settings, job)
+        assert job.job_dir is not None  # a job with a checkpoint has a directory
+        output = files.export_file(Path(job.job_dir), variant)
+        release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
+    else:
+        release_connection(session)
+        checkpoint, output = _remote_export_inputs(settings, store, job, variant)
     result = _export(
         settings, model=job.model, checkpoint=checkpoint, output=output, class_names=None, options=options
     )
+    if not store.is_local and not result["cached"]:
+        store.put_file(files.job_key(job.id, files.export_name(variant)), output)
     return ExportOut(
         job_id=job.id,
         artifact=_artifact(job.id, files.export_name(variant), files.ONNX_KIND, output),
         **_export_out(result, options, list(job.classes or [])),
     )
+
+
+def _remote_export_inputs(settings: Settings, store: Store, job: Job, variant: str) -> tuple[Path, Path]:
+    """The cached best checkpoint of a job in a remote store (409 without one) and where its export
+    goes: the export's key's place in the store cache. A stored export at least as new as the
+    stored checkpoint is fetched there after the checkpoint, so the inference process finds it
+    newer than the checkpoint's copy and reuses it."""
+    checkpoint = best_checkpoint(settings, job)
+    cache = open_cache(settings, store)
+    key = files.job_key(job.id, files.export_name(variant))
+    output = cache.root / key
+    best = stored.stored_checkpoint(store, job, files.CKPT_BEST)
+    existing = store.stat(key)
+    if best is not None and existing is not None and existing.mtime >= best.mtime:
+        output = cache.local_file(key)
+    return checkpoint, output
 
 
 # What registered weights serve for download, by name: their checkpoint and their ONNX export.

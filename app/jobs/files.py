@@ -21,8 +21,9 @@ backend, which may not import this module, can use them) are imported here.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from app.ml.layout import (
     AVERAGING_SNAPSHOTS,
     BEST_CHECKPOINT,
     LATEST_CHECKPOINT,
+    TEMP_SUFFIX,
     TENSORBOARD_PATTERN,
     is_temp_file,
 )
@@ -124,6 +126,41 @@ def export_file(job_dir: Path, variant: str = "") -> Path:
 def export_name(variant: str = "") -> str:
     """The artifact name of the ONNX export with options `variant` ("" for the defaults)."""
     return EXPORT_NAME.removesuffix(".onnx") + f"-{variant}.onnx" if variant else EXPORT_NAME
+
+
+def is_event_file(name: str) -> bool:
+    """True for a TensorBoard event file's name (never a temporary file)."""
+    return fnmatchcase(name, TENSORBOARD_PATTERN) and not name.endswith(TEMP_SUFFIX)
+
+
+def is_export(relative: str) -> bool:
+    """True for the relative path of an ONNX export of the job: `export/model.onnx`, or
+    `export/model-<variant>.onnx` (`export_name`) directly in the export folder."""
+    if relative == EXPORT_NAME:
+        return True
+    folder, _, name = relative.rpartition("/")
+    return folder == EXPORT_VARIANTS.rpartition("/")[0] and fnmatchcase(
+        name, EXPORT_VARIANTS.rpartition("/")[2]
+    )
+
+
+def stored_kind(relative: str) -> str | None:
+    """What a file at `relative` (POSIX, in the job directory) is as an artifact, by its path alone:
+    a checkpoint key of CHECKPOINTS (such a file under the checkpoints folder), `console_log`,
+    `tensorboard` (an event file under the checkpoints folder) or `onnx` (`is_export`); None for
+    anything else (temporary files, `ckpt_latest.previous.pth`, serving ONNX files, the dataset).
+    The same rules `list_files` applies to a job directory, for a listing of the store's keys."""
+    if relative == CONSOLE_LOG:
+        return CONSOLE_LOG_KEY
+    if is_export(relative):
+        return ONNX_KIND
+    if not relative.startswith(f"{CHECKPOINTS_DIR}/"):
+        return None
+    name = relative.rpartition("/")[2]
+    for kind, checkpoint_name in CHECKPOINTS.items():
+        if name == checkpoint_name:
+            return kind
+    return TENSORBOARD_KIND if is_event_file(name) else None
 
 
 def contained_file(path: Path, job_dir: Path) -> bool:
@@ -227,9 +264,12 @@ def _candidates(job: Job, job_dir: Path) -> list[tuple[str, Path]]:
         events = Path(recorded[TENSORBOARD_DIR_KEY]).glob(TENSORBOARD_PATTERN)
     else:
         events = (job_dir / CHECKPOINTS_DIR).rglob(TENSORBOARD_PATTERN)
-    items.extend((TENSORBOARD_KIND, path) for path in sorted(events))
+    items.extend((TENSORBOARD_KIND, path) for path in sorted(events) if is_event_file(path.name))
     items.append((ONNX_KIND, export_file(job_dir)))
-    items.extend((ONNX_KIND, path) for path in sorted(job_dir.glob(EXPORT_VARIANTS)))
+    variants = job_dir.glob(EXPORT_VARIANTS)
+    items.extend(
+        (ONNX_KIND, path) for path in sorted(variants) if is_export(path.relative_to(job_dir).as_posix())
+    )
     return items
 
 
@@ -247,11 +287,17 @@ def list_files(job: Job) -> dict[str, JobFile]:
     for kind, path in _candidates(job, job_dir):
         if contained_file(path, root):
             resolved = real(path)
-            name = resolved.relative_to(root).as_posix()
-            if kind == TENSORBOARD_KIND:
-                name = _unique(files, _event_file_name(name))
-            files[name] = JobFile(kind, resolved)
+            files[listed_name(files, kind, resolved.relative_to(root).as_posix())] = JobFile(kind, resolved)
     return files
+
+
+def listed_name(taken: Mapping[str, object], kind: str, relative: str) -> str:
+    """The name a listing gives the file at `relative` (POSIX, in the job directory) of artifact
+    `kind`: the path itself, but an event file's shortened (`_event_file_name`) and made unique
+    among the names already `taken`."""
+    if kind != TENSORBOARD_KIND:
+        return relative
+    return _unique(taken, _event_file_name(relative))
 
 
 # TensorFlow names event files `events.out.tfevents.<time>.<host name>.<pid>.<n><suffix>`: served
@@ -265,7 +311,7 @@ def _event_file_name(name: str) -> str:
     return f"{match['dir']}{match['stem']}" if match else name
 
 
-def _unique(taken: dict[str, JobFile], name: str) -> str:
+def _unique(taken: Mapping[str, object], name: str) -> str:
     candidate, n = name, 1
     while candidate in taken:
         candidate, n = f"{name}.{n}", n + 1

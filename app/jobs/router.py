@@ -118,6 +118,7 @@ def delete_job(
     session.commit()
     if job_dir is not None:
         service.remove_job_dir(job_dir)
+    service.remove_stored_job(settings, job_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -11,7 +11,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
@@ -22,7 +22,7 @@ from app.datasets.formats import check_layout
 from app.datasets.service import datasets_base, resolve_spec
 from app.db import changed, serialize_on, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound, PayloadTooLarge, TooManyRequests
-from app.jobs import downsample, files, lifecycle
+from app.jobs import downsample, files, lifecycle, stored
 from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import (
     BestMetric,
@@ -39,6 +39,7 @@ from app.queue import DEFAULT_POOL
 from app.quotas import limit_details, quota_for
 from app.redaction import Redactor
 from app.settings import Settings
+from app.storage import CACHE_FOLDER, StorageError, open_store
 from app.webhooks import outbox, targets
 from app.webhooks.models import DeliveryState, WebhookDelivery
 from app.webhooks.schemas import WebhookDeliveryOut
@@ -75,7 +76,7 @@ def _resolve_init(
                 ["init_from", "job_id"],
                 f"job {source.id!r} trained {source.model}; a {spec.model} cannot start from its checkpoint",
             )
-        if files.init_checkpoint(source) is None:
+        if not stored.has_checkpoint(settings, source, files.CKPT_BEST, files.CKPT_LATEST):
             raise _field_error(
                 ["init_from", "job_id"],
                 f"job {source.id!r} has no checkpoint to start from (status {source.status})",
@@ -306,7 +307,7 @@ def resume_job(
         input_size=JobSpec.model_validate(job.spec).input_size,
     )
     check_gpus(session, settings=settings, spec=JobSpec.model_validate(job.spec), loc=["spec", "gpus"])
-    checkpoint = files.find_checkpoint(job, files.CKPT_LATEST, files.CKPT_BEST)
+    checkpoint = stored.checkpoint_location(settings, job, files.CKPT_LATEST, files.CKPT_BEST)
     if checkpoint is None:
         raise Conflict(
             f"job {job_id!r} has no checkpoint to resume from (it stopped before its first epoch "
@@ -343,8 +344,8 @@ def resume_job(
         session,
         job_id=job_id,
         kind="state",
-        message=f"resume requested (from {checkpoint.name}; max_epochs {epochs})",
-        data={"checkpoint": str(checkpoint), "max_epochs": epochs},
+        message=f"resume requested (from {PurePosixPath(checkpoint).name}; max_epochs {epochs})",
+        data={"checkpoint": checkpoint, "max_epochs": epochs},
     )
     session.flush()
     session.refresh(job)
@@ -363,8 +364,9 @@ def jobs_starting_from(session: Session, *, job_id: str) -> list[str]:
 
 def _job_dir_to_remove(settings: Settings, job: Job) -> Path | None:
     """The job's directory if it is one this service may delete: strictly inside the jobs folder,
-    and not a symlink (whose target could be anything, another job's folder included)."""
-    if not job.job_dir:
+    and not a symlink (whose target could be anything, another job's folder included). None with
+    a remote store: the directory is the training machine's (`remove_stored_job` removes the files)."""
+    if not job.job_dir or not open_store(settings).is_local:
         return None
     path = Path(job.job_dir)
     if path.is_symlink() or not is_inside(path, settings.jobs_dir) or real(path) == real(settings.jobs_dir):
@@ -408,6 +410,21 @@ def delete_job(session: Session, *, settings: Settings, job_id: str, scope: str 
         raise Conflict(f"job {job_id!r} changed meanwhile (it is {status} now); look at it and retry")
     session.expunge(job)
     return job_dir
+
+
+def remove_stored_job(settings: Settings, job_id: str) -> None:
+    """Delete a deleted job's objects from a remote store, and this machine's cached copies of them
+    (nothing with the local store: `remove_job_dir` removes the files). What cannot be removed is
+    logged and left, as `remove_job_dir` does: the rows are gone already."""
+    store = open_store(settings)
+    if store.is_local:
+        return
+    try:
+        removed = store.delete_prefix(files.job_key(job_id))
+        logger.info("job %s: %d object(s) removed from %s", job_id, removed, store.url)
+    except StorageError as exc:
+        logger.warning("could not remove the objects of deleted job %s: %s", job_id, exc)
+    remove_job_dir(settings.home / CACHE_FOLDER / files.job_key(job_id))
 
 
 def remove_job_dir(path: Path) -> None:
@@ -637,7 +654,9 @@ def jobs_using_weights(session: Session, *, weights_id: str) -> list[str]:
     ]
 
 
-def checkpoint_to_promote(session: Session, *, job_id: str, scope: str | None) -> JobCheckpoint:
+def checkpoint_to_promote(
+    session: Session, *, settings: Settings, job_id: str, scope: str | None
+) -> JobCheckpoint:
     """A finished job's best checkpoint, to register as weights: 422 for an unknown job, 409 while it
     is queued or running or when it has no best checkpoint.
 
@@ -648,7 +667,8 @@ def checkpoint_to_promote(session: Session, *, job_id: str, scope: str | None) -
         raise InvalidInput.field(["body", "from_job"], f"job {job_id!r} does not exist")
     if job.status not in FINISHED_STATUSES:
         raise Conflict(f"job {job_id!r} is {job.status}; promote it once it has finished")
-    checkpoint = files.best_checkpoint(job)
+    # With a remote store: the store cache's copy, which the weights registry copies.
+    checkpoint = stored.local_checkpoint(settings, job, files.CKPT_BEST)
     if checkpoint is None:
         raise Conflict(f"job {job_id!r} has no best checkpoint to promote (status {job.status})")
     return JobCheckpoint(job_id=job.id, job_name=job.name, path=checkpoint)

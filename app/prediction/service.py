@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from app.datasets.pipeline import TRAINABLE_FORMATS
 from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
 from app.inference import call_model_server, model_server, release_connection
-from app.jobs import files
+from app.jobs import files, stored
 from app.jobs.models import Job
 from app.jobs.service import get_job
 from app.limits import too_large
@@ -33,6 +33,7 @@ from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.observability.metrics import record_prediction
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
+from app.storage import open_store
 from app.weights import service as weights
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ class Rendered:
     response: PredictResponse
 
 
-def best_checkpoint(job: Job) -> Path:
-    """The job's best checkpoint (`app.jobs.files.best_checkpoint`); 409 when it has none yet."""
-    checkpoint = files.best_checkpoint(job)
+def best_checkpoint(settings: Settings, job: Job) -> Path:
+    """The job's best checkpoint as a local file (`app.jobs.stored.local_checkpoint`: its directory's
+    with the local store, the store cache's copy with a remote one); 409 when it has none yet."""
+    checkpoint = stored.local_checkpoint(settings, job, files.CKPT_BEST)
     if checkpoint is None:
         raise Conflict(f"job {job.id!r} has no best checkpoint yet (status {job.status})")
     return checkpoint
@@ -163,7 +165,9 @@ def predictor(
         )
     assert job_id is not None
     job = get_job(session, job_id=job_id, scope=scope)
-    return Predictor(model=job.model, checkpoint=best_checkpoint(job), job_id=job.id)
+    if not open_store(settings).is_local:
+        release_connection(session)  # a download from the store may take a while
+    return Predictor(model=job.model, checkpoint=best_checkpoint(settings, job), job_id=job.id)
 
 
 def predict(

@@ -21,7 +21,7 @@ from datetime import datetime
 from app.db import session_scope, utcnow
 from app.errors import AppError
 from app.inference import call_model_server
-from app.jobs import files
+from app.jobs import files, stored
 from app.jobs.service import succeeded_since
 from app.settings import Settings
 
@@ -36,10 +36,17 @@ def warm_new_models(settings: Settings, *, since: datetime) -> datetime:
     """Load the models of the jobs that succeeded after `since`; returns the new watermark."""
     with session_scope(settings.database_url) as session:
         jobs = succeeded_since(session, since=since, limit=min(WARM_BATCH, settings.predict_cache_size))
-        targets = [(job.id, job.model, files.best_checkpoint(job), job.finished_at) for job in jobs]
-    for job_id, model, checkpoint, finished_at in targets:
+    # The jobs stay readable once their session is closed (expire_on_commit is off); a remote
+    # store's checkpoint is downloaded with no database connection held.
+    for job in jobs:
+        job_id, model, finished_at = job.id, job.model, job.finished_at
         assert finished_at is not None  # succeeded jobs have finished
         since = max(since, finished_at)
+        try:
+            checkpoint = stored.local_checkpoint(settings, job, files.CKPT_BEST)
+        except AppError as exc:  # the store unreachable, say
+            logger.warning("could not fetch job %s's checkpoint to warm its model: %s", job_id, exc)
+            continue
         if checkpoint is None:
             continue
         try:

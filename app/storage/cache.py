@@ -92,7 +92,9 @@ class StoreCache:
             if folder == str(self.root):
                 dirs[:] = [d for d in dirs if d not in (INDEX_FOLDER, LOCK_FOLDER)]
             for name in files:
-                if name.endswith(TEMP_SUFFIX):
+                # Files being written here (downloads, and exports made in the cache folder before
+                # their upload: `.model.<pid>.tmp.onnx`, `<name>.<pid>-<token>.tmp`) are not copies.
+                if name.endswith((TEMP_SUFFIX, ".tmp")) or name.startswith("."):
                     continue
                 path = Path(folder, name)
                 try:

@@ -137,7 +137,7 @@ def _promote(
 ) -> tuple[Weights, bool]:
     session = get_sessionmaker(settings.database_url)()
     try:
-        found = checkpoints(session, job_id=body.from_job, scope=principal.scope)
+        found = checkpoints(session, settings=settings, job_id=body.from_job, scope=principal.scope)
     finally:
         session.close()
     staged = service.stage_copy(settings, found.path)

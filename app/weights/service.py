@@ -75,7 +75,9 @@ class JobCheckpoints(Protocol):
     """A finished job's best checkpoint: InvalidInput (field `from_job`) for an unknown job, Conflict
     while it runs or when it has none. The jobs area implements it, `app.main` wires it in."""
 
-    def __call__(self, session: Session, *, job_id: str, scope: str | None) -> JobCheckpoint: ...
+    def __call__(
+        self, session: Session, *, settings: Settings, job_id: str, scope: str | None
+    ) -> JobCheckpoint: ...
 
 
 @dataclass(frozen=True)

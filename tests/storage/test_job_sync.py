@@ -36,7 +36,9 @@ def test_push_uploads_what_changed_and_never_temporary_or_scratch_files(s3: S3Se
     _write(job_dir / "console.log", b"line 1\n")
     _write(job_dir / "dataset/train/a.jpg", b"not an artifact")
     sync = JobSync(store, job_dir, JOB)
-    assert sorted(sync.push()) == sorted([job_key(JOB, "console.log"), job_key(JOB, f"{RUN}/ckpt_latest.pth")])
+    assert sorted(sync.push()) == sorted(
+        [job_key(JOB, "console.log"), job_key(JOB, f"{RUN}/ckpt_latest.pth")]
+    )
     assert sync.push() == []  # nothing changed
     assert {i.key for i in store.list(job_key(JOB))} == {
         job_key(JOB, "console.log"),
