@@ -421,12 +421,14 @@ def s3_server(folder: Path, *, bucket: str = "sgjobs-test", timeout: float = 60.
         *(f"{flag}={port}" for flag, port in ports.items()),
         "-s3",
         f"-s3.config={config}",
-        # Off: the Iceberg and Lance catalogs (fixed ports by default); small volumes, few of them:
-        # a test store holds megabytes.
+        # Off: the Iceberg and Lance catalogs (fixed ports by default). Small volumes (not
+        # preallocated), as many as the disk holds (0): trained jobs upload checkpoints of 77 MB
+        # every epoch, and SeaweedFS grows 7 volumes at a time; with a fixed 16 the uploads of a
+        # few jobs filled them and PutObject failed with InternalError ("no free volumes left").
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=64",
-        "-volume.max=16",
+        "-volume.max=0",
     ]
     log_path = folder / "weed.log"
     server = S3Server(f"http://127.0.0.1:{ports['-s3.port']}", bucket, access_key, secret_key)

@@ -166,7 +166,7 @@ def test_a_job_killed_on_one_worker_resumes_on_another_and_is_served_from_the_st
 
     machines.start_worker("worker-2-home")
     done = api.wait(job_id, timeout=400)
-    assert done["status"] == "succeeded", [e["message"] for e in api.events(job_id)]
+    assert done["status"] == "succeeded", "\n".join(e["message"] for e in api.events(job_id))
     assert done["attempt"] == 2 and done["worker"] != worker_1
     messages = [e["message"] for e in api.events(job_id)]
     assert any(m.startswith("attempt 2 resumes from ckpt_latest.pth at epoch 2/3") for m in messages), (
