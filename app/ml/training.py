@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.ml.layout import EXPERIMENT_NAME, is_temp_file, run_dirs
+from app.ml.layout import BEST_CHECKPOINT, EXPERIMENT_NAME, is_temp_file, run_dirs
 from app.ml.params import TrainingConfig
 from app.ml.sg_setup import prepare_this_process, setup_device
 from app.ml.types import (
@@ -298,6 +298,19 @@ def _start_resume(config: TrainingConfig, reporter: Reporter) -> ResumePoint | N
     if point.metric is not None and point.metric != spec.metric_to_watch:
         reporter.event(
             f"{path.name} watched {point.metric}, this run watches {spec.metric_to_watch}: best value reset",
+            level="warning",
+        )
+        point = dataclasses.replace(point, best_value=None, metric=None)
+    if point.best_value is not None and not any(
+        (d / BEST_CHECKPOINT).is_file() for d in run_dirs(config.job_dir)
+    ):
+        # The attempt that wrote the best epoch died before its ckpt_best.pth reached this machine
+        # (another machine's, killed between its two uploads). Keeping the recorded best would mean
+        # no later epoch that fails to beat it ever writes one, and the job would end with no model
+        # to serve: SG validates the resumed model instead, and that becomes the best so far.
+        reporter.event(
+            f"no {BEST_CHECKPOINT} of the best epoch survived: the resumed model is validated and "
+            "becomes the best so far",
             level="warning",
         )
         point = dataclasses.replace(point, best_value=None, metric=None)

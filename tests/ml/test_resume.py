@@ -401,12 +401,14 @@ def _resume_beats_recorded_best(config: TrainingConfig) -> dict[str, Any]:
     from app.ml.checkpoints import load_checkpoint, pick_resume_checkpoint
 
     latest = _run_dir(config.job_dir) / files.LATEST_CHECKPOINT
-    ckpt = load_checkpoint(latest)
-    ckpt["acc"] = -1.0
-    ckpt["metrics"]["valid"]["mAP@0.50"] = -1.0
-    torch.save(ckpt, latest.with_name("edited.pth"))
-    os.replace(latest.with_name("edited.pth"), latest)
-    (latest.parent / files.BEST_CHECKPOINT).unlink()  # it records 0.0, which would be the best
+    # Both record -1 (ckpt_best.pth's 0.0 would otherwise be the best so far; deleting it instead
+    # would make the resume validate the model first, as when the best epoch's file was lost).
+    for path in (latest, latest.with_name(files.BEST_CHECKPOINT)):
+        ckpt = load_checkpoint(path)
+        ckpt["acc"] = -1.0
+        ckpt["metrics"]["valid"]["mAP@0.50"] = -1.0
+        torch.save(ckpt, path.with_name("edited.pth"))
+        os.replace(path.with_name("edited.pth"), path)
     point = pick_resume_checkpoint(config.job_dir)
     assert point is not None
     two_epochs = config.training.model_copy(update={"max_epochs": 2})
