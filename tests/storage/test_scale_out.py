@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,9 +170,10 @@ def test_a_job_killed_on_one_worker_resumes_on_another_and_is_served_from_the_st
     assert done["status"] == "succeeded", "\n".join(e["message"] for e in api.events(job_id))
     assert done["attempt"] == 2 and done["worker"] != worker_1
     messages = [e["message"] for e in api.events(job_id)]
-    assert any(m.startswith("attempt 2 resumes from ckpt_latest.pth at epoch 2/3") for m in messages), (
-        messages
-    )
+    # Epoch 2 or 3: on a loaded machine worker 1 may finish epoch 2 (and upload it) before the kill
+    # lands; either way worker 2 continues from the newest checkpoint that reached the store.
+    resumed = [m for m in messages if re.match(r"attempt 2 resumes from ckpt_latest\.pth at epoch [23]/3", m)]
+    assert resumed, "\n".join(messages)
     # Worker 2 removed its copy once the job had ended (the store has it all); the API never had one.
     # (The training process records the success; its supervisor removes the copy once it has exited.)
     assert (machines.root / "worker-2-home" / "jobs").is_dir()
