@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     # job (`worker.standby`): a job starts in about a second instead of several. It holds about 1 GB
     # of memory (and a CUDA context on a GPU); off: each attempt starts a fresh process.
     training_spare: bool = Field(default=True, description="Keep a spare training process per worker.")
-    # The supervising worker renews its job's lease this often (the training process renews it too,
-    # with every write it makes).
+    # The supervising worker renews its job's lease this often, and at least three times per lease
+    # (`heartbeat_interval`); the training process renews it too, with every write it makes, but it
+    # writes nothing while it loads the dataset and builds the model.
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     # A running job's attempt holds a lease this long past its last renewal (database clock). An
     # attempt whose lease expired is lost: its job is resumed by another attempt (or failed as
@@ -330,6 +331,12 @@ class Settings(BaseSettings):
     def worker_gpu_ids(self) -> list[str]:
         """`worker_gpus` as a list of ids, in order, without repeats ([]: none listed)."""
         return gpu_ids(self.worker_gpus)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a worker renews its job's lease: `heartbeat_seconds`, but at least 3 times a lease."""
+        # Two missed beats (a slow database, a loaded machine) must not lose a healthy attempt.
+        return min(self.heartbeat_seconds, self.lease_seconds / 3)
 
     @property
     def admin_key_file(self) -> Path:

@@ -100,6 +100,8 @@ def strike(service: Any, dataset: Any, size: Size, how: str, label: str) -> dict
         os.kill(worker_pid, signal.SIGTERM)
     done = service.wait(job_id, timeout=900, interval=0.2)
     if done["status"] != "succeeded":
+        for event in service.events(job_id):
+            print(f"  {event['time']} {event['kind']}: {event['message']}", file=sys.stderr)
         raise BenchError(f"job {job_id} ended {done['status']} after {how}: {done.get('error')}")
     if done["attempt"] == 1:
         raise BenchError(f"job {job_id} finished before the {how} took effect; make it longer (--epochs)")

@@ -128,8 +128,8 @@ def _supervise(
     cancel_seen: float | None = None
     marker: tuple[object, ...] | None = None
     marker_since = time.monotonic()
-    next_beat = time.monotonic() + settings.heartbeat_seconds
-    backoff = settings.heartbeat_seconds
+    next_beat = time.monotonic() + settings.heartbeat_interval
+    backoff = settings.heartbeat_interval
     recorded_at: float | None = None  # when the child was seen to have recorded its own outcome
     try:
         while True:
@@ -164,8 +164,8 @@ def _supervise(
                 next_beat = time.monotonic() + backoff
                 backoff = min(2 * backoff, MAX_BACKOFF_SECONDS)
                 continue
-            next_beat = time.monotonic() + settings.heartbeat_seconds
-            backoff = settings.heartbeat_seconds
+            next_beat = time.monotonic() + settings.heartbeat_interval
+            backoff = settings.heartbeat_interval
             if not held:
                 if recorded in FINISHED_STATUSES:
                     # The child recorded its own outcome and is tearing torch down: let it finish.

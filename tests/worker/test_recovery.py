@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -189,6 +190,44 @@ def test_training_process_that_makes_no_progress_is_killed_and_failed(
     job = service.job(job_id)
     assert job["error"]["reason"] == "internal"
     assert "no progress" in job["error"]["message"] and "stuck" in job["error"]["message"]
+
+
+def test_a_silent_training_process_keeps_its_lease_when_the_lease_is_shorter_than_the_heartbeat(
+    service: Service,
+    service_settings: Settings,
+    dataset: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A training process writes nothing while it loads its dataset and builds its model; the
+    # supervisor alone must keep the lease then, even with heartbeat_seconds set above the lease.
+    monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
+    settings = service_settings.model_copy(
+        update={"heartbeat_seconds": 60.0, "lease_seconds": 1.5, "stall_timeout_seconds": 4.0}
+    )
+    job_id = _running(settings, dataset, lease_expires_at=utcnow() + timedelta(seconds=1.5))
+    result: list[str] = []
+    supervisor = threading.Thread(
+        target=lambda: result.append(
+            runner.run_training_process(settings, job_id=job_id, attempt=1, job_dir=tmp_path)
+        )
+    )
+    supervisor.start()
+    leases = []
+    while supervisor.is_alive():
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            leases.append((utcnow(), job.lease_expires_at, job.attempt))
+        time.sleep(0.1)
+    supervisor.join()
+    # Held the whole time (until the stall kill at 4 s): never a sample past its lease.
+    assert {attempt for _, _, attempt in leases} == {1}, "the sweeper took the job over: its lease expired"
+    held = [(now, lease) for now, lease, _ in leases if lease is not None]
+    assert len(held) > 20
+    assert all(now < lease for now, lease in held[:-5]), held
+    assert result == ["failed"]
+    assert "no progress" in service.job(job_id)["error"]["message"]
 
 
 def test_training_process_that_ignores_a_cancel_is_killed_after_the_grace_period(
