@@ -31,6 +31,8 @@ POINTS = (
     "checkpoint_write",
     # At the end of a training batch (after its progress is reported).
     "train_batch",
+    # Before each try of a trained job's final upload to a remote store.
+    "final_upload",
 )
 ACTIONS = (
     "enospc",  # raise OSError(ENOSPC), as a full disk would
@@ -38,6 +40,7 @@ ACTIONS = (
     "kill_worker",  # SIGKILL this process and its parent (the worker that supervises it)
     "crash",  # raise RuntimeError
     "abort",  # SIGABRT this process, as a failed assertion in native code would
+    "store_down",  # raise StorageError, as an unreachable object store would
 )
 
 _context: dict[str, Any] = {}
@@ -103,6 +106,10 @@ def hit(name: str, **where: Any) -> None:
 def _inject(name: str, action: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (failpoint {name})")
+    if action == "store_down":
+        from app.storage import StorageError
+
+        raise StorageError(f"the object store did not answer (failpoint {name})")
     if action == "crash":
         raise RuntimeError(f"failpoint {name}: injected crash")
     if action == "kill_worker":

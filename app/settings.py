@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # A training process uploads its new checkpoints and logs to a remote store this often (and
     # everything once more before the attempt ends), so a resume elsewhere loses at most this much.
     storage_sync_seconds: float = Field(default=2.0, gt=0, le=3600)
+    # A trained job's final upload is retried this long while the store is unreachable; after that
+    # the attempt is given up as lost and the job queued again (resumed from its checkpoints), or
+    # failed as `storage_unavailable` once its restarts are spent.
+    storage_retry_seconds: float = Field(default=300.0, ge=0, le=86400)
 
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +279,39 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def start_worker(
+    env: Mapping[str, str], *, cwd: Path, log: Path, args: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """`sgjobs worker ARGS` with `env`, its output appended to `log`. It leads a process group of its
+    own, so `os.killpg` takes its Celery processes and training processes with it, like a machine
+    that dies."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", *args],
+            env=dict(env),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], *, grace: float = 30.0) -> None:
+    """SIGTERM a worker started by `start_worker` (it hands its jobs back), then SIGKILL its process
+    group if it has not exited within `grace` seconds. Nothing of it is left running."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            pass
+    _killpg(proc.pid)
+    proc.wait()
 
 
 def worker_process(name: str) -> int | None:

@@ -26,6 +26,10 @@ from worker.store_sync import job_sync
 LEASE_LOST = "lease_lost"
 # The exit status of a training process that stopped because the job moved on (EX_TEMPFAIL).
 LEASE_LOST_EXIT = 75
+# A result with this key true is a lost attempt (its `message` says why, its `reason` is what the job
+# fails with once its restarts are spent): the job is queued to resume, like after a kill. Only the
+# supervisor records it, and so sends the job again.
+LOST = "lost"
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,15 @@ def record_outcome(
     if result is None and returncode == LEASE_LOST_EXIT:
         return LEASE_LOST
     _push_last_output(settings, job_id=job_id, job_dir=job_dir)
+    if result is not None and result.get(LOST):
+        return _lose(
+            settings,
+            job_id=job_id,
+            attempt=attempt,
+            job_dir=job_dir,
+            why=str(result.get("message")),
+            reason=FailureReason(result["reason"]),
+        )
     if result is None and returncode < 0 and stalled_for is None and not killed_for_cancel:
         try:
             signame = signal.Signals(-returncode).name
@@ -88,19 +101,8 @@ def record_outcome(
         why = f"the training process was killed by {signame}" + (
             " (most likely the out-of-memory killer; lower training.batch_size or input_size)" if oom else ""
         )
-        with session_scope(settings.database_url) as session:
-            moved = lifecycle.lose_attempt(
-                session,
-                job_id=job_id,
-                attempt=attempt,
-                why=why,
-                reason=FailureReason.out_of_memory if oom else FailureReason.worker_lost,
-            )
-        if moved is None:
-            return LEASE_LOST
-        if moved != JobStatus.queued:
-            _record_files(settings, job_id=job_id, attempt=attempt, job_dir=job_dir)
-        return moved.value
+        lost_as = FailureReason.out_of_memory if oom else FailureReason.worker_lost
+        return _lose(settings, job_id=job_id, attempt=attempt, job_dir=job_dir, why=why, reason=lost_as)
     artifacts = files.collect_artifacts(job_dir)
     status: JobStatus
     reason: FailureReason | None = None
@@ -144,6 +146,19 @@ def record_outcome(
     # SG's scratch is removed only by the attempt that ended the job, never under a live one.
     files.remove_training_scratch(job_dir)
     return status.value if done else str(recorded)
+
+
+def _lose(
+    settings: Settings, *, job_id: str, attempt: int, job_dir: Path, why: str, reason: FailureReason
+) -> str:
+    """The attempt is lost: the job is queued to resume while restarts remain, else failed."""
+    with session_scope(settings.database_url) as session:
+        moved = lifecycle.lose_attempt(session, job_id=job_id, attempt=attempt, why=why, reason=reason)
+    if moved is None:
+        return LEASE_LOST
+    if moved != JobStatus.queued:
+        _record_files(settings, job_id=job_id, attempt=attempt, job_dir=job_dir)
+    return moved.value
 
 
 def _record_files(settings: Settings, *, job_id: str, attempt: int, job_dir: Path) -> None:

@@ -42,7 +42,7 @@ from app.settings import Settings, get_settings
 from app.storage import StorageError
 from app.weights import service as weights
 from app.weights.models import Weights
-from worker.outcome import LEASE_LOST_EXIT, record_outcome, write_result
+from worker.outcome import LEASE_LOST_EXIT, LOST, record_outcome, write_result
 from worker.reporter import DbReporter
 from worker.standby import READY_FILE, STANDBY_ARG
 from worker.store_sync import JobSync, Uploader, job_sync
@@ -247,7 +247,17 @@ def train(
             # Everything is in the store before success is recorded: the API serves it from there.
             uploader.stop()
             uploader = None
-            sync.push()
+            unreachable = _final_push(settings, sync, reporter)
+            if unreachable is not None:
+                # The model is trained and checkpointed here; a later attempt (this machine's or
+                # another's, once the store answers) resumes from the checkpoints and uploads it.
+                return {
+                    "status": JobStatus.failed,
+                    "reason": FailureReason.storage_unavailable,
+                    "message": f"the trained model could not be uploaded to the object store for "
+                    f"{settings.storage_retry_seconds:g} s: {unreachable}",
+                    LOST: True,
+                }
         return {
             "status": JobStatus.succeeded,
             "device": result.device,
@@ -289,6 +299,32 @@ def train(
         reporter.close()
         if reporter.lost:
             raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
+
+
+def _final_push(settings: Settings, sync: JobSync, reporter: DbReporter) -> str | None:
+    """Upload everything, trying again while the store is unreachable (up to
+    `storage_retry_seconds`, backing off to 30 s); None once stored, else the store's last error."""
+    deadline = time.monotonic() + settings.storage_retry_seconds
+    delay = 1.0
+    while True:
+        try:
+            failpoints.hit("final_upload")
+            sync.push()
+            return None
+        except StorageError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return str(exc)
+            pause = min(delay, left)
+            reporter.event(
+                f"the trained model could not be uploaded to the object store ({exc}); trying again "
+                f"in {pause:.0f} s",
+                level="warning",
+            )
+            if reporter.should_stop():
+                raise TrainingCancelled("cancelled while the object store was unreachable") from exc
+            time.sleep(pause)
+            delay = min(2 * delay, 30.0)
 
 
 def _push_quietly(sync: JobSync, reporter: DbReporter) -> None:
@@ -431,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             "message": f"{type(exc).__name__}: {exc}",
         }
     write_result(job_dir, attempt, result)
+    if result.get(LOST):
+        return 0  # its supervisor records a lost attempt, and sends the job again
     # Record the outcome now rather than after this process exits: tearing down torch and
     # super-gradients takes seconds, and a cancelled job should show as cancelled at once. The
     # supervising worker records it again after the exit, which the conditional update makes a no-op.

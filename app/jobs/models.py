@@ -23,6 +23,7 @@ class FailureReason(enum.StrEnum):
     worker_lost = "worker_lost"
     invalid_checkpoint = "invalid_checkpoint"
     disk_full = "disk_full"
+    storage_unavailable = "storage_unavailable"
     internal = "internal"
 
 

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,15 @@ import httpx
 import psutil
 import pytest
 
-from app.testing import Backend, RunningService, backend_resources, serve, service_env, worker_process
+from app.testing import (
+    Backend,
+    RunningService,
+    backend_resources,
+    serve,
+    service_env,
+    start_worker,
+    worker_process,
+)
 from tests.conftest import PG_ADMIN_URL
 from tests.support import Service, make_shapes, make_unreadable_dataset, tiny_spec
 
@@ -82,15 +89,8 @@ class Chaos:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """One more `sgjobs worker` on the same database and broker."""
-        log = open(self.running.home / f"worker-{len(self.extra)}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            env=self.env,
-            cwd=self.cwd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        log = self.running.home / f"worker-{len(self.extra)}.log"
+        proc = start_worker(self.env, cwd=self.cwd, log=log)
         self.extra.append(proc)
         return proc
 

@@ -23,6 +23,7 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from app import testing
 from app.db import session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs.models import Job, JobStatus
@@ -50,27 +51,15 @@ def start_worker(backend: Backend, service: Service) -> Iterator[WorkerStarter]:
 
     def start(*args: str, **settings: object) -> subprocess.Popen[bytes]:
         env = service_env(backend, service.home.name, **{**SERVICE_SETTINGS, **settings})
-        log = open(service.home / f"pool-worker-{len(started)}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", *args],
-            env=env,
-            cwd=service.home.parent,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        proc = testing.start_worker(
+            env, cwd=service.home.parent, log=service.home / f"pool-worker-{len(started)}.log", args=args
         )
         started.append(proc)
         return proc
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        testing.stop_worker(proc)
 
 
 def _workers(settings: Settings, queue: str) -> list[tuple[str, str, int]]:
