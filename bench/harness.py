@@ -31,7 +31,6 @@ import httpx
 
 from app import testing
 from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
-from app.process import die_with_parent
 from app.testing import Backend
 from worker.standby import READY_FILE, STANDBY_DIR
 
@@ -449,15 +448,11 @@ def run_plain(
     env["PYTHONUNBUFFERED"] = "1"
     started = time.monotonic()
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(
+        proc = testing.spawn_group(
             [sys.executable, "-m", "bench.plain_sg", str(config_file), str(result_file)],
             cwd=REPO_ROOT,
+            log=log,
             env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
         )
         try:
             code = proc.wait(timeout=timeout)
@@ -465,8 +460,7 @@ def run_plain(
             code = None
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                testing.kill_group(proc)
     seconds = time.monotonic() - started
     if code != 0 or not result_file.is_file():
         tail = log_file.read_text(errors="replace")[-3000:]
