@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import harness
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "triangle")
 BATCH_LOSS = "Batch_PPYoloELoss/loss"
@@ -100,17 +102,7 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def _image(width: int, height: int) -> Any:
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(0)
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        size = int(rng.integers(min(width, height) // 8, min(width, height) // 3))
-        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
-        draw.ellipse((x, y, x + size, y + size), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    return np.asarray(image)
+    return harness.synthetic_image(width, height, shapes=6, smallest=8, largest=3)
 
 
 def _checkpoint(work: Path, size: int) -> Path:

@@ -612,3 +612,29 @@ def wait_for_spare(service: Any, timeout: float = SPARE_WAIT_S) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def synthetic_image(width: int, height: int, *, shapes: int, smallest: int, largest: int) -> Any:
+    """A seeded HWC RGB uint8 image: `shapes` random ellipses on grey, each side between
+    min(width, height) // `smallest` and // `largest`. numpy and PIL are imported here so the
+    harness stays light for benches that draw no images."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    for _ in range(shapes):
+        size = int(rng.integers(min(width, height) // smallest, min(width, height) // largest))
+        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+        draw.ellipse((x, y, x + size, y + size), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return np.asarray(image)
+
+
+def add_service_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a bench that measures a trained job on a service: --url, --job, --key."""
+    parser.add_argument("--url", help="use a running service instead of starting one")
+    parser.add_argument("--job", help="a succeeded job id on that service (else one is trained)")
+    parser.add_argument(
+        "--key", default=os.environ.get("SGJOBS_API_KEY"), help="API key for --url (default: $SGJOBS_API_KEY)"
+    )
