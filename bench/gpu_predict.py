@@ -64,18 +64,6 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def timed(fn: Callable[[], Any], n: int, warmup: int) -> list[float]:
-    """Wall seconds of `n` calls of `fn` after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 @contextmanager
 def workdir(keep: bool) -> Iterator[Path]:
     """A temporary folder, removed afterwards unless `keep`."""
@@ -171,12 +159,12 @@ def _measure_size(
     def held(model: Any, key: str, runs: int) -> None:
         pipeline = build_pipeline(model)  # fp16 on CUDA
         set_thresholds(pipeline, conf=DEFAULT_CONF, iou=DEFAULT_IOU)
-        samples = timed(lambda: run_pipeline(pipeline, [image]), runs, warmup)
+        samples = harness.timed(lambda: run_pipeline(pipeline, [image]), runs, warmup)
         pred = run_pipeline(pipeline, [image])[0]
         out[key] = stats(samples) | {"detections": len(pred.prediction.bboxes_xyxy)}
 
     def seed_call(model: Any) -> None:
-        samples = timed(
+        samples = harness.timed(
             lambda: model.predict(image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, fuse_model=False),
             max(3, n // 3),
             2,
@@ -198,8 +186,8 @@ def _measure_size(
         session = ort.InferenceSession(str(onnx_file), providers=[provider])
         name = session.get_inputs()[0].name
         prepared = _letterbox(image, size)
-        run_only = timed(lambda: session.run(None, {name: prepared}), n, warmup)
-        total = timed(lambda: session.run(None, {name: _letterbox(image, size)}), n, warmup)
+        run_only = harness.timed(lambda: session.run(None, {name: prepared}), n, warmup)
+        total = harness.timed(lambda: session.run(None, {name: _letterbox(image, size)}), n, warmup)
         outputs = session.run(None, {name: prepared})
         key = provider.removesuffix("ExecutionProvider").lower()
         out[f"ort_{key}_letterbox_and_run"] = stats(total) | {

@@ -638,3 +638,23 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key", default=os.environ.get("SGJOBS_API_KEY"), help="API key for --url (default: $SGJOBS_API_KEY)"
     )
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int) -> list[float]:
+    """Wall seconds of `n` calls of `fn` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def emit(text: str, markdown: str | os.PathLike[str] | None) -> None:
+    """Print a bench's report and append it to the `markdown` file when one is given."""
+    print(text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(text + "\n")

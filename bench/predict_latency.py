@@ -173,14 +173,7 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
     result: dict[str, Any] = {}
 
     def timed(fn: Any) -> list[float]:
-        for _ in range(3):
-            fn()
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return samples
+        return harness.timed(fn, n, warmup=3)
 
     result["predict_fuse_false"] = _stats(
         timed(lambda: model.predict(image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, fuse_model=False))
@@ -299,7 +292,7 @@ def main() -> int:
     image_file = work / "bench.jpg"
     image_file.write_bytes(payload)
     if args.in_process_only:
-        _emit(_in_process_only(args, width, height, image_file, payload), args.markdown)
+        harness.emit(_in_process_only(args, width, height, image_file, payload), args.markdown)
         shutil.rmtree(work, ignore_errors=True)
         return 0
     with ExitStack() as stack:
@@ -366,16 +359,9 @@ def main() -> int:
         "for 1 vs 8 clients).",
         "",
     ]
-    _emit("\n".join(lines), args.markdown)
+    harness.emit("\n".join(lines), args.markdown)
     shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _emit(text: str, markdown: Path | None) -> None:
-    print(text)
-    if markdown:
-        with open(markdown, "a") as f:
-            f.write(text + "\n")
 
 
 if __name__ == "__main__":

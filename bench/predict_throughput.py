@@ -188,11 +188,7 @@ def main() -> int:
     ]
     for title, runs in results.items():
         lines += _table(f"**{title}**", runs)
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+    harness.emit("\n".join(lines), args.markdown)
     return 0
 
 
