@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -222,15 +222,11 @@ def serve(
     port = free_port()
     log_file = home_dir / "serve.log"
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(
+        proc = spawn_group(
             [sys.executable, "-m", "app.cli", command, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
             cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group, killed as a whole at the end
-            preexec_fn=die_with_parent(),  # a killed test run or benchmark leaves no service behind
+            log=log,
+            env=env,
         )
     service = RunningService(backend, f"http://127.0.0.1:{port}", home_dir, log_file, proc.pid, admin_key)
     try:
@@ -238,6 +234,28 @@ def serve(
         yield service
     finally:
         _stop(proc, stop_timeout)
+
+
+def spawn_group(
+    argv: Sequence[str],
+    *,
+    cwd: str | os.PathLike[str],
+    log: IO[bytes],
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in a process group of its own (stopped as a whole by `kill_group`), its
+    output to `log` and no stdin; it dies with this process, so a killed test run or benchmark
+    leaves nothing behind."""
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent(),
+    )
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], service: RunningService, timeout: float) -> None:
@@ -323,6 +341,12 @@ def worker_process(name: str) -> int | None:
         if "worker.celery_app" in cmdline and name in cmdline:
             return int(proc.pid)
     return None
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of `proc` (started with start_new_session) and reap `proc`."""
+    _killpg(proc.pid)
+    proc.wait()
 
 
 def _killpg(pgid: int) -> None:
@@ -466,22 +490,13 @@ def s3_server(folder: Path, *, bucket: str = "sgjobs-test", timeout: float = 60.
     log_path = folder / "weed.log"
     server = S3Server(f"http://127.0.0.1:{ports['-s3.port']}", bucket, access_key, secret_key)
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=folder,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
+        proc = spawn_group(command, cwd=folder, log=log)
         try:
             _create_bucket(proc, server, log_path, timeout)
             yield server
         finally:
             # Killed, not stopped: its data is thrown away, and a graceful stop takes 10 s.
-            _killpg(proc.pid)
-            proc.wait()
+            kill_group(proc)
             # The servers also listen on Unix sockets, /tmp/seaweedfs-<server>[-grpc]-<port>.sock,
             # which a killed server leaves behind.
             for port in ports.values():

@@ -34,6 +34,7 @@ from PIL import Image
 
 from app.datasets.demo import ShapesSpec, write_shapes_dataset
 from app.testing import backend_resources, serve
+from bench import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.02
@@ -134,11 +135,7 @@ def main() -> int:
         _row("cold (`serving_export` and `predict_warm` off)", cold),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+    harness.emit("\n".join(lines), args.markdown)
     return 0
 
 

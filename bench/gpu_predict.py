@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import harness
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("circle", "square", "triangle")
 BATCH_LOSS = "Batch_PPYoloELoss/loss"
@@ -60,18 +62,6 @@ def stats(samples: list[float]) -> dict[str, float]:
         "min_ms": ordered[0] * 1000,
         "n": len(ordered),
     }
-
-
-def timed(fn: Callable[[], Any], n: int, warmup: int) -> list[float]:
-    """Wall seconds of `n` calls of `fn` after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 @contextmanager
@@ -100,17 +90,7 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def _image(width: int, height: int) -> Any:
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(0)
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        size = int(rng.integers(min(width, height) // 8, min(width, height) // 3))
-        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
-        draw.ellipse((x, y, x + size, y + size), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    return np.asarray(image)
+    return harness.synthetic_image(width, height, shapes=6, smallest=8, largest=3)
 
 
 def _checkpoint(work: Path, size: int) -> Path:
@@ -179,12 +159,12 @@ def _measure_size(
     def held(model: Any, key: str, runs: int) -> None:
         pipeline = build_pipeline(model)  # fp16 on CUDA
         set_thresholds(pipeline, conf=DEFAULT_CONF, iou=DEFAULT_IOU)
-        samples = timed(lambda: run_pipeline(pipeline, [image]), runs, warmup)
+        samples = harness.timed(lambda: run_pipeline(pipeline, [image]), runs, warmup)
         pred = run_pipeline(pipeline, [image])[0]
         out[key] = stats(samples) | {"detections": len(pred.prediction.bboxes_xyxy)}
 
     def seed_call(model: Any) -> None:
-        samples = timed(
+        samples = harness.timed(
             lambda: model.predict(image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, fuse_model=False),
             max(3, n // 3),
             2,
@@ -206,8 +186,8 @@ def _measure_size(
         session = ort.InferenceSession(str(onnx_file), providers=[provider])
         name = session.get_inputs()[0].name
         prepared = _letterbox(image, size)
-        run_only = timed(lambda: session.run(None, {name: prepared}), n, warmup)
-        total = timed(lambda: session.run(None, {name: _letterbox(image, size)}), n, warmup)
+        run_only = harness.timed(lambda: session.run(None, {name: prepared}), n, warmup)
+        total = harness.timed(lambda: session.run(None, {name: _letterbox(image, size)}), n, warmup)
         outputs = session.run(None, {name: prepared})
         key = provider.removesuffix("ExecutionProvider").lower()
         out[f"ort_{key}_letterbox_and_run"] = stats(total) | {

@@ -31,7 +31,6 @@ import httpx
 
 from app import testing
 from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
-from app.process import die_with_parent
 from app.testing import Backend
 from worker.standby import READY_FILE, STANDBY_DIR
 
@@ -449,15 +448,11 @@ def run_plain(
     env["PYTHONUNBUFFERED"] = "1"
     started = time.monotonic()
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(
+        proc = testing.spawn_group(
             [sys.executable, "-m", "bench.plain_sg", str(config_file), str(result_file)],
             cwd=REPO_ROOT,
+            log=log,
             env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
         )
         try:
             code = proc.wait(timeout=timeout)
@@ -465,8 +460,7 @@ def run_plain(
             code = None
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                testing.kill_group(proc)
     seconds = time.monotonic() - started
     if code != 0 or not result_file.is_file():
         tail = log_file.read_text(errors="replace")[-3000:]
@@ -618,3 +612,49 @@ def wait_for_spare(service: Any, timeout: float = SPARE_WAIT_S) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def synthetic_image(width: int, height: int, *, shapes: int, smallest: int, largest: int) -> Any:
+    """A seeded HWC RGB uint8 image: `shapes` random ellipses on grey, each side between
+    min(width, height) // `smallest` and // `largest`. numpy and PIL are imported here so the
+    harness stays light for benches that draw no images."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    for _ in range(shapes):
+        size = int(rng.integers(min(width, height) // smallest, min(width, height) // largest))
+        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+        draw.ellipse((x, y, x + size, y + size), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return np.asarray(image)
+
+
+def add_service_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a bench that measures a trained job on a service: --url, --job, --key."""
+    parser.add_argument("--url", help="use a running service instead of starting one")
+    parser.add_argument("--job", help="a succeeded job id on that service (else one is trained)")
+    parser.add_argument(
+        "--key", default=os.environ.get("SGJOBS_API_KEY"), help="API key for --url (default: $SGJOBS_API_KEY)"
+    )
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int) -> list[float]:
+    """Wall seconds of `n` calls of `fn` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def emit(text: str, markdown: str | os.PathLike[str] | None) -> None:
+    """Print a bench's report and append it to the `markdown` file when one is given."""
+    print(text)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(text + "\n")

@@ -41,22 +41,17 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from app.testing import backend_resources, serve
+from bench import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _image(width: int, height: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        size = int(rng.integers(min(width, height) // 6, min(width, height) // 2))
-        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
-        draw.ellipse((x, y, x + size, y + size), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    return np.asarray(image)
+    image: np.ndarray = harness.synthetic_image(width, height, shapes=4, smallest=6, largest=2)
+    return image
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -178,14 +173,7 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
     result: dict[str, Any] = {}
 
     def timed(fn: Any) -> list[float]:
-        for _ in range(3):
-            fn()
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return samples
+        return harness.timed(fn, n, warmup=3)
 
     result["predict_fuse_false"] = _stats(
         timed(lambda: model.predict(image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, fuse_model=False))
@@ -276,11 +264,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", help="use a running service instead of starting one")
-    parser.add_argument("--job", help="a succeeded job id on that service (else one is trained)")
-    parser.add_argument(
-        "--key", default=os.environ.get("SGJOBS_API_KEY"), help="API key for --url (default: $SGJOBS_API_KEY)"
-    )
+    harness.add_service_args(parser)
     parser.add_argument("-n", type=int, default=60, help="sequential requests / calls per measurement")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-client", type=int, default=25)
@@ -308,7 +292,7 @@ def main() -> int:
     image_file = work / "bench.jpg"
     image_file.write_bytes(payload)
     if args.in_process_only:
-        _emit(_in_process_only(args, width, height, image_file, payload), args.markdown)
+        harness.emit(_in_process_only(args, width, height, image_file, payload), args.markdown)
         shutil.rmtree(work, ignore_errors=True)
         return 0
     with ExitStack() as stack:
@@ -375,16 +359,9 @@ def main() -> int:
         "for 1 vs 8 clients).",
         "",
     ]
-    _emit("\n".join(lines), args.markdown)
+    harness.emit("\n".join(lines), args.markdown)
     shutil.rmtree(work, ignore_errors=True)
     return 0
-
-
-def _emit(text: str, markdown: Path | None) -> None:
-    print(text)
-    if markdown:
-        with open(markdown, "a") as f:
-            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import httpx
 from PIL import Image
 
 from app.testing import backend_resources, serve
+from bench import harness
 from bench.predict_latency import _image, _train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,11 +130,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", help="use a running service instead of starting one")
-    parser.add_argument("--job", help="a succeeded job id on that service (else one is trained)")
-    parser.add_argument(
-        "--key", default=os.environ.get("SGJOBS_API_KEY"), help="API key for --url (default: $SGJOBS_API_KEY)"
-    )
+    harness.add_service_args(parser)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each measured run")
     parser.add_argument("--clients", type=int, default=8, help="the concurrent run's clients")
     parser.add_argument("--size", default="320x240", help="image WxH")
@@ -191,11 +188,7 @@ def main() -> int:
     ]
     for title, runs in results.items():
         lines += _table(f"**{title}**", runs)
-    text = "\n".join(lines)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(text + "\n")
+    harness.emit("\n".join(lines), args.markdown)
     return 0
 
 

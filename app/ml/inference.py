@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -36,6 +36,14 @@ logger = logging.getLogger(__name__)
 # The backends a model is served by (`LoadedModel.backend`, `PredictOutcome.backend`).
 ONNXRUNTIME = "onnxruntime"
 PYTORCH = "pytorch"
+
+
+class InferOptions(TypedDict, total=False):
+    """The keyword options of `ModelCache.infer`, passed on unchanged by `ModelCache.predict`."""
+
+    conf: float
+    iou: float
+    image_format: str | None
 
 
 class ModelLoadError(Exception):
@@ -426,17 +434,12 @@ class InferenceEngine:
         return results, time.perf_counter() - start
 
     def predict(
-        self,
-        key: ModelKey,
-        images: list[np.ndarray],
-        *,
-        conf: float = DEFAULT_CONF,
-        iou: float = DEFAULT_IOU,
-        image_format: str | None = None,
+        self, key: ModelKey, images: list[np.ndarray], **options: Unpack[InferOptions]
     ) -> PredictOutcome:
-        """Detections for `images` (HWC RGB uint8) with the model of `key` (`get` then `infer`)."""
+        """Detections for `images` (HWC RGB uint8) with the model of `key` (`get` then `infer`,
+        which takes the same `options` and holds their defaults)."""
         loaded, cached = self.get(key)
-        results, seconds = self.infer(loaded, images, conf=conf, iou=iou, image_format=image_format)
+        results, seconds = self.infer(loaded, images, **options)
         return PredictOutcome(
             results=results,
             class_names=loaded.class_names,
