@@ -17,8 +17,8 @@ from app.db import session_scope
 from app.settings import Settings
 from app.storage import S3Store
 from app.testing import S3Server, s3_server
-from tests.conftest import started_service
 from tests.datasets.test_router import SPEC, upload_multipart
+from tests.remote_store import other_home, serve_with_store
 from tests.support import Service, zip_folder
 
 pytestmark = [pytest.mark.backends("sqlite")]
@@ -34,13 +34,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="module")
 def remote(backend: Any, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in s3.env.items():
-            patch.setenv(name, value)
-        home = tmp_path_factory.mktemp("api-home") / "home"
-        home.mkdir()
-        with started_service(backend, home, storage_url=s3.storage_url(PREFIX)) as running:
-            yield running
+    with serve_with_store(backend, s3, tmp_path_factory.mktemp("api-home"), PREFIX) as running:
+        yield running
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -56,15 +51,13 @@ def test_an_upload_is_stored_pulled_by_another_home_and_deleted(
     response = upload_multipart(remote, zip_folder(folder, wrap="shapes"), name="stored")
     assert response.status_code == 201, response.text
     dataset_id = response.json()["id"]
-    api = Settings(home=remote.home, database_url=backend.database_url)
-    api_copy = datasets.upload_folder(api, dataset_id)
+    api_copy = datasets.upload_folder(Settings(home=remote.home), dataset_id)
     store = S3Store(s3.bucket, PREFIX, client=s3.client())
     stored = {info.key for info in store.list(dataset_key(dataset_id))}
     assert stored == {dataset_key(dataset_id, relative) for relative in _tree(api_copy)}
 
     # A worker's home: the same database and store, no dataset files.
-    worker_home = tmp_path / "worker-home"
-    worker = Settings(home=worker_home, database_url=api.database_url, storage_url=s3.storage_url(PREFIX))
+    worker = other_home(backend, remote, s3, tmp_path / "worker-home", PREFIX)
     with session_scope(worker.database_url) as session:
         row = session.get(Dataset, dataset_id)
         assert row is not None
