@@ -73,8 +73,8 @@ def _init_checkpoint(
     weights_id = started_from.get("weights_id")
     if weights_id is None:
         return None, ""
-    path = weights.weights_file(settings, weights_id)
-    if session.get(Weights, weights_id) is None or not path.is_file():
+    path = weights.local_file(settings, weights_id) if session.get(Weights, weights_id) else None
+    if path is None:
         raise InitCheckpointGone(f"weights {weights_id} are no longer registered (or their file is gone)")
     return path, f"weights {weights_id} ({started_from.get('name') or weights_id})"
 

@@ -220,7 +220,7 @@ def weights_artifact_path(
     found = weights.get_weights(session, weights_id=weights_id, scope=scope)
     path: Path | None = None
     if name == WEIGHTS_CHECKPOINT:
-        path = weights.weights_file(settings, found.id)
+        path = weights.local_file(settings, found.id)
     elif (match := _WEIGHTS_EXPORT.fullmatch(name)) is not None:
         path = _weights_export_file(settings, found.id, match["variant"] or "")
     if path is None or not path.is_file():

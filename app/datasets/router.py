@@ -25,6 +25,7 @@ from app.datasets.schemas import (
     ValidationReport,
     report_model,
 )
+from app.datasets.stored import delete_upload
 from app.db import get_sessionmaker
 from app.errors import InvalidInput, broken_limit
 from app.openapi import form_body, problems
@@ -204,6 +205,7 @@ def delete_dataset(
     )
     session.commit()
     service.remove_files(folder)
+    delete_upload(settings, dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

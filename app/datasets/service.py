@@ -3,6 +3,7 @@ spec's dataset (a path or a registered id) becomes a folder plus format options.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from app.datasets.hf import default_cache_root
 from app.datasets.models import Dataset, DatasetStatus
 from app.datasets.problems import problem
 from app.datasets.schemas import DatasetSpec
+from app.datasets.stored import delete_upload, fetch_upload, push_upload, remote_store
 from app.db import new_id, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.paths import UPLOADS_FOLDER, is_inside, real
 from app.quotas import check_storage
 from app.settings import Settings
+from app.storage import StorageError
 
 UPLOADS = UPLOADS_FOLDER
 
@@ -88,7 +91,12 @@ def options_for(
 
 
 def dataset_root(settings: Settings, dataset: Dataset) -> Path:
-    """The registered dataset's folder (it must still be inside the datasets directory)."""
+    """The registered dataset's folder (it must still be inside the datasets directory); an upload
+    this machine lacks is first pulled from a remote store."""
+    store = remote_store(settings)
+    uploaded = f"{UPLOADS}/{dataset.id}"
+    if store is not None and (dataset.path == uploaded or dataset.path.startswith(f"{uploaded}/")):
+        fetch_upload(store, dataset.id, upload_folder(settings, dataset.id))
     root = real(settings.datasets_dir / dataset.path)
     if not is_inside(root, settings.datasets_dir) or not root.is_dir():
         raise DatasetError(
@@ -186,8 +194,14 @@ def register_upload(
             cache_root(settings, root),
             annotation_max_bytes=settings.annotation_max_bytes,
         )
+        # Stored before the 201: a worker on another machine trains from the store's copy.
+        store = remote_store(settings)
+        if store is not None:
+            push_upload(store, dataset_id, dest)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
+        with contextlib.suppress(StorageError):  # the store may be what failed
+            delete_upload(settings, dataset_id)
         raise
     now = utcnow()
     dataset = Dataset(

@@ -103,7 +103,7 @@ def _resolve_init(
         raise _field_error(
             loc, f"weights {found.id!r} are a {found.model} checkpoint; a {spec.model} cannot start from them"
         )
-    if not weights.weights_file(settings, found.id).is_file():
+    if weights.local_file(settings, found.id) is None:
         raise _field_error(loc, f"the file of weights {found.id!r} is missing from the weights store")
     return StartedFrom(
         weights_id=found.id,

@@ -21,7 +21,7 @@ from app.openapi import form_body, problems
 from app.schemas import MAX_OFFSET, PRINTABLE_PATTERN
 from app.settings import Settings
 from app.uploads import Received, media_type, receive_file
-from app.weights import service
+from app.weights import service, stored
 from app.weights.models import Weights, WeightsSource
 from app.weights.schemas import PromoteRequest, WeightsOut, WeightsPage, WeightsUploadForm
 
@@ -265,4 +265,5 @@ def delete_weights(
     )
     session.commit()
     service.remove_files(paths)
+    stored.delete_stored(settings, weights_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -28,6 +28,7 @@ from app.inference import call_model_server
 from app.ml.types import CheckpointInfo
 from app.quotas import check_storage
 from app.settings import Settings
+from app.weights import stored
 from app.weights.models import Weights, WeightsSource
 
 STORE = "store"
@@ -194,6 +195,8 @@ def register_file(
     )
     session.add(weights)
     session.flush()
+    # Stored before the commit: a store failure (503) rolls the registration back.
+    stored.push_weights(settings, weights.id, staged.path)
     target = weights_file(settings, weights.id)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged.path, target)
@@ -226,11 +229,18 @@ def get_weights(session: Session, *, weights_id: str, scope: str | None) -> Weig
 
 
 def existing_file(settings: Settings, weights: Weights) -> Path:
-    """The weights' file; 409 when it is gone from the store."""
-    path = weights_file(settings, weights.id)
-    if not path.is_file():
+    """The weights' file on this machine (fetched from a remote store when only there); 409 when it
+    is gone from the store."""
+    path = local_file(settings, weights.id)
+    if path is None:
         raise Conflict(f"the file of weights {weights.id!r} is missing from the weights store")
     return path
+
+
+def local_file(settings: Settings, weights_id: str) -> Path | None:
+    """The weights' file on this machine: where registration put it, else a remote store's copy
+    through the cache; None when it is nowhere."""
+    return stored.local_weights(settings, weights_id, weights_file(settings, weights_id))
 
 
 def list_weights(

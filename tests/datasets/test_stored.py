@@ -1,0 +1,70 @@
+"""An archive uploaded through the API to a service whose store is S3: stored before the 201, pulled
+whole by a machine with another home (as a worker's training process resolves it), deleted with it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.datasets import service as datasets
+from app.datasets.demo import write_shapes_yolo
+from app.datasets.models import Dataset
+from app.datasets.stored import dataset_key
+from app.db import session_scope
+from app.settings import Settings
+from app.storage import S3Store
+from app.testing import S3Server, s3_server
+from tests.datasets.test_router import SPEC, upload_multipart
+from tests.remote_store import other_home, serve_with_store
+from tests.support import Service, zip_folder
+
+pytestmark = [pytest.mark.backends("sqlite")]
+
+PREFIX = "stored-datasets"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with s3_server(tmp_path_factory.mktemp("seaweedfs-datasets")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def remote(backend: Any, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with serve_with_store(backend, s3, tmp_path_factory.mktemp("api-home"), PREFIX) as running:
+        yield running
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_upload_is_stored_pulled_by_another_home_and_deleted(
+    backend: Any, remote: Service, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    folder = write_shapes_yolo(tmp_path / "yolo", SPEC)
+    response = upload_multipart(remote, zip_folder(folder, wrap="shapes"), name="stored")
+    assert response.status_code == 201, response.text
+    dataset_id = response.json()["id"]
+    api_copy = datasets.upload_folder(Settings(home=remote.home), dataset_id)
+    store = S3Store(s3.bucket, PREFIX, client=s3.client())
+    stored = {info.key for info in store.list(dataset_key(dataset_id))}
+    assert stored == {dataset_key(dataset_id, relative) for relative in _tree(api_copy)}
+
+    # A worker's home: the same database and store, no dataset files.
+    worker = other_home(backend, remote, s3, tmp_path / "worker-home", PREFIX)
+    with session_scope(worker.database_url) as session:
+        row = session.get(Dataset, dataset_id)
+        assert row is not None
+        root = datasets.dataset_root(worker, row)
+    local = datasets.upload_folder(worker, dataset_id)
+    assert root.is_relative_to(local.resolve())
+    assert _tree(local) == _tree(api_copy)
+
+    assert remote.client.delete(f"/datasets/{dataset_id}").status_code == 204
+    assert store.list(dataset_key(dataset_id)) == []

@@ -1,0 +1,62 @@
+"""Weights uploaded to a service whose store is S3: stored before the 201, read by a machine with
+another home through its cache, deleted with the registration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.storage import S3Store
+from app.testing import S3Server, s3_server
+from app.weights import service as weights
+from app.weights.stored import WEIGHTS_NAME, weights_key
+from tests.remote_store import other_home, serve_with_store
+from tests.support import Service
+from tests.weights.test_router import upload
+
+pytestmark = [pytest.mark.backends("sqlite")]
+
+PREFIX = "stored-weights"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with s3_server(tmp_path_factory.mktemp("seaweedfs-weights")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def remote(backend: Any, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with serve_with_store(backend, s3, tmp_path_factory.mktemp("api-home"), PREFIX) as running:
+        yield running
+
+
+def test_weights_are_stored_read_by_another_home_and_deleted(
+    backend: Any,
+    remote: Service,
+    s3: S3Server,
+    standins: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    source = standins / "yolo_nas_s_coco.pth"
+    response = upload(remote, source)
+    assert response.status_code == 201, response.text
+    weights_id = response.json()["id"]
+    store = S3Store(s3.bucket, PREFIX, client=s3.client())
+    stored = [info.key for info in store.list(weights_key(weights_id))]
+    assert stored == [weights_key(weights_id, WEIGHTS_NAME)]
+
+    worker = other_home(backend, remote, s3, tmp_path / "worker-home", PREFIX)
+    assert not weights.weights_file(worker, weights_id).exists()
+    local = weights.local_file(worker, weights_id)
+    assert local is not None and local.is_relative_to(worker.home)
+    assert local.read_bytes() == source.read_bytes()
+
+    assert remote.client.delete(f"/weights/{weights_id}").status_code == 204
+    assert store.list(weights_key(weights_id)) == []
