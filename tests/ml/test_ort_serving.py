@@ -105,9 +105,15 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area_a[:, None] + area_b[None] - inter)
 
 
+# The runtimes' floats differ in the last digits: among the weakest detections (scores near CONF, on
+# top of near-coincident boxes clipped to the image) NMS may keep one in one runtime and its twin in
+# the other. At most one such detection per image may go unmatched; every stronger one must match.
+WEAK_SCORE = 0.05
+
+
 def _assert_same(expected: dict[str, Any], actual: dict[str, Any]) -> None:
-    assert len(actual["boxes"]) == len(expected["boxes"])
-    if not len(expected["boxes"]):
+    if not len(expected["boxes"]) or not len(actual["boxes"]):
+        assert len(actual["boxes"]) == len(expected["boxes"])
         return
     # Matched one to one by class, overlap and score, not by order: near-equal scores may swap
     # places, and boxes clipped to the image may coincide.
@@ -120,6 +126,8 @@ def _assert_same(expected: dict[str, Any], actual: dict[str, Any]) -> None:
     assert (same_class[rows, cols]).all()
     assert overlap[rows, cols].min() > 0.99
     np.testing.assert_allclose(actual["scores"][cols], expected["scores"][rows], atol=1e-3)
+    unmatched = [*np.delete(expected["scores"], rows), *np.delete(actual["scores"], cols)]
+    assert len(unmatched) <= 1 and all(score < WEAK_SCORE for score in unmatched), unmatched
 
 
 @pytest.fixture(scope="module")
