@@ -8,6 +8,7 @@ or a profile), which it reads itself.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -218,12 +219,34 @@ class S3Store:
             body.close()
 
 
+# Clients made so far, by the AWS_* environment they were made from (most recent last). boto3's own
+# `boto3.client` goes through one default session that resolves the credentials once per process and
+# keeps them, so a process whose environment names another store or key later (a test run starting
+# several stores, a rotated key) would sign with the first one; and making a client per store would
+# cost a session and a client (tens of milliseconds) on every request that opens the store.
+_CLIENTS: dict[tuple[tuple[str, str], ...], Any] = {}
+_CLIENTS_MAX = 8
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _make_client() -> Any:
-    import boto3
+    """The S3 client for the current AWS_* environment: made with its own session on first use."""
+    from boto3.session import Session
     from botocore.config import Config
 
-    # Standard retries: throttling and dropped connections are retried with backoff.
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    environment = tuple(
+        sorted((name, value) for name, value in os.environ.items() if name.startswith("AWS_"))
+    )
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.pop(environment, None)
+        if client is None:
+            # Standard retries: throttling and dropped connections are retried with backoff.
+            config = Config(retries={"mode": "standard", "max_attempts": 5})
+            client = Session().client("s3", config=config)
+        _CLIENTS[environment] = client
+        while len(_CLIENTS) > _CLIENTS_MAX:
+            del _CLIENTS[next(iter(_CLIENTS))]
+        return client
 
 
 def _info(key: str, size: int, modified: datetime, etag: str) -> ObjectInfo:

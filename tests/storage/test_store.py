@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -166,6 +167,23 @@ def test_open_store_reads_the_setting_and_the_aws_environment(
     assert isinstance(store, S3Store) and store.url == f"s3://{s3.bucket}/env/prefix"
     store.put_file("k", write(tmp_path / "f", b"via env"))
     assert s3.client().get_object(Bucket=s3.bucket, Key="env/prefix/k")["Body"].read() == b"via env"
+
+
+def test_a_store_opened_after_the_aws_environment_changed_signs_with_the_new_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # boto3's default session would keep the first keys it resolved for the life of the process.
+    settings = Settings(home=tmp_path, storage_url="s3://bucket/prefix")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    keys = []
+    for key_id in ("FIRSTKEY", "SECONDKEY", "FIRSTKEY"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"secret-of-{key_id}")
+        client = cast(S3Store, open_store(settings)).client
+        keys.append((client._request_signer._credentials.access_key, client))
+    assert [key for key, _ in keys] == ["FIRSTKEY", "SECONDKEY", "FIRSTKEY"]
+    # The same environment again gets the client made for it, not a new session per store.
+    assert keys[0][1] is keys[2][1] and keys[0][1] is not keys[1][1]
 
 
 @pytest.mark.parametrize(
