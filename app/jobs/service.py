@@ -103,7 +103,7 @@ def _resolve_init(
         raise _field_error(
             loc, f"weights {found.id!r} are a {found.model} checkpoint; a {spec.model} cannot start from them"
         )
-    if weights.local_file(settings, found.id) is None:
+    if not weights.has_file(settings, found.id):
         raise _field_error(loc, f"the file of weights {found.id!r} is missing from the weights store")
     return StartedFrom(
         weights_id=found.id,

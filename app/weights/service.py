@@ -243,6 +243,11 @@ def local_file(settings: Settings, weights_id: str) -> Path | None:
     return stored.local_weights(settings, weights_id, weights_file(settings, weights_id))
 
 
+def has_file(settings: Settings, weights_id: str) -> bool:
+    """Whether the weights' file exists here or in the store, without fetching it."""
+    return stored.weights_stored(settings, weights_id, weights_file(settings, weights_id))
+
+
 def list_weights(
     session: Session, *, limit: int, offset: int, scope: str | None
 ) -> tuple[Sequence[Weights], int]:

@@ -54,6 +54,15 @@ def local_weights(settings: Settings, weights_id: str, path: Path) -> Path | Non
         return None
 
 
+def weights_stored(settings: Settings, weights_id: str, path: Path) -> bool:
+    """Whether the weights' file is at `path` or in a remote store: a stat, nothing downloaded (a
+    job that starts from the weights fetches them on its worker)."""
+    if path.is_file():
+        return True
+    store = remote_store(settings)
+    return store is not None and store.stat(weights_key(weights_id, WEIGHTS_NAME)) is not None
+
+
 def delete_stored(settings: Settings, weights_id: str) -> None:
     """Remove unregistered weights' objects from a remote store (nothing for the local one)."""
     store = remote_store(settings)

@@ -17,6 +17,7 @@ from app.jobs import service as jobs
 from app.jobs.models import Job
 from app.jobs.schemas import JobSpec
 from app.settings import Settings
+from app.weights import service as weights
 from tests.prediction.helpers import trained_job
 from tests.support import ADMIN, Service, make_shapes, tiny_spec
 from tests.weights.test_router import upload
@@ -61,6 +62,21 @@ def test_weights_of_another_model_are_422(service: Service, dataset: str, s5: di
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert "yolo_nas_s" in detail and "yolo_nas_m" in detail
+
+
+def test_registered_weights_whose_file_is_gone_are_422(
+    service: Service, dataset: str, s5: dict[str, Any]
+) -> None:
+    path = weights.weights_file(Settings(home=service.home), s5["id"])
+    hidden = path.with_name(path.name + ".hidden")
+    path.rename(hidden)
+    try:
+        response = service.post_job(tiny_spec(dataset, init_from={"weights_id": s5["id"]}))
+    finally:
+        hidden.rename(path)
+    assert response.status_code == 422, response.text
+    assert f"the file of weights {s5['id']!r} is missing" in response.json()["detail"]
+    assert _locs(response) == [["body", "init_from", "weights_id"]]
 
 
 def test_pretrained_without_its_file_is_422_naming_the_file_and_the_folder(

@@ -54,9 +54,13 @@ def test_weights_are_stored_read_by_another_home_and_deleted(
 
     worker = other_home(backend, remote, s3, tmp_path / "worker-home", PREFIX)
     assert not weights.weights_file(worker, weights_id).exists()
+    # A job's init_from check asks the store; only the worker that trains downloads the file.
+    assert weights.has_file(worker, weights_id)
+    assert list(worker.home.rglob("*.pth")) == []
     local = weights.local_file(worker, weights_id)
     assert local is not None and local.is_relative_to(worker.home)
     assert local.read_bytes() == source.read_bytes()
 
     assert remote.client.delete(f"/weights/{weights_id}").status_code == 204
     assert store.list(weights_key(weights_id)) == []
+    assert not weights.has_file(other_home(backend, remote, s3, tmp_path / "third-home", PREFIX), weights_id)
