@@ -7,7 +7,9 @@ Runs in each worker, every `sweep_interval_seconds`:
 - sends queued jobs whose message is missing: never sent, or, when this worker has been idle for
   `resend_after_seconds` (so the broker has nothing for it), sent longer ago than that. Sends are
   claimed in the database (`app.jobs.dispatch`), so several sweepers do not fill the queue;
-- every hour, prunes old per-batch metric points of finished jobs (`batch_metrics_retention_days`).
+- every hour, prunes old per-batch metric points of finished jobs (`batch_metrics_retention_days`),
+  and removes the folders of a remote store that no job, dataset or weights row owns any more
+  (`app.orphans`: what a delete could not remove when the store failed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from app import orphans
 from app.db import session_scope
 from app.jobs import dispatch, lifecycle, retention
 from app.jobs.models import JobStatus
@@ -27,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 # Rows of workers not seen for this long are dropped (they crashed without saying goodbye).
 FORGET_WORKERS_AFTER_SECONDS = 24 * 3600.0
-# Old per-batch points are pruned this often, at most this many rows per transaction (SQLite holds
-# every other writer, a training's metrics included, while one runs).
+# Old per-batch points and the store's orphaned folders are removed this often; points at most this
+# many rows per transaction (SQLite holds every other writer, a training's metrics included, while
+# one runs).
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_ROWS_PER_COMMIT = 50_000
 # The GPUs this worker's training slot offers one job (its presence row; POST /jobs checks a spec's
@@ -106,6 +110,7 @@ def run_forever(state: WorkerState = STATE) -> None:
             if pruned_at is None or time.monotonic() - pruned_at > PRUNE_EVERY_SECONDS:
                 pruned_at = time.monotonic()
                 prune_once(settings)
+                orphans.remove_orphans(settings)
         except Exception:
             logger.exception("sweeper pass failed")
         state.stopping.wait(settings.sweep_interval_seconds)
