@@ -21,8 +21,9 @@ from app.jobs.models import Job
 from app.jobs.service import get_job
 from app.prediction.service import best_checkpoint
 from app.settings import Settings
-from app.storage import Store, open_cache, open_store
+from app.storage import ObjectMissing, Store, open_cache, open_store
 from app.weights import service as weights
+from app.weights.stored import weights_key
 
 EXPORT_TIMEOUT_SECONDS = 600.0
 
@@ -222,7 +223,14 @@ def weights_artifact_path(
     if name == WEIGHTS_CHECKPOINT:
         path = weights.local_file(settings, found.id)
     elif (match := _WEIGHTS_EXPORT.fullmatch(name)) is not None:
-        path = _weights_export_file(settings, found.id, match["variant"] or "")
+        store = open_store(settings)
+        if store.is_local:
+            path = _weights_export_file(settings, found.id, match["variant"] or "")
+        else:
+            try:
+                path = open_cache(settings, store).local_file(weights_key(found.id, name))
+            except ObjectMissing:
+                path = None
     if path is None or not path.is_file():
         raise NotFound(
             f"weights {weights_id!r} have no artifact {name!r} "
@@ -254,10 +262,15 @@ def export_weights(
     options as for a job's export."""
     options = options or ExportOptions()
     found = weights.get_weights(session, weights_id=weights_id, scope=scope)
+    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
     checkpoint = weights.existing_file(settings, found)
     variant = export_variant(options)
-    output = _weights_export_file(settings, found.id, variant)
-    release_connection(session)  # the export takes seconds: no pooled connection held meanwhile
+    name = files.export_name(variant)
+    store = open_store(settings)
+    if store.is_local:
+        output = _weights_export_file(settings, found.id, variant)
+    else:
+        output = _remote_weights_export(settings, store, found.id, name)
     result = _export(
         settings,
         model=found.model,
@@ -266,7 +279,8 @@ def export_weights(
         class_names=found.classes,
         options=options,
     )
-    name = files.export_name(variant)
+    if not store.is_local and not result["cached"]:
+        store.put_file(weights_key(found.id, name), output)
     return ExportOut(
         weights_id=found.id,
         artifact=Artifact(
@@ -277,3 +291,15 @@ def export_weights(
         ),
         **_export_out(result, options, list(found.classes or [])),
     )
+
+
+def _remote_weights_export(settings: Settings, store: Store, weights_id: str, name: str) -> Path:
+    """Where an export of registered weights goes with a remote store: its key's place in the store
+    cache, where a stored one (made by any machine) is fetched first. Registered weights never
+    change, so a stored export of them is current; fetched after their checkpoint, it is the newer
+    file, which the inference process reuses."""
+    cache = open_cache(settings, store)
+    key = weights_key(weights_id, name)
+    if store.stat(key) is None:
+        return cache.root / key
+    return cache.local_file(key)

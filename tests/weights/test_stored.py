@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from app.artifacts.service import weights_artifact_path
+from app.db import session_scope
+from app.jobs.files import EXPORT_NAME
 from app.storage import S3Store
 from app.testing import S3Server, s3_server
 from app.weights import service as weights
@@ -60,6 +63,23 @@ def test_weights_are_stored_read_by_another_home_and_deleted(
     local = weights.local_file(worker, weights_id)
     assert local is not None and local.is_relative_to(worker.home)
     assert local.read_bytes() == source.read_bytes()
+
+    # The API's export is stored beside the weights; another home downloads that one.
+    exported = remote.client.post(f"/weights/{weights_id}/export", json={}, timeout=300)
+    assert exported.status_code == 200, exported.text
+    name = exported.json()["artifact"]["name"]
+    assert name == EXPORT_NAME
+    stored_export = store.client.get_object(Bucket=s3.bucket, Key=f"{PREFIX}/{weights_key(weights_id, name)}")
+    onnx = stored_export["Body"].read()
+    assert onnx[:64] and onnx == remote.client.get(f"/weights/{weights_id}/artifacts/{name}").content
+    with session_scope(worker.database_url) as session:
+        fetched = weights_artifact_path(
+            session, settings=worker, weights_id=weights_id, name=name, scope=None
+        )
+    assert fetched.is_relative_to(worker.home) and fetched.read_bytes() == onnx
+    # Asked again, the API reuses its export instead of making and uploading another.
+    again = remote.client.post(f"/weights/{weights_id}/export", json={}, timeout=300)
+    assert again.status_code == 200 and again.json()["cached"] is True, again.text
 
     assert remote.client.delete(f"/weights/{weights_id}").status_code == 204
     assert store.list(weights_key(weights_id)) == []
