@@ -3,8 +3,9 @@
 The API and two workers run with three different SGJOBS_HOME folders and `SGJOBS_STORAGE_URL` on a
 real SeaweedFS server. A job trains on worker 1, which is killed (with its training process) mid-job;
 worker 2, started afterwards on an empty home, resumes it from the checkpoint worker 1 uploaded; the
-API lists, downloads and serves the finished model from the store. The dataset folder is still one
-shared folder (`SGJOBS_DATASETS_DIR`): uploaded datasets in the store are not done yet.
+API lists, downloads and serves the finished model from the store. The dataset is uploaded through
+the API and the job starts from weights registered through it: each worker fetches both from the
+store into its own home (no folder is shared).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.testing import Backend, RunningService, S3Server, backend_resources, serve, service_env
+from app.testing import Backend, RunningService, S3Server, backend_resources, serve, service_env, start_worker
 from tests.conftest import PG_ADMIN_URL, REDIS_URL
-from tests.support import Service, make_shapes, tiny_spec
+from tests.datasets.test_router import upload_multipart
+from tests.support import Service, make_shapes, tiny_spec, zip_folder
+from tests.weights.test_router import upload
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +66,7 @@ class Machines:
         self.backend = backend
         self.s3 = s3
         self.root = root
-        self.datasets = root / "datasets"
-        self.settings = {
-            **SETTINGS,
-            "storage_url": s3.storage_url(prefix),
-            "datasets_dir": str(self.datasets),
-        }
+        self.settings = {**SETTINGS, "storage_url": s3.storage_url(prefix)}
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def env(self, home: str) -> dict[str, str]:
@@ -81,16 +79,7 @@ class Machines:
         )
 
     def start_worker(self, home: str) -> subprocess.Popen[bytes]:
-        (self.root / home).mkdir(exist_ok=True)
-        log = open(self.root / home / "worker.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            env=self.env(home),
-            cwd=self.root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # killed with its training process as one process group
-        )
+        proc = start_worker(self.env(home), cwd=self.root, log=self.root / home / "worker.log")
         self.workers.append(proc)
         return proc
 
@@ -126,7 +115,12 @@ def api(machines: Machines) -> Iterator[Service]:
     ) as running:
         with httpx.Client(base_url=running.base_url, headers=running.headers, timeout=60) as client:
             yield Service(
-                "postgres", running.base_url, running.home, machines.datasets, running.log_file, client
+                "postgres",
+                running.base_url,
+                running.home,
+                running.home / "datasets",
+                running.log_file,
+                client,
             )
 
 
@@ -137,12 +131,24 @@ def _image() -> bytes:
 
 
 def test_a_job_killed_on_one_worker_resumes_on_another_and_is_served_from_the_store(
-    machines: Machines, api: Service
+    machines: Machines, api: Service, standins: Path, tmp_path: Path
 ) -> None:
-    make_shapes(machines.datasets, "scale", splits=(("train", 6), ("valid", 2)))
+    shapes = make_shapes(tmp_path, "scale", splits=(("train", 6), ("valid", 2)))
+    uploaded = upload_multipart(api, zip_folder(shapes, wrap="scale"), name="scale")
+    assert uploaded.status_code == 201, uploaded.text
+    dataset_id = uploaded.json()["id"]
+    registered = upload(api, standins / "yolo_nas_s_coco.pth")
+    assert registered.status_code == 201, registered.text
+    weights_id = registered.json()["id"]
     # 6 images in batches of 2: three batches per epoch, a checkpoint at every epoch's end.
-    job = api.submit(tiny_spec("scale", name="scale-out", training={"max_epochs": EPOCHS, "batch_size": 2}))
-    job_id = job["id"]
+    spec = tiny_spec(
+        "scale",
+        name="scale-out",
+        dataset={"id": dataset_id},
+        init_from={"weights_id": weights_id},
+        training={"max_epochs": EPOCHS, "batch_size": 2},
+    )
+    job_id = api.submit(spec)["id"]
     client = machines.s3.client()
     prefix = machines.settings["storage_url"].removeprefix(f"s3://{machines.s3.bucket}/")  # type: ignore[union-attr]
 
@@ -164,11 +170,16 @@ def test_a_job_killed_on_one_worker_resumes_on_another_and_is_served_from_the_st
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     worker_1 = api.job(job_id)["worker"]
+    # Worker 1 had pulled the uploaded dataset and the registered weights into its own home.
+    worker_1_home = machines.root / "worker-1-home"
+    assert (worker_1_home / "datasets" / "uploads" / dataset_id).is_dir()
+    assert (worker_1_home / "store-cache" / "weights" / weights_id / "weights.pth").is_file()
 
     machines.start_worker("worker-2-home")
     done = api.wait(job_id, timeout=400)
     assert done["status"] == "succeeded", "\n".join(e["message"] for e in api.events(job_id))
     assert done["attempt"] == 2 and done["worker"] != worker_1
+    assert done["started_from"]["weights_id"] == weights_id
     messages = [e["message"] for e in api.events(job_id)]
     # Epoch 2 or 3: on a loaded machine worker 1 may finish epoch 2 (and upload it) before the kill
     # lands; either way worker 2 continues from the newest checkpoint that reached the store.
