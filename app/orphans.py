@@ -26,7 +26,7 @@ from app.db import session_scope, utcnow
 from app.jobs.files import JOBS_PREFIX
 from app.jobs.models import Job
 from app.settings import Settings
-from app.storage import StorageError, Store, open_store
+from app.storage import StorageError, Store, remote_store
 from app.weights.models import Weights
 from app.weights.stored import WEIGHTS_PREFIX
 
@@ -78,8 +78,8 @@ def _existing_ids(
 def remove_orphans(settings: Settings, *, grace_seconds: float = ORPHAN_GRACE_SECONDS) -> list[str]:
     """Delete the orphaned folders of the remote store (nothing for the local one); returns them.
     A folder that cannot be deleted now is logged and tried again at the next pass."""
-    store = open_store(settings)
-    if store.is_local:
+    store = remote_store(settings)
+    if store is None:
         return []
     with session_scope(settings.database_url) as session:
         orphans = find_orphans(session, store=store, now=utcnow(), grace=timedelta(seconds=grace_seconds))

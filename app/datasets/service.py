@@ -21,13 +21,13 @@ from app.datasets.hf import default_cache_root
 from app.datasets.models import Dataset, DatasetStatus
 from app.datasets.problems import problem
 from app.datasets.schemas import DatasetSpec
-from app.datasets.stored import delete_upload, fetch_upload, push_upload, remote_store
+from app.datasets.stored import delete_upload, fetch_upload, push_upload
 from app.db import new_id, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.paths import UPLOADS_FOLDER, is_inside, real
 from app.quotas import check_storage
 from app.settings import Settings
-from app.storage import StorageError
+from app.storage import StorageError, remote_store
 
 UPLOADS = UPLOADS_FOLDER
 

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.storage import Store, open_store, pull
+from app.storage import Store, pull, remote_store
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -29,12 +29,6 @@ def dataset_key(dataset_id: str, relative: str = "") -> str:
     """The store key of the file at `relative` (POSIX) in the upload folder; "" for the folder."""
     prefix = f"{DATASETS_PREFIX}/{dataset_id}"
     return f"{prefix}/{relative}" if relative else prefix
-
-
-def remote_store(settings: Settings) -> Store | None:
-    """The store when it is not the local home folder (then uploads are copied to it), else None."""
-    store = open_store(settings)
-    return None if store.is_local else store
 
 
 def push_upload(store: Store, dataset_id: str, folder: Path) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "open_cache",
     "open_store",
     "parse_storage_url",
+    "remote_store",
     "pull",
 ]
 
@@ -60,6 +61,13 @@ def open_store(settings: Settings) -> Store:
     if url.scheme == "s3":
         return S3Store(url.bucket, url.prefix)
     return LocalStore(settings.home)
+
+
+def remote_store(settings: Settings) -> Store | None:
+    """The store when it is not the local home folder (then uploads and registered weights are
+    copied to it), else None."""
+    store = open_store(settings)
+    return None if store.is_local else store
 
 
 def open_cache(settings: Settings, store: Store | None = None) -> StoreCache:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.storage import ObjectMissing, Store, open_cache, open_store
+from app.storage import ObjectMissing, open_cache, remote_store
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -25,12 +25,6 @@ def weights_key(weights_id: str, relative: str = "") -> str:
     """The store key of `relative` (POSIX) in the weights' folder; "" for the folder."""
     prefix = f"{WEIGHTS_PREFIX}/{weights_id}"
     return f"{prefix}/{relative}" if relative else prefix
-
-
-def remote_store(settings: Settings) -> Store | None:
-    """The store when it is not the local home folder (then weights are copied to it), else None."""
-    store = open_store(settings)
-    return None if store.is_local else store
 
 
 def push_weights(settings: Settings, weights_id: str, path: Path) -> None:
