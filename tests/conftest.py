@@ -19,7 +19,7 @@ from sqlalchemy import update
 from app.db import session_scope, utcnow
 from app.jobs.models import Job, JobStatus
 from app.settings import Settings
-from app.testing import BACKENDS, Backend, backend_resources, serve
+from app.testing import BACKENDS, Backend, S3Server, backend_resources, s3_server, serve
 from tests.support import Service
 from tests.weights.standins import build_standins
 
@@ -143,6 +143,13 @@ def started_service(backend: Backend, home: Path, **settings: object) -> Iterato
 def standins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Checkpoint files built from real super-gradients models, good and bad (`tests.weights.standins`)."""
     return build_standins(tmp_path_factory.mktemp("standins"))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS S3 server per test process; each module keeps to a key prefix of its own."""
+    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 @pytest.fixture

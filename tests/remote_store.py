@@ -17,14 +17,17 @@ from tests.support import Service
 
 
 @contextmanager
-def serve_with_store(backend: Any, s3: S3Server, folder: Path, prefix: str) -> Iterator[Service]:
-    """`sgjobs serve` in a home under `folder`, storing under `prefix` of the S3 server's bucket."""
+def serve_with_store(
+    backend: Any, s3: S3Server, folder: Path, prefix: str, **settings: object
+) -> Iterator[Service]:
+    """`sgjobs serve` in a home under `folder`, storing under `prefix` of the S3 server's bucket (its
+    AWS settings in the service's environment); `settings` as for `started_service`."""
     with pytest.MonkeyPatch.context() as patch:
         for name, value in s3.env.items():
             patch.setenv(name, value)
         home = folder / "home"
         home.mkdir(parents=True)
-        with started_service(backend, home, storage_url=s3.storage_url(prefix)) as running:
+        with started_service(backend, home, storage_url=s3.storage_url(prefix), **settings) as running:
             yield running
 
 

@@ -3,7 +3,6 @@ database of its own (rows of every owning table), and never on the local store."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,11 @@ from app.db import session_scope
 from app.migrate import upgrade
 from app.settings import Settings
 from app.storage import S3Store
-from app.testing import S3Server, s3_server
+from app.testing import S3Server
 from app.weights.models import Weights
 from tests.support import insert_job, make_shapes
 
 PREFIX = "orphans"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs-orphans")) as server:
-        yield server
 
 
 def migrated(home: Path, **values: str) -> Settings:

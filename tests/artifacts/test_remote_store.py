@@ -21,9 +21,9 @@ from app.jobs import files
 from app.jobs.models import Job, JobStatus
 from app.settings import Settings
 from app.storage import CACHE_FOLDER, S3Store
-from app.testing import S3Server, s3_server
-from tests.conftest import started_service
+from app.testing import S3Server
 from tests.prediction.helpers import encode, scene
+from tests.remote_store import serve_with_store
 from tests.support import Service, insert_job, make_unreadable_dataset
 
 pytestmark = [pytest.mark.backends("sqlite")]
@@ -34,21 +34,9 @@ EVENTS = "events.out.tfevents.1700000000.worker-host.4242.0"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs-api")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def remote(backend: Any, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """`sgjobs serve` whose store is the S3 server (its AWS settings passed in the environment)."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in s3.env.items():
-            patch.setenv(name, value)
-        home = tmp_path_factory.mktemp("api-home") / "home"
-        home.mkdir()
-        with started_service(backend, home, storage_url=s3.storage_url(PREFIX)) as running:
-            yield running
+    with serve_with_store(backend, s3, tmp_path_factory.mktemp("api-home"), PREFIX) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

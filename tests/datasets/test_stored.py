@@ -16,7 +16,7 @@ from app.datasets.stored import dataset_key
 from app.db import session_scope
 from app.settings import Settings
 from app.storage import S3Store
-from app.testing import S3Server, s3_server
+from app.testing import S3Server
 from tests.datasets.test_router import SPEC, upload_multipart
 from tests.remote_store import other_home, serve_with_store
 from tests.support import Service, zip_folder
@@ -24,12 +24,6 @@ from tests.support import Service, zip_folder
 pytestmark = [pytest.mark.backends("sqlite")]
 
 PREFIX = "stored-datasets"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs-datasets")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

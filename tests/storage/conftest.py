@@ -1,26 +1,19 @@
-"""One SeaweedFS S3 server for the storage tests, and a store fixture run once per kind of store."""
+"""A store fixture run once per kind of store (the S3 one on the suite's SeaweedFS server, `s3`)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app.storage import LocalStore, S3Store, Store
-from app.testing import S3Server, s3_server
+from app.testing import S3Server
 
 # Small, so that listing a few keys already takes several pages.
 TEST_PAGE_SIZE = 3
 # Small, so that a few-MB file already goes up and down in parts.
 TEST_MULTIPART_BYTES = 5 * 2**20
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
 
 
 def make_s3_store(server: S3Server) -> S3Store:

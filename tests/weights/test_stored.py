@@ -13,7 +13,7 @@ from app.artifacts.service import weights_artifact_path
 from app.db import session_scope
 from app.jobs.files import EXPORT_NAME
 from app.storage import S3Store
-from app.testing import S3Server, s3_server
+from app.testing import S3Server
 from app.weights import service as weights
 from app.weights.stored import WEIGHTS_NAME, weights_key
 from tests.remote_store import other_home, serve_with_store
@@ -23,12 +23,6 @@ from tests.weights.test_router import upload
 pytestmark = [pytest.mark.backends("sqlite")]
 
 PREFIX = "stored-weights"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs-weights")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

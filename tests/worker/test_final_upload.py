@@ -19,8 +19,8 @@ import pytest
 
 from app.jobs import files
 from app.storage import S3Store
-from app.testing import S3Server, s3_server
-from tests.conftest import started_service
+from app.testing import S3Server
+from tests.remote_store import serve_with_store
 from tests.support import Service, make_shapes, tiny_spec
 
 pytestmark = [pytest.mark.backends("sqlite"), pytest.mark.slow]
@@ -38,28 +38,18 @@ FAILPOINTS = {
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs-final")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def remote(backend: Any, s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in s3.env.items():
-            patch.setenv(name, value)
-        home = tmp_path_factory.mktemp("final-upload") / "home"
-        home.mkdir()
-        with started_service(
-            backend,
-            home,
-            storage_url=s3.storage_url(PREFIX),
-            storage_retry_seconds=RETRY_SECONDS,
-            storage_sync_seconds=0.5,
-            failpoints=json.dumps(FAILPOINTS),
-        ) as running:
-            make_shapes(running.datasets_dir, "final-upload", splits=(("train", 4), ("valid", 2)))
-            yield running
+    with serve_with_store(
+        backend,
+        s3,
+        tmp_path_factory.mktemp("final-upload"),
+        PREFIX,
+        storage_retry_seconds=RETRY_SECONDS,
+        storage_sync_seconds=0.5,
+        failpoints=json.dumps(FAILPOINTS),
+    ) as running:
+        make_shapes(running.datasets_dir, "final-upload", splits=(("train", 4), ("valid", 2)))
+        yield running
 
 
 @pytest.fixture(scope="module")
