@@ -176,14 +176,16 @@ SILENT_CHILD = [
 ]
 
 
-def test_training_process_that_makes_no_progress_is_killed_and_failed(
-    service: Service,
-    service_settings: Settings,
-    dataset: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def silent_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervised training process prints one line, then nothing for two minutes."""
     monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
+
+
+@pytest.mark.usefixtures("silent_child")
+def test_training_process_that_makes_no_progress_is_killed_and_failed(
+    service: Service, service_settings: Settings, dataset: str, tmp_path: Path
+) -> None:
     settings = service_settings.model_copy(update={"heartbeat_seconds": 0.2, "stall_timeout_seconds": 1.5})
     job_id = _running(settings, dataset)
     assert runner.run_training_process(settings, job_id=job_id, attempt=1, job_dir=tmp_path) == "failed"
@@ -192,16 +194,12 @@ def test_training_process_that_makes_no_progress_is_killed_and_failed(
     assert "no progress" in job["error"]["message"] and "stuck" in job["error"]["message"]
 
 
+@pytest.mark.usefixtures("silent_child")
 def test_a_silent_training_process_keeps_its_lease_when_the_lease_is_shorter_than_the_heartbeat(
-    service: Service,
-    service_settings: Settings,
-    dataset: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    service: Service, service_settings: Settings, dataset: str, tmp_path: Path
 ) -> None:
     # A training process writes nothing while it loads its dataset and builds its model; the
     # supervisor alone must keep the lease then, even with heartbeat_seconds set above the lease.
-    monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
     settings = service_settings.model_copy(
         update={"heartbeat_seconds": 60.0, "lease_seconds": 1.5, "stall_timeout_seconds": 4.0}
     )
@@ -230,14 +228,10 @@ def test_a_silent_training_process_keeps_its_lease_when_the_lease_is_shorter_tha
     assert "no progress" in service.job(job_id)["error"]["message"]
 
 
+@pytest.mark.usefixtures("silent_child")
 def test_training_process_that_ignores_a_cancel_is_killed_after_the_grace_period(
-    service: Service,
-    service_settings: Settings,
-    dataset: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    service: Service, service_settings: Settings, dataset: str, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(runner, "TRAIN_COMMAND", SILENT_CHILD)
     settings = service_settings.model_copy(update={"heartbeat_seconds": 0.2, "cancel_grace_seconds": 0.5})
     job_id = _running(settings, dataset)
     assert service.client.post(f"/jobs/{job_id}/cancel").status_code == 202
