@@ -21,7 +21,8 @@ serve: install
 # Two pytest workers: most of a test's time is spent waiting (processes starting, trainings,
 # leases running out), so two share the 2 CPUs well. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+# The slowest tests are listed at the end of every run: what to look at when the suite grows slow.
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 # The dashboard's browser tests (tests/dashboard) drive Debian's Chromium through Playwright.
 browser:
