@@ -300,6 +300,7 @@ def _remote_weights_export(settings: Settings, store: Store, weights_id: str, na
     file, which the inference process reuses."""
     cache = open_cache(settings, store)
     key = weights_key(weights_id, name)
-    if store.stat(key) is None:
+    try:
+        return cache.local_file(key)
+    except ObjectMissing:
         return cache.root / key
-    return cache.local_file(key)
