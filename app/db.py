@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -112,6 +114,40 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Statements that take row (or advisory) locks held to the end of their transaction.
+_LOCKING = re.compile(
+    r"^\s*(INSERT|UPDATE|DELETE)\b|\bFOR\s+(NO\s+KEY\s+)?UPDATE\b|\bFOR\s+(KEY\s+)?SHARE\b|pg_advisory_xact_lock",
+    re.IGNORECASE,
+)
+_BOUNDED = "sgjobs_idle_bounded"
+
+
+def bound_locked_idle(engine: Engine, seconds: float) -> None:
+    """PostgreSQL: a transaction that takes locks may sit idle at most `seconds`, then the server
+    ends its session and frees them.
+
+    A process frozen between a write and its commit (SIGSTOP, a paused VM, a debugger, a swapped-out
+    host) keeps its row locks, and every writer of those rows waits for it: the sweepers could
+    not expire any lease while a paused worker held its job's row. The bound is set (`SET LOCAL`)
+    by the transaction's first locking statement, so read-only transactions (a long upload's quota
+    check) are not bounded; no transaction here writes and then does slow work before its commit.
+    """
+    milliseconds = max(1, round(seconds * 1000))
+
+    def begin(conn: Any) -> None:
+        conn.info.pop(_BOUNDED, None)
+
+    def before_cursor_execute(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
+        if not conn.info.get(_BOUNDED) and _LOCKING.search(statement):
+            cursor.execute(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}")
+            conn.info[_BOUNDED] = True
+
+    event.listen(engine, "begin", begin)
+    event.listen(engine, "before_cursor_execute", before_cursor_execute)
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     """One engine per URL per process."""
@@ -119,12 +155,24 @@ def get_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    from app.settings import get_settings  # the settings name the database, not the reverse
+
+    bound_locked_idle(engine, get_settings().db_lock_idle_seconds)
+    return engine
 
 
 @lru_cache(maxsize=8)
 def get_sessionmaker(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """The database is away, or ended this connection's session (a restart, a failover, the
+    `bound_locked_idle` timeout): a retry on a new connection may succeed, not a refused statement."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def changed(session: Session, statement: Executable) -> int:

@@ -11,9 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import connection_lost
 from app.errors import (
     PROBLEM_MEDIA_TYPE,
     PROBLEM_TYPE_PREFIX,
@@ -125,8 +126,7 @@ def _allowed_methods(request: Request) -> list[str]:
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     # A database that went away (restart, failover, network) is a wait-and-retry, not a bug.
-    assert isinstance(exc, DBAPIError)
-    if not exc.connection_invalidated and not _is_unavailable(exc):
+    if not connection_lost(exc):
         return await _unexpected(request, exc)
     logger.warning("database unavailable: %s", exc.__class__.__name__)
     return problem_response(
@@ -136,10 +136,6 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         detail="the database is not reachable; try again shortly",
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
-
-
-def _is_unavailable(exc: DBAPIError) -> bool:
-    return isinstance(exc, OperationalError)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

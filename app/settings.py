@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     # The most automatic restarts a job spec may ask for (`max_restarts`, default 2).
     max_restarts_limit: int = Field(default=10, ge=0, le=1000)
+    # PostgreSQL ends the session of a transaction that holds row locks and has sat idle this long,
+    # freeing them (`app.db.bound_locked_idle`): a process frozen mid-transaction (SIGSTOP, a paused
+    # VM) then holds up other writers of its rows, and the expiry of its own lease, no longer.
+    db_lock_idle_seconds: float = Field(default=60.0, gt=0)
     # Each worker's sweeper runs this often: leases, lost messages, its own presence.
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
     # A queued job is sent again when a worker has been idle this long and the job's last send is

@@ -18,10 +18,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import session_scope, utcnow
+from app.db import connection_lost, session_scope, utcnow
 from app.jobs import lifecycle
 from app.jobs.models import Metric
 from app.ml.types import LeaseLost, MetricPoint, greater_is_better
@@ -163,19 +162,22 @@ class DbReporter:
                     return False
             self._checked_at = time.monotonic()
             return True
-        except (OperationalError, InterfaceError):
-            # The database is away: keep the data for the next attempt rather than lose it.
-            logger.warning("could not write training progress (database unreachable); will retry")
         except Exception as exc:
-            # The database or the driver refused a row (a value it cannot store or serialize):
-            # find it and drop it, rather than retry the same batch forever.
-            logger.warning("a row was refused (%s); writing row by row", exc)
-            try:
-                self._write_row_by_row(points, events, progress, best_dirty)
-                self._checked_at = time.monotonic()
-                return True
-            except (OperationalError, InterfaceError):
+            if connection_lost(exc):
+                # The database is away: keep the data for the next attempt rather than lose it.
                 logger.warning("could not write training progress (database unreachable); will retry")
+            else:
+                # The database or the driver refused a row (a value it cannot store or serialize):
+                # find it and drop it, rather than retry the same batch forever.
+                logger.warning("a row was refused (%s); writing row by row", exc)
+                try:
+                    self._write_row_by_row(points, events, progress, best_dirty)
+                    self._checked_at = time.monotonic()
+                    return True
+                except Exception as again:
+                    if not connection_lost(again):
+                        raise
+                    logger.warning("could not write training progress (database unreachable); will retry")
         with self._lock:
             self._points[:0] = points
             self._events[:0] = events
@@ -233,9 +235,9 @@ class DbReporter:
                 with session_scope(self._database_url) as session:
                     if not self._write(session, row_points, row_events, None, False):
                         return
-            except (OperationalError, InterfaceError):
-                raise
             except Exception as exc:
+                if connection_lost(exc):
+                    raise
                 what = (
                     f"metric {row_points[0].name!r}" if row_points else f"event {row_events[0]['message']!r}"
                 )

@@ -412,12 +412,20 @@ def lose_attempt(
 
 
 def expire_leases(session: Session) -> dict[str, JobStatus]:
-    """Running attempts whose lease ended (database clock) are lost; returns job id -> new status."""
+    """Running attempts whose lease ended (database clock) are lost; returns job id -> new status.
+
+    Rows another transaction has locked are skipped (PostgreSQL), not waited for: a process frozen
+    mid-write would otherwise stall every sweeper, and so every other job's expiry, until it woke.
+    Its session ends after `db_lock_idle_seconds` (`app.db.bound_locked_idle`), and a later pass
+    expires its job.
+    """
     expired = session.execute(
-        select(Job.id, Job.attempt, Job.lease_expires_at).where(
+        select(Job.id, Job.attempt, Job.lease_expires_at)
+        .where(
             Job.status == JobStatus.running,
             Job.lease_expires_at.is_(None) | (Job.lease_expires_at < db_now()),
         )
+        .with_for_update(skip_locked=True)
     ).all()
     moved = {}
     for job_id, attempt, lease in expired:

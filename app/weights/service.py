@@ -8,6 +8,7 @@ only process that unpickles it; this module only moves, hashes and records files
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -28,6 +29,7 @@ from app.inference import call_model_server
 from app.ml.types import CheckpointInfo
 from app.quotas import check_storage
 from app.settings import Settings
+from app.storage import StorageError
 from app.weights import stored
 from app.weights.models import Weights, WeightsSource
 
@@ -164,8 +166,9 @@ def register_file(
     The same file (by SHA-256) registered before by the tenant is those weights (nothing is inspected
     or stored again, and no quota is charged). Otherwise a new file must fit `charge`'s storage quota
     (413; None: not charged), and the inference process inspects it: 422 with the reason when it is
-    not a usable YOLO-NAS checkpoint, or when it is another architecture than `expected_model`. New
-    weights are flushed, then the file is moved into the store. The caller removes the staged file
+    not a usable YOLO-NAS checkpoint, or when it is another architecture than `expected_model`. The
+    file of new weights is pushed to a remote store, then their row is flushed and the file moved
+    into the local store. The caller removes the staged file
     (a no-op once moved) and commits; a concurrent registration of the same file makes the flush
     raise IntegrityError, and `find_by_sha` then finds the winner.
     """
@@ -193,10 +196,16 @@ def register_file(
         pretrained=pretrained,
         created_at=utcnow(),
     )
-    session.add(weights)
-    session.flush()
-    # Stored before the commit: a store failure (503) rolls the registration back.
+    # Stored before the row is written: a store failure (503) registers nothing, and the transaction
+    # does not hold its locks through an upload that may take minutes (`db_lock_idle_seconds`).
     stored.push_weights(settings, weights.id, staged.path)
+    try:
+        session.add(weights)
+        session.flush()
+    except BaseException:
+        with contextlib.suppress(StorageError):  # what the sweep of orphans would remove later
+            stored.delete_stored(settings, weights.id)
+        raise
     target = weights_file(settings, weights.id)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged.path, target)

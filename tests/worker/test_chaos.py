@@ -59,6 +59,9 @@ CHAOS_SETTINGS: dict[str, object] = {
     "report_interval_seconds": 0.2,
     "cancel_grace_seconds": 60,
     "lease_seconds": LEASE_SECONDS,
+    # A process paused between a write and its commit keeps its job's row locked this long at most
+    # (PostgreSQL; tests/test_db.py): then a sweeper can expire its lease.
+    "db_lock_idle_seconds": 10,
     "sweep_interval_seconds": 0.5,
     "resend_after_seconds": 3,
     # Redis hands the message of a running job to the other worker every few seconds (jobs here run
