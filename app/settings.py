@@ -132,9 +132,13 @@ class Settings(BaseSettings):
     predict_warm: bool = Field(default=True, description="Load new models before their first /predict.")
     predict_warm_poll_seconds: float = Field(default=0.5, gt=0, le=60)
     # Requests for the same model and thresholds that reach the inference process within this window
-    # share one forward pass (`app.ml.batcher`); 0: only requests already queued are merged.
+    # share one forward pass (`app.ml.batcher`); 0: only requests already queued are merged. Waited
+    # only while the model is busy: a request to an idle model runs at once.
     predict_batch_window_ms: float = Field(
-        default=5.0, ge=0, le=1000, description="How long a batch waits for more requests (ms)."
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="How long a batch of a busy model waits for more requests (ms).",
     )
     # Images per merged forward pass; a request with more runs alone, never split.
     predict_max_batch_images: int = Field(default=16, ge=1, le=1024, description="Images per merged batch.")

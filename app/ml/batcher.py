@@ -4,6 +4,10 @@ Runs inside the inference process (`app.ml.model_server`). Each model (a `ModelK
 waiting has one runner thread: it takes the oldest request, waits up to `window` seconds for more
 requests to the same model with the same thresholds and output format, and runs them through the
 model as one batch of at most `max_images` images (a request with more runs alone, never split).
+The window is waited only while the model is busy (a request came while a batch of it ran, or
+several wait together): a request to an idle model runs at once, where a lone client would
+otherwise pay the whole window on every request. Requests that arrive while it runs make the next
+batch.
 Each request gets exactly its own images' results, in its order. Requests for different models run
 on different threads, so one model's long batch never holds up another's; loading (`engine.get`,
 not thread-safe) is serialized by one lock.
@@ -37,6 +41,8 @@ class PredictRequest:
     iou: float
     image_format: str | None
     done: Callable[[BatchAnswer | BaseException], None]
+    # Set by the batcher: it came while its model ran a batch (the model is busy).
+    behind_batch: bool = field(default=False, init=False)
 
     def joins(self, first: PredictRequest) -> bool:
         """Whether this request can share `first`'s forward pass."""
@@ -101,6 +107,7 @@ class Batcher:
     stats: BatchStats = field(default_factory=BatchStats)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _queues: dict[Hashable, deque[PredictRequest]] = field(default_factory=dict)
+    _serving: set[Hashable] = field(default_factory=set)  # models in a forward pass now
 
     def submit(self, request: PredictRequest) -> None:
         """Queue `request`; its model's runner thread starts if none runs."""
@@ -112,6 +119,7 @@ class Batcher:
                 threading.Thread(
                     target=self._run, args=(request.key,), name="predict-runner", daemon=True
                 ).start()
+            request.behind_batch = request.key in self._serving
             queue.append(request)
             self._cond.notify_all()
 
@@ -129,7 +137,8 @@ class Batcher:
 
     def _take(self, key: Hashable) -> list[PredictRequest]:
         """The next batch for `key`: the oldest request and the compatible ones that come within the
-        window, up to `max_images`. Empty (and the runner ends) when nothing waits."""
+        window (when the model is busy: see the module docstring), up to `max_images`. Empty (and
+        the runner ends) when nothing waits."""
         with self._cond:
             queue = self._queues[key]
             if not queue:
@@ -137,7 +146,8 @@ class Batcher:
                 return []
             first = queue.popleft()
             batch, images = [first], len(first.images)
-            deadline = time.monotonic() + self.window
+            busy = first.behind_batch or bool(queue)
+            deadline = time.monotonic() + (self.window if busy else 0.0)
             while images < self.max_images:
                 for request in list(queue):
                     if request.joins(first) and images + len(request.images) <= self.max_images:
@@ -155,6 +165,20 @@ class Batcher:
             return batch
 
     def _serve(self, batch: list[PredictRequest]) -> None:
+        key = batch[0].key
+        with self._cond:
+            self._serving.add(key)
+        try:
+            answers = self._answers(batch)
+        finally:
+            # Before the answers go out: a client's next request finds its model idle, not busy.
+            with self._cond:
+                self._serving.discard(key)
+        for request, answer in zip(batch, answers, strict=True):
+            _deliver(request, answer)
+
+    def _answers(self, batch: list[PredictRequest]) -> list[BatchAnswer | BaseException]:
+        """One forward pass for `batch`: each request's share, or the exception that failed it."""
         first = batch[0]
         images = [image for request in batch for image in request.images]
         try:
@@ -167,14 +191,12 @@ class Batcher:
             if len(results) != len(images):
                 raise RuntimeError(f"{len(results)} results for {len(images)} images")
         except Exception as exc:  # every waiter hears of it; the runner goes on with the next batch
-            for request in batch:
-                _deliver(request, exc)
-            return
+            return [exc for _ in batch]
+        answers: list[BatchAnswer | BaseException] = []
         start = 0
         for request in batch:
             end = start + len(request.images)
-            _deliver(
-                request,
+            answers.append(
                 BatchAnswer(
                     results=results[start:end],
                     class_names=list(loaded.class_names),
@@ -184,9 +206,10 @@ class Batcher:
                     backend=str(getattr(loaded, "backend", "pytorch")),
                     batch_requests=len(batch),
                     batch_images=len(images),
-                ),
+                )
             )
             start = end
+        return answers
 
 
 def _deliver(request: PredictRequest, answer: BatchAnswer | BaseException) -> None:

@@ -82,13 +82,29 @@ def _hold(batcher: Batcher, engine: FakeEngine, key: str = "a") -> Waiter:
 def test_requests_within_the_window_share_one_pass_and_get_their_own_images_in_order() -> None:
     engine = FakeEngine()
     batcher = Batcher(engine, window=0.5, max_images=16)
-    waiters = [_submit(batcher, "a", [f"r{i}-x", f"r{i}-y", f"r{i}-x"]) for i in range(4)]
+    first = _hold(batcher, engine)
+    # Queued while the model is busy: the next batch waits the window for the ones that follow.
+    waiters = [_submit(batcher, "a", ["r0-x", "r0-y", "r0-x"])]
+    engine.gates["a"].set()
+    assert first.result().batch_requests == 1
+    threading.Event().wait(0.1)  # well inside the window
+    waiters += [_submit(batcher, "a", [f"r{i}-x", f"r{i}-y", f"r{i}-x"]) for i in range(1, 4)]
     answers = [w.result() for w in waiters]
     for i, answer in enumerate(answers):
         assert answer.results == [("a", f"r{i}-x", 0.5), ("a", f"r{i}-y", 0.5), ("a", f"r{i}-x", 0.5)]
         assert (answer.batch_requests, answer.batch_images) == (4, 12)
-    assert [len(images) for _, images in engine.calls] == [12]
+    assert [len(images) for _, images in engine.calls] == [1, 12]
     assert batcher.stats.merged_requests == 4 and batcher.stats.largest_batch == 4
+
+
+def test_a_request_to_an_idle_model_does_not_wait_for_the_window() -> None:
+    engine = FakeEngine()
+    batcher = Batcher(engine, window=30.0, max_images=16)
+    for i in range(3):  # one client, one request at a time: the model is idle at each
+        waiter = _submit(batcher, "a", [f"r{i}"])
+        assert waiter.event.wait(10), "a lone request waited for the 30 s window"
+        assert waiter.result().batch_requests == 1
+    assert [len(images) for _, images in engine.calls] == [1, 1, 1]
 
 
 def test_requests_queued_behind_a_running_batch_share_the_next_one() -> None:
