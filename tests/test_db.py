@@ -114,7 +114,8 @@ def test_a_frozen_writer_neither_stalls_the_sweeper_nor_keeps_its_locks(pg_setti
 
 def test_only_transactions_that_take_locks_are_bounded(pg_settings: Settings) -> None:
     job_id = insert_job(pg_settings, "frozen")
-    engine = create_engine(pg_settings.database_url, pool_pre_ping=True)
+    # One pooled connection: every transaction below runs on it (until the server ends it).
+    engine = create_engine(pg_settings.database_url, pool_pre_ping=True, pool_size=1, max_overflow=0)
     bound_locked_idle(engine, 1.0)
     try:
         # A read-only transaction may idle (an upload's quota check, then minutes of extraction).
@@ -123,7 +124,11 @@ def test_only_transactions_that_take_locks_are_bounded(pg_settings: Settings) ->
             time.sleep(2.5)
             assert session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.queued
             session.commit()
-        # One that wrote may not: its session is ended and nothing it wrote lands.
+        # One that wrote may not: its session is ended and nothing it wrote lands. Also the second
+        # writing transaction on one pooled connection (the bound is set again in each).
+        with Session(engine) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(name="written-and-committed"))
+            session.commit()
         with Session(engine) as session:
             session.execute(update(Job).where(Job.id == job_id).values(name="written-then-idle"))
             time.sleep(2.5)
@@ -133,7 +138,7 @@ def test_only_transactions_that_take_locks_are_bounded(pg_settings: Settings) ->
             assert connection_lost(ended.value)
         # The bound is the transaction's own: the pooled connection's next transaction is unbounded.
         with Session(engine) as session:
-            assert session.scalar(select(Job.name).where(Job.id == job_id)) != "written-then-idle"
+            assert session.scalar(select(Job.name).where(Job.id == job_id)) == "written-and-committed"
             assert session.scalar(text("SHOW idle_in_transaction_session_timeout")) == "0"
     finally:
         engine.dispose()
