@@ -69,7 +69,8 @@ class TrainingWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            per_slot: dict[int, int] = defaultdict(int)
+            # pid -> (parent pid, job id) of every process whose command line is a training's.
+            found: dict[int, tuple[int, str]] = {}
             for root in self.roots:
                 try:
                     tree = psutil.Process(root.pid).children(recursive=True)
@@ -79,11 +80,17 @@ class TrainingWatch:
                     try:
                         cmdline = proc.cmdline()
                         if TRAIN_MODULE in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
-                            job_id = cmdline[cmdline.index(TRAIN_MODULE) + 1]
-                            self.pids_by_job[job_id].add(proc.pid)
-                            per_slot[proc.ppid()] += 1
+                            found[proc.pid] = (proc.ppid(), cmdline[cmdline.index(TRAIN_MODULE) + 1])
                     except (psutil.NoSuchProcess, psutil.ZombieProcess, IndexError):
                         pass
+            per_slot: dict[int, int] = defaultdict(int)
+            for pid, (parent, job_id) in found.items():
+                # A child the training forks (a subprocess between its fork and its exec) shows the
+                # training's command line for a moment: it is not a second training.
+                if parent in found:
+                    continue
+                self.pids_by_job[job_id].add(pid)
+                per_slot[parent] += 1
             self.most_per_slot = max([self.most_per_slot, *per_slot.values()])
             self.samples += 1
 
