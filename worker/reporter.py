@@ -163,10 +163,7 @@ class DbReporter:
             self._checked_at = time.monotonic()
             return True
         except Exception as exc:
-            if connection_lost(exc):
-                # The database is away: keep the data for the next attempt rather than lose it.
-                logger.warning("could not write training progress (database unreachable); will retry")
-            else:
+            if not connection_lost(exc):
                 # The database or the driver refused a row (a value it cannot store or serialize):
                 # find it and drop it, rather than retry the same batch forever.
                 logger.warning("a row was refused (%s); writing row by row", exc)
@@ -177,7 +174,8 @@ class DbReporter:
                 except Exception as again:
                     if not connection_lost(again):
                         raise
-                    logger.warning("could not write training progress (database unreachable); will retry")
+            # The database is away: keep the data for the next attempt rather than lose it.
+            logger.warning("could not write training progress (database unreachable); will retry")
         with self._lock:
             self._points[:0] = points
             self._events[:0] = events

@@ -168,9 +168,9 @@ def register_file(
     (413; None: not charged), and the inference process inspects it: 422 with the reason when it is
     not a usable YOLO-NAS checkpoint, or when it is another architecture than `expected_model`. The
     file of new weights is pushed to a remote store, then their row is flushed and the file moved
-    into the local store. The caller removes the staged file
-    (a no-op once moved) and commits; a concurrent registration of the same file makes the flush
-    raise IntegrityError, and `find_by_sha` then finds the winner.
+    into the local store. The caller removes the staged file (a no-op once moved) and commits; a
+    concurrent registration of the same file makes the flush raise IntegrityError (its pushed copy
+    is deleted), and `find_by_sha` then finds the winner.
     """
     existing = find_by_sha(session, staged.sha256, tenant=tenant)
     if existing is not None:
