@@ -7,7 +7,8 @@ model as one batch of at most `max_images` images (a request with more runs alon
 The window is waited only while the model is busy (a request came while a batch of it ran, or
 several wait together): a request to an idle model runs at once, where a lone client would
 otherwise pay the whole window on every request. Requests that arrive while it runs make the next
-batch.
+batch. A runner stays `linger` seconds after its last batch for the model's next request: a client
+sending one request after another finds it waiting, instead of paying a thread start each time.
 Each request gets exactly its own images' results, in its order. Requests for different models run
 on different threads, so one model's long batch never holds up another's; loading (`engine.get`,
 not thread-safe) is serialized by one lock.
@@ -103,11 +104,12 @@ class Batcher:
     engine: Any
     window: float
     max_images: int
+    linger: float = 5.0
     load_lock: threading.Lock = field(default_factory=threading.Lock)
     stats: BatchStats = field(default_factory=BatchStats)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _queues: dict[Hashable, deque[PredictRequest]] = field(default_factory=dict)
-    _serving: set[Hashable] = field(default_factory=set)  # models in a forward pass now
+    _serving: set[Hashable] = field(default_factory=set)  # models taking or running a batch now
 
     def submit(self, request: PredictRequest) -> None:
         """Queue `request`; its model's runner thread starts if none runs."""
@@ -124,7 +126,12 @@ class Batcher:
             self._cond.notify_all()
 
     def running_models(self) -> int:
-        """Models with a runner thread now."""
+        """Models with requests queued or a batch running now (not runners lingering idle)."""
+        with self._cond:
+            return sum(1 for key, queue in self._queues.items() if queue or key in self._serving)
+
+    def runners(self) -> int:
+        """Runner threads alive now, lingering ones included."""
         with self._cond:
             return len(self._queues)
 
@@ -138,13 +145,18 @@ class Batcher:
     def _take(self, key: Hashable) -> list[PredictRequest]:
         """The next batch for `key`: the oldest request and the compatible ones that come within the
         window (when the model is busy: see the module docstring), up to `max_images`. Empty (and
-        the runner ends) when nothing waits."""
+        the runner ends) when nothing came for `linger` seconds."""
         with self._cond:
             queue = self._queues[key]
-            if not queue:
-                del self._queues[key]
-                return []
+            idle_until = time.monotonic() + self.linger
+            while not queue:
+                left = idle_until - time.monotonic()
+                if left <= 0:
+                    del self._queues[key]
+                    return []
+                self._cond.wait(left)
             first = queue.popleft()
+            self._serving.add(key)
             batch, images = [first], len(first.images)
             busy = first.behind_batch or bool(queue)
             deadline = time.monotonic() + (self.window if busy else 0.0)
@@ -165,9 +177,7 @@ class Batcher:
             return batch
 
     def _serve(self, batch: list[PredictRequest]) -> None:
-        key = batch[0].key
-        with self._cond:
-            self._serving.add(key)
+        key = batch[0].key  # marked serving by `_take`
         try:
             answers = self._answers(batch)
         finally:

@@ -127,7 +127,9 @@ def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
     with _open(upload, max_pixels=max_pixels) as image:
         try:
             image.load()  # decodes: a truncated or corrupt file fails here
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            # In place, and converted only when not RGB already: each would otherwise copy the pixels.
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(rgb, dtype=np.uint8)
         except AppError:
             raise

@@ -26,6 +26,7 @@ class FakeEngine:
     gates: dict[str, threading.Event] = field(default_factory=dict)
     fail: set[str] = field(default_factory=set)
     entered: threading.Event = field(default_factory=threading.Event)
+    threads: list[int] = field(default_factory=list)  # the thread of each inference
     _held: set[str] = field(default_factory=set)
 
     def get(self, key: str) -> tuple[Loaded, bool]:
@@ -39,6 +40,7 @@ class FakeEngine:
         self, loaded: Loaded, images: list[Any], *, conf: float, iou: float, image_format: str | None
     ) -> tuple[list[Any], float]:
         self.entered.set()
+        self.threads.append(threading.get_ident())
         gate = self.gates.get(loaded.key)
         if gate is not None:
             assert gate.wait(10), "the test never opened the gate"
@@ -167,12 +169,32 @@ def test_a_failed_batch_fails_each_of_its_requests_and_the_runner_goes_on() -> N
 
 
 @pytest.mark.parametrize("window", [0.0, 0.01])
-def test_the_runner_ends_when_nothing_waits(window: float) -> None:
-    batcher = Batcher(FakeEngine(), window=window, max_images=16)
+def test_the_runner_ends_when_nothing_comes_within_its_linger(window: float) -> None:
+    batcher = Batcher(FakeEngine(), window=window, max_images=16, linger=0.05)
     _submit(batcher, "a", ["x"]).result()
+    assert batcher.running_models() == 0  # answered: nothing queued or running, whether it lingers
     for _ in range(200):
-        if batcher.running_models() == 0:
+        if batcher.runners() == 0:
             break
         threading.Event().wait(0.01)
-    assert batcher.running_models() == 0
+    assert batcher.runners() == 0
     assert _submit(batcher, "a", ["y"]).result().results == [("a", "y", 0.5)]
+
+
+def test_a_lingering_runner_serves_the_models_next_request() -> None:
+    engine = FakeEngine()
+    batcher = Batcher(engine, window=0.0, max_images=16, linger=30.0)
+    first = _submit(batcher, "a", ["x"]).result()
+    threading.Event().wait(0.1)  # the runner is back waiting, idle
+    assert (batcher.runners(), batcher.running_models()) == (1, 0)
+    second = _submit(batcher, "a", ["y"]).result()
+    assert (first.batch_requests, second.batch_requests) == (1, 1)
+    assert len(engine.threads) == 2 and engine.threads[0] == engine.threads[1]
+    # Another model gets a runner of its own, beside the lingering one.
+    engine.gates["b"] = threading.Event()
+    held = _submit(batcher, "b", ["z"])
+    assert engine.entered.wait(10)
+    assert (batcher.runners(), batcher.running_models()) == (2, 1)
+    engine.gates["b"].set()
+    assert held.result().results == [("b", "z", 0.5)]
+    assert engine.threads[2] != engine.threads[0]
