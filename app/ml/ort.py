@@ -117,9 +117,11 @@ def _fused_tail(steps: list[dict[str, Any]]) -> bool:
 
 
 def _convert(pixels: np.ndarray, steps: list[dict[str, Any]]) -> np.ndarray:
-    """`pixels` (HWC) through value and layout steps (`_fused_tail`) into one float32 array, with the
-    same float arithmetic as the step-by-step path: the permute is a view read once, and each value
-    step runs in place on the output."""
+    """`pixels` (HWC) through value and layout steps (`_fused_tail`) into one float32 array: the permute
+    is a view read once, and each value step runs in place on the output. Bit for bit the step-by-step
+    result for uint8 pixels (a float32 division of a uint8 equals the float64 one rounded to float32
+    for every value); a standardize after a normalize, which no SG processor writes, may differ from
+    it in the last bit (float32 here, float64 there)."""
     permutation = next((tuple(s["permutation"]) for s in steps if s["op"] == "permute"), (0, 1, 2))
     source = pixels.transpose(permutation)
     out = np.empty(source.shape, dtype=np.float32)
