@@ -18,11 +18,21 @@ TRAIN_TASK = "sgjobs.train_job"
 DEFAULT_POOL = "default"
 
 
-def queue_for(settings: Settings, pool: str | None) -> str:
-    """The broker queue of a worker pool: `task_queue` for the default pool (None or ""), else
-    `<task_queue>.<pool>`. Every sender and every worker goes through here, so they agree. A pool
-    name has no dot (`POOL_PATTERN`), so no pool's queue is another's."""
-    return f"{settings.task_queue}.{pool}" if pool else settings.task_queue
+def queue_for(settings: Settings, pool: str | None, gpus: int = 1) -> str:
+    """The broker queue of a worker pool's jobs of `gpus` GPUs: `task_queue` for the default pool
+    (None or ""), else `<task_queue>.<pool>`; then `.gpus<N>` for N > 1. Every sender and every
+    worker goes through here, so they agree: a slot of N GPUs consumes the queues of 1..N
+    (`sgjobs worker --gpus-per-slot`). A pool name has no dot (`POOL_PATTERN`), so no pool's queue
+    is another's."""
+    base = f"{settings.task_queue}.{pool}" if pool else settings.task_queue
+    return f"{base}.gpus{gpus}" if gpus > 1 else base
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """The queues a worker of `settings` consumes: its pool's, for jobs of 1 to
+    `worker_gpus_per_slot` GPUs (a slot of N GPUs also trains smaller jobs)."""
+    sizes = range(1, settings.worker_gpus_per_slot + 1)
+    return [queue_for(settings, settings.worker_queue, n) for n in sizes]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -64,21 +74,23 @@ def _producer(broker: str, queue: str) -> Celery:
     return app
 
 
-def send_train_job(settings: Settings, job_id: str, *, pool: str | None = None) -> None:
-    """Enqueue a training job by task name on its pool's queue (`queue_for`). Raises if the broker
-    cannot be reached. A pool with no live worker keeps the message until one starts."""
+def send_train_job(settings: Settings, job_id: str, *, pool: str | None = None, gpus: int = 1) -> None:
+    """Enqueue a training job by task name on the queue of its pool and GPU count (`queue_for`).
+    Raises if the broker cannot be reached. A queue with no live worker keeps the message until one
+    starts."""
     app = _producer(settings.broker_url, settings.task_queue)
     app.send_task(
         TRAIN_TASK,
         args=[job_id],
-        queue=queue_for(settings, pool),
+        queue=queue_for(settings, pool, gpus),
         retry=True,
         retry_policy={"max_retries": 2},
     )
 
 
 def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
-    """Declare this process's task queue (the queue of `worker_queue`'s pool) once, before the API
+    """Declare this process's task queues (those of `worker_queue`'s pool for 1..`worker_gpus_per_slot`
+    GPUs) once, before the API
     and the worker start using it.
 
     kombu's SQL transport creates its tables and queue rows with a check-then-insert that races
@@ -92,7 +104,8 @@ def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
         try:
             with app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1)
-                Queue(queue_for(settings, settings.worker_queue)).bind(conn.default_channel).declare()
+                for name in worker_queues(settings):
+                    Queue(name).bind(conn.default_channel).declare()
             return True
         except Exception as exc:
             logger.warning("broker not ready (attempt %d/%d): %s", attempt + 1, attempts, exc)

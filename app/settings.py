@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     # GPU ids, "0,1": `sgjobs worker` runs one worker process (one training slot) per listed GPU,
     # each with CUDA_VISIBLE_DEVICES=<id> (`sgjobs worker --gpus`); "": one worker, as it finds it.
     worker_gpus: str = Field(default="", description='GPU ids, "0,1": one worker each.')
+    # GPUs per training slot (`sgjobs worker --gpus-per-slot`): with `worker_gpus` listed, their ids
+    # in groups of this many, one worker each (CUDA_VISIBLE_DEVICES="0,1", ...); without, the one
+    # worker offers this many. A slot trains jobs of up to this many `gpus` (data-parallel, one process
+    # per GPU; on a CPU-only worker, one process per share of the cores).
+    worker_gpus_per_slot: int = Field(
+        default=1, ge=1, le=64, description="GPUs per training slot: the largest `gpus` it trains."
+    )
     # Redis hands an unacknowledged message to another worker after this long. A training's message
     # is acknowledged when it ends; a redelivery of a running job's message finds it claimed and does
     # nothing, so this only bounds how long a message lost with its worker waits in Redis.
@@ -343,6 +350,23 @@ class Settings(BaseSettings):
     def worker_gpu_ids(self) -> list[str]:
         """`worker_gpus` as a list of ids, in order, without repeats ([]: none listed)."""
         return gpu_ids(self.worker_gpus)
+
+    @property
+    def worker_slots(self) -> list[list[str]]:
+        """The listed GPU ids in slots of `worker_gpus_per_slot`, in order ([]: none listed)."""
+        ids = self.worker_gpu_ids
+        size = self.worker_gpus_per_slot
+        return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+    @model_validator(mode="after")
+    def _slots_fill_up(self) -> Settings:
+        count = len(self.worker_gpu_ids)
+        if count % self.worker_gpus_per_slot:
+            raise ValueError(
+                f"worker_gpus lists {count} GPU{'' if count == 1 else 's'}, not a multiple of "
+                f"worker_gpus_per_slot {self.worker_gpus_per_slot}"
+            )
+        return self
 
     @property
     def heartbeat_interval(self) -> float:

@@ -53,7 +53,8 @@ def read_result(job_dir: Path, attempt: int) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("attempt") == attempt else None
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a text file (a console log); "" when it cannot be read."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -117,7 +118,7 @@ def record_outcome(
         device = result.get("device")
     elif stalled_for is not None:
         status, reason = JobStatus.failed, FailureReason.internal
-        last = _tail(files.console_log(job_dir))
+        last = tail(files.console_log(job_dir))
         message = (
             f"the training made no progress for {stalled_for:.0f} s and was stopped; last output:\n{last}"
         )
@@ -126,7 +127,7 @@ def record_outcome(
         message = f"the training did not stop within {settings.cancel_grace_seconds:g} s and was killed"
     else:
         status, reason = JobStatus.failed, FailureReason.internal
-        last = _tail(files.console_log(job_dir))
+        last = tail(files.console_log(job_dir))
         message = f"the training process exited with code {returncode}; last output:\n{last}"
     with session_scope(settings.database_url) as session:
         done = lifecycle.finish(

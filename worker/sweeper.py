@@ -35,10 +35,6 @@ FORGET_WORKERS_AFTER_SECONDS = 24 * 3600.0
 # one runs).
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_ROWS_PER_COMMIT = 50_000
-# The GPUs this worker's training slot offers one job (its presence row; POST /jobs checks a spec's
-# `gpus` against it): one slot per GPU (`sgjobs worker --gpus`), or a CPU. A job asking for more
-# (data-parallel training) needs a worker that offers more, which no worker does yet.
-SLOT_GPUS = 1
 
 
 @dataclass
@@ -60,7 +56,8 @@ def sweep_once(settings: Settings, state: WorkerState = STATE) -> SweepResult:
                 name=state.name,
                 job_id=state.job_id,
                 queue=settings.worker_queue,
-                gpus=SLOT_GPUS,
+                # What its slot offers one job: POST /jobs checks a spec's `gpus` against it.
+                gpus=settings.worker_gpus_per_slot,
             )
             workers.forget_older_than(session, seconds=FORGET_WORKERS_AFTER_SECONDS)
         result.moved = lifecycle.expire_leases(session)

@@ -42,7 +42,8 @@ from app.settings import Settings, get_settings
 from app.storage import StorageError
 from app.weights import service as weights
 from app.weights.models import Weights
-from worker.outcome import LEASE_LOST_EXIT, LOST, record_outcome, write_result
+from worker.outcome import LEASE_LOST_EXIT, LOST, record_outcome, tail, write_result
+from worker.ranks import helper_ranks
 from worker.reporter import DbReporter
 from worker.standby import READY_FILE, STANDBY_ARG
 from worker.store_sync import JobSync, Uploader, job_sync
@@ -169,6 +170,14 @@ def train(
             f"dataset ready: {len(prepared.class_names)} classes, {prepared.train.num_images} training and "
             f"{prepared.val.num_images} validation images"
         )
+        if spec.gpus > settings.worker_gpus_per_slot:
+            # Routing sends such a job only to slots that offer enough (`app.queue.queue_for`).
+            message = (
+                f"the job asks for {spec.gpus} GPUs, this worker's slot offers "
+                f"{settings.worker_gpus_per_slot} (SGJOBS_WORKER_GPUS_PER_SLOT)"
+            )
+            reporter.event(message, level="error")
+            return {"status": JobStatus.failed, "reason": FailureReason.internal, "message": message}
         with fenced(settings, job_id, attempt) as session:
             lifecycle.set_classes(session, job_id=job_id, classes=prepared.class_names)
         # Imported only now (torch), after the dataset checks that fail fast without it.
@@ -236,11 +245,18 @@ def train(
             init_checkpoint=init_checkpoint,
             resume_from=resume.path if resume is not None else None,
             device=settings.device,
+            world_size=spec.gpus,
         )
         # Imported only now: super-gradients takes seconds to import and rewires this process.
         from app.ml.training import run_training
 
-        result = run_training(config, reporter)
+        with helper_ranks(
+            settings,
+            config,
+            log_dir=files.sg_log_dir(job_dir),
+            on_lost=lambda message, killed: _rank_lost(job_dir, attempt, message, killed=killed),
+        ):
+            result = run_training(config, reporter)
         if settings.serving_export:
             _export_for_serving(spec.model, job_dir, reporter)
         if uploader is not None and sync is not None:
@@ -299,6 +315,30 @@ def train(
         reporter.close()
         if reporter.lost:
             raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
+
+
+def _rank_lost(job_dir: Path, attempt: int, message: str, *, killed: bool) -> None:
+    """End this process (rank 0) at once after another rank of the job died: this one may wait in a
+    collective that will never complete. A rank killed by a signal makes the attempt a lost one
+    (resumed from the last checkpoint while restarts remain); any other exit fails the job."""
+    last = tail(files.console_log(job_dir))
+    oom = "out of memory" in last.lower() or (killed and "out-of-memory" in message)
+    reason = FailureReason.internal
+    if oom:
+        reason = FailureReason.out_of_memory
+    elif killed:
+        reason = FailureReason.worker_lost
+    result: dict[str, Any] = {
+        "status": JobStatus.failed,
+        "reason": reason,
+        "message": message if killed or not last else f"{message}; last output:\n{last}",
+    }
+    if killed:
+        result[LOST] = True
+    try:
+        write_result(job_dir, attempt, result)
+    finally:
+        os._exit(1)
 
 
 def _final_push(settings: Settings, sync: JobSync, reporter: DbReporter) -> str | None:

@@ -27,7 +27,7 @@ logger = logging.getLogger("sgjobs")
 
 
 def _worker_argv() -> list[str]:
-    from app.queue import queue_for
+    from app.queue import worker_queues
 
     settings = get_settings()
     # The solo pool runs the task in the worker's main thread: the task only supervises a training
@@ -44,7 +44,7 @@ def _worker_argv() -> list[str]:
         "--concurrency",
         "1",
         "--queues",
-        queue_for(settings, settings.worker_queue),
+        ",".join(worker_queues(settings)),
         "--hostname",
         # Unique per worker process (a restarted worker is a new one), so a job's attempts name
         # who ran them and a worker's presence row is its own.
@@ -125,42 +125,46 @@ def cmd_api(host: str | None, port: int | None) -> int:
     return 0
 
 
-def _pool_args(queue: str | None, gpus: str | None) -> Settings:
-    """--queue and --gpus become SGJOBS_WORKER_QUEUE and SGJOBS_WORKER_GPUS, for this process and
-    its children (the worker processes), and are checked as the settings check them."""
+def _pool_args(queue: str | None, gpus: str | None, gpus_per_slot: int | None = None) -> Settings:
+    """--queue, --gpus and --gpus-per-slot become SGJOBS_WORKER_QUEUE, SGJOBS_WORKER_GPUS and
+    SGJOBS_WORKER_GPUS_PER_SLOT, for this process and its children (the worker processes), and are
+    checked as the settings check them."""
     if queue is not None:
         os.environ["SGJOBS_WORKER_QUEUE"] = queue
     if gpus is not None:
         os.environ["SGJOBS_WORKER_GPUS"] = gpus
+    if gpus_per_slot is not None:
+        os.environ["SGJOBS_WORKER_GPUS_PER_SLOT"] = str(gpus_per_slot)
     get_settings.cache_clear()
     return get_settings()
 
 
-def cmd_worker(queue: str | None = None, gpus: str | None = None) -> int:
+def cmd_worker(queue: str | None = None, gpus: str | None = None, gpus_per_slot: int | None = None) -> int:
     """One Celery worker in this process (exec), or, with GPUs listed, one kept-alive worker
-    process per GPU, each seeing only its own (`CUDA_VISIBLE_DEVICES`), stopped together."""
+    process per slot of `worker_gpus_per_slot` GPUs, each seeing only its own
+    (`CUDA_VISIBLE_DEVICES`), stopped together."""
     from pydantic import ValidationError
 
     from app.queue import prepare_broker
 
     try:
-        settings = _pool_args(queue, gpus)
+        settings = _pool_args(queue, gpus, gpus_per_slot)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"sgjobs worker: {problems}", file=sys.stderr)
         return 2
     settings.ensure_dirs()
     prepare_broker(settings)
-    gpu_ids = settings.worker_gpu_ids
-    if not gpu_ids:
+    slots = settings.worker_slots
+    if not slots:
         argv = _worker_argv()
         os.execv(argv[0], argv)
-    return run_worker_slots(gpu_ids)
+    return run_worker_slots(slots)
 
 
-def run_worker_slots(gpu_ids: list[str]) -> int:
-    """Keep one worker process per GPU id until SIGTERM or SIGINT, then stop them all together
-    (each hands its running job back, see `WorkerKeeper.stop`)."""
+def run_worker_slots(slots: list[list[str]]) -> int:
+    """Keep one worker process per slot (its GPU ids) until SIGTERM or SIGINT, then stop them all
+    together (each hands its running job back, see `WorkerKeeper.stop`)."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -168,16 +172,17 @@ def run_worker_slots(gpu_ids: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    keepers = [gpu_keeper(gpu).start() for gpu in gpu_ids]
+    keepers = [gpu_keeper(slot).start() for slot in slots]
     while not stop.wait(1.0):
         pass
     stop_all(keepers)
     return 0
 
 
-def gpu_keeper(gpu: str) -> WorkerKeeper:
-    """A keeper of one worker process that sees only GPU `gpu`."""
-    return WorkerKeeper(env={"CUDA_VISIBLE_DEVICES": gpu}, label=f"GPU {gpu}")
+def gpu_keeper(slot: list[str]) -> WorkerKeeper:
+    """A keeper of one worker process that sees only the GPUs of `slot`."""
+    label = f"GPU{'s' if len(slot) > 1 else ''} {','.join(slot)}"
+    return WorkerKeeper(env={"CUDA_VISIBLE_DEVICES": ",".join(slot)}, label=label)
 
 
 def stop_all(keepers: list[WorkerKeeper], timeout: float = 20.0) -> None:
@@ -266,7 +271,7 @@ def cmd_serve(host: str | None, port: int | None) -> int:
     _bootstrap_webhook_secret(settings)
     prepare_broker(settings)
     # One worker, or one per GPU of SGJOBS_WORKER_GPUS, as `sgjobs worker` runs them.
-    keepers = [gpu_keeper(gpu).start() for gpu in settings.worker_gpu_ids] or [WorkerKeeper().start()]
+    keepers = [gpu_keeper(slot).start() for slot in settings.worker_slots] or [WorkerKeeper().start()]
     print(f"datasets directory: {settings.datasets_dir}", flush=True)
     try:
         _run_api(settings.host, settings.port)
@@ -426,10 +431,18 @@ def register(cli: typer.Typer) -> None:
                 "with CUDA_VISIBLE_DEVICES=<id>; default: SGJOBS_WORKER_GPUS, else one worker"
             ),
         ] = None,
+        gpus_per_slot: Annotated[
+            int | None,
+            typer.Option(
+                help="GPUs per training slot: --gpus 0,1,2,3 --gpus-per-slot 2 runs two workers, on "
+                "GPUs 0,1 and 2,3, each training jobs of up to 2 gpus data-parallel; without --gpus, "
+                "what the one worker offers. Default: SGJOBS_WORKER_GPUS_PER_SLOT, else 1"
+            ),
+        ] = None,
     ) -> None:
         """Run a training worker (one per GPU, or one per GPU listed in --gpus)."""
         _logging()
-        _done(cmd_worker(queue, gpus))
+        _done(cmd_worker(queue, gpus, gpus_per_slot))
 
     @cli.command("migrate", rich_help_panel=panel)
     def migrate() -> None:

@@ -28,9 +28,9 @@ def send(settings: Settings, *, job_id: str, resend_after: float | None = None) 
     with session_scope(settings.database_url) as session:
         if not lifecycle.claim_send(session, job_id=job_id, resend_after=resend_after):
             return False
-        pool = job_pool(session, job_id=job_id)
+        pool, gpus = job_route(session, job_id=job_id)
     try:
-        queue.send_train_job(settings, job_id, pool=pool)
+        queue.send_train_job(settings, job_id, pool=pool, gpus=gpus)
     except Exception as exc:
         logger.warning("could not send job %s: %s", job_id, exc)
         with session_scope(settings.database_url) as session:
@@ -42,6 +42,7 @@ def send(settings: Settings, *, job_id: str, resend_after: float | None = None) 
     return True
 
 
-def job_pool(session: Session, *, job_id: str) -> str | None:
-    """The worker pool a job asked for (its spec's `queue`; None: the default pool)."""
-    return lifecycle.spec_pool(session.scalar(select(Job.spec).where(Job.id == job_id)))
+def job_route(session: Session, *, job_id: str) -> tuple[str | None, int]:
+    """The worker pool a job asked for (its spec's `queue`; None: the default pool) and its GPUs."""
+    spec = session.scalar(select(Job.spec).where(Job.id == job_id))
+    return lifecycle.spec_pool(spec), lifecycle.spec_gpus(spec)

@@ -160,6 +160,12 @@ def spec_pool(spec: dict[str, Any] | None) -> str | None:
     return pool if isinstance(pool, str) and pool else None
 
 
+def spec_gpus(spec: dict[str, Any] | None) -> int:
+    """The GPUs a stored spec asks for (`gpus`; 1 for specs stored before the field existed)."""
+    gpus = (spec or {}).get("gpus")
+    return gpus if isinstance(gpus, int) and gpus > 1 else 1
+
+
 def claim(session: Session, *, job_id: str, worker: str, job_dir: Path, lease_seconds: float) -> int | None:
     """queued -> running as a new attempt holding a lease; returns its number, None when someone
     else has the job or it was cancelled meanwhile."""

@@ -85,9 +85,10 @@ class JobSpec(StrictModel):
         default=1,
         ge=1,
         le=64,
-        description="GPUs the job trains on. More than the largest live worker of its pool offers is a "
-        "422 naming that number (with no live worker in the pool, only 1 is accepted: a worker may "
-        "start later). Each worker slot offers 1 GPU today.",
+        description="GPUs the job trains on, data-parallel (super-gradients' DDP, one process per GPU, "
+        "metrics and cancel through the first); `training.batch_size` is per GPU. More than the "
+        "largest live worker of its pool offers (`sgjobs worker --gpus-per-slot`) is a 422 naming "
+        "that number (with no live worker in the pool, only 1 is accepted: a worker may start later).",
     )
 
     @field_validator("input_size")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from super_gradients.training.utils.callbacks import Callback, PhaseContext
 
 from app import failpoints
+from app.ml.distributed import agreed, this_rank
 from app.ml.types import (
     BATCH_PREFIX,
     IMAGES_PER_SECOND,
@@ -55,7 +56,9 @@ class ReporterCallback(Callback):
         # SG's own context.stop_training is read only at the next epoch start (issue #1151); an
         # exception stops now, and SG's `finally` still closes the logger. ckpt_latest.pth is only
         # written after validation, so the last finished epoch's checkpoint stays intact.
-        if self.reporter.should_stop():
+        # In a data-parallel job rank 0 decides (the others' reporters never stop) and every rank
+        # stops at the same batch, or the others would wait in their next collective.
+        if agreed(self.reporter.should_stop()):
             raise TrainingCancelled(f"training cancelled during {where}")
 
     def on_train_loader_start(self, context: PhaseContext) -> None:
@@ -79,7 +82,8 @@ class ReporterCallback(Callback):
             # All groups share one schedule (the bias/BN group differs only in weight decay).
             lr = float(context.optimizer.param_groups[0]["lr"])
             points.append(MetricPoint(BATCH_PREFIX + "LR", lr, epoch=epoch, step=step, time=now))
-        images = len(context.inputs) if context.inputs is not None else 0
+        # Every rank of a data-parallel job trains a batch of this size at this step: the job's rate.
+        images = len(context.inputs) * this_rank()[1] if context.inputs is not None else 0
         if self._batch_started is not None and images and ended > self._batch_started:
             rate = images / (ended - self._batch_started)
             points.append(MetricPoint(IMAGES_PER_SECOND, rate, epoch=epoch, step=step, time=now))

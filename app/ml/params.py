@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -78,3 +78,58 @@ class TrainingConfig:
     # `app.ml.checkpoints.pick_resume_checkpoint`.
     resume_from: Path | None = None
     device: str = "auto"
+    # Processes (one per GPU) training the job data-parallel (`app.ml.distributed`); 1: no DDP.
+    # `training.batch_size` is per process, as in super-gradients: the effective batch is this times it.
+    world_size: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as JSON values, for the other ranks of a data-parallel job (`from_json`)."""
+        return {
+            "model": self.model,
+            "job_dir": str(self.job_dir),
+            "class_names": list(self.class_names),
+            "train": _split_json(self.train),
+            "val": _split_json(self.val),
+            "input_size": list(self.input_size),
+            "training": self.training.model_dump(mode="json"),
+            "num_workers": self.num_workers,
+            "init_checkpoint": None if self.init_checkpoint is None else str(self.init_checkpoint),
+            "resume_from": None if self.resume_from is None else str(self.resume_from),
+            "device": self.device,
+            "world_size": self.world_size,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainingConfig:
+        """The configuration `to_json` wrote."""
+        height, width = data["input_size"]
+        return cls(
+            model=data["model"],
+            job_dir=Path(data["job_dir"]),
+            class_names=tuple(data["class_names"]),
+            train=_split_from_json(data["train"]),
+            val=_split_from_json(data["val"]),
+            input_size=(int(height), int(width)),
+            training=TrainingSpec.model_validate(data["training"]),
+            num_workers=int(data["num_workers"]),
+            init_checkpoint=None if data["init_checkpoint"] is None else Path(data["init_checkpoint"]),
+            resume_from=None if data["resume_from"] is None else Path(data["resume_from"]),
+            device=data["device"],
+            world_size=int(data["world_size"]),
+        )
+
+
+def _split_json(split: SplitFiles) -> dict[str, Any]:
+    return {
+        "images_dir": str(split.images_dir),
+        "annotation_file": str(split.annotation_file),
+        "num_images": split.num_images,
+    }
+
+
+def _split_from_json(data: dict[str, Any]) -> SplitFiles:
+    return SplitFiles(
+        images_dir=Path(data["images_dir"]),
+        annotation_file=Path(data["annotation_file"]),
+        num_images=int(data["num_images"]),
+    )

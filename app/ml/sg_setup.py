@@ -86,17 +86,24 @@ def choose_device(requested: str, *, cuda_available: bool) -> str:
     return requested
 
 
-def setup_device(requested: str) -> str:
+def setup_device(requested: str, world_size: int = 1) -> str:
     """Choose the device by `choose_device` and make it super-gradients' process-global device.
 
-    One GPU, no DDP (DDP would make SG re-launch `sys.argv`). Returns "cpu" or "cuda"; raises
-    ValueError for "cuda" without CUDA. Imports torch and super-gradients.
+    `world_size` 1: one device, SG's DDP off (its DDP would re-launch `sys.argv`). More: this process
+    is one rank of a data-parallel job, its rank in its environment (`app.ml.distributed.join`).
+    Returns "cpu" or "cuda"; raises ValueError for "cuda" without CUDA (or with fewer GPUs than
+    `world_size`). Imports torch and super-gradients.
     """
     import torch
     from super_gradients import setup_device as sg_setup_device
     from super_gradients.common.data_types.enum.multi_gpu_mode import MultiGPUMode
 
     device = choose_device(requested, cuda_available=torch.cuda.is_available())
+    if world_size > 1:
+        from app.ml.distributed import join
+
+        join(device, world_size)
+        return device
     sg_setup_device(device=device, multi_gpu=MultiGPUMode.OFF, num_gpus=1 if device == "cuda" else 0)
     return device
 

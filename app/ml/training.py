@@ -119,14 +119,24 @@ def _dataloader(dataset: Any, config: TrainingConfig, train: bool) -> DataLoader
     from super_gradients.training.utils.collate_fn import DetectionCollateFN
     from torch.utils.data import DataLoader
 
-    batch_size = min(config.training.batch_size, len(dataset))
+    sampler: Any = None
+    images = len(dataset)
+    if config.world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        # Each rank its share of every epoch (reshuffled per epoch by SG's set_epoch); a share is
+        # padded with repeats up to the same size on every rank, as DDP needs.
+        sampler = DistributedSampler(dataset, shuffle=train, seed=config.training.seed or 0)
+        images = len(sampler)
+    batch_size = min(config.training.batch_size, images)
     # A trailing batch of one image gives BatchNorm a one-sample batch (noisy statistics; measured not
     # to raise for YOLO-NAS at 64 px): drop only that batch, never more than one image per epoch.
-    drop_last = train and len(dataset) > batch_size and len(dataset) % batch_size == 1
+    drop_last = train and images > batch_size and images % batch_size == 1
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=config.num_workers,
         collate_fn=DetectionCollateFN(),
@@ -230,6 +240,7 @@ def _trainer(job_dir: Path, resumed: ResumePoint | None) -> Any:
           point (`app.ml.checkpoints.read_resume_point`) and that extra validation is skipped.
         - `_init_monitored_items`: builds `AtomicModelWeightAveraging` instead of SG's averaging.
         - `_save_checkpoint`: tells the averaging which epoch count it is saving.
+        - `_net_to_device`: data-parallel on the CPU (`app.ml.distributed`), which SG's DDP lacks.
         """
 
         def _load_checkpoint_to_model(self) -> None:
@@ -270,6 +281,20 @@ def _trainer(job_dir: Path, resumed: ResumePoint | None) -> Any:
                     load_checkpoint=self.load_checkpoint,
                     resume_epoch=self.start_epoch if self.load_checkpoint else None,
                 )
+
+        def _net_to_device(self) -> None:
+            from super_gradients.common.data_types.enum.multi_gpu_mode import MultiGPUMode
+            from super_gradients.common.environment.device_utils import device_config
+
+            if device_config.multi_gpu != MultiGPUMode.DISTRIBUTED_DATA_PARALLEL or device_config.is_cuda:
+                super()._net_to_device()
+                return
+            # SG wraps its DDP model with a GPU index per rank; the CPU ranks (gloo) have none.
+            import torch
+
+            net: Any = getattr(self, "net")  # noqa: B009 (SG leaves the attribute untyped)
+            net.to("cpu")
+            self.net = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
 
         def _save_checkpoint(
             self, optimizer: Any = None, epoch: int | None = None, *args: Any, **kwargs: Any
@@ -315,7 +340,7 @@ def _start_resume(config: TrainingConfig, reporter: Reporter) -> ResumePoint | N
         )
         point = dataclasses.replace(point, best_value=None, metric=None)
     run_dir = _run_dir_of(config.job_dir, path)
-    if run_dir is not None:
+    if run_dir is not None and _is_main_rank():
         # Only this attempt writes there now; a stale process that still writes is fenced by the
         # lease check before its rename, and loses its temporary file here.
         for stale in run_dir.iterdir():
@@ -327,6 +352,13 @@ def _start_resume(config: TrainingConfig, reporter: Reporter) -> ResumePoint | N
         f"{spec.max_epochs}, best {spec.metric_to_watch} so far {best}"
     )
     return point
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a data-parallel job, or a training on one device: the one that writes files."""
+    from app.ml.distributed import this_rank
+
+    return this_rank()[0] == 0
 
 
 def _load_model(config: TrainingConfig) -> Any:
@@ -394,6 +426,7 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
     """
     validate_config(config)
     prepare_this_process(config.job_dir / SG_LOG_DIR)
+    from super_gradients.common.environment.device_utils import device_config
     from super_gradients.training.utils.utils import random_seed
 
     from app.ml.callbacks import ReporterCallback
@@ -402,9 +435,9 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
 
     spec = config.training
     try:
-        device = setup_device(config.device)
+        device = setup_device(config.device, config.world_size)
         if spec.seed is not None:
-            random_seed(is_ddp=False, device=device, seed=spec.seed)
+            random_seed(is_ddp=config.world_size > 1, device=device_config.device, seed=spec.seed)
         # With all epochs done (killed after the last checkpoint) SG trains nothing and only runs
         # its final validation of the averaged model.
         resumed = _start_resume(config, reporter)
@@ -421,9 +454,11 @@ def run_training(config: TrainingConfig, reporter: Reporter) -> TrainingResult:
             epochs_done=resumed.next_epoch if resumed is not None else 0,
         )
         trainer = _trainer(config.job_dir, resumed)
+        ranks = f" × {config.world_size} processes (DDP)" if config.world_size > 1 else ""
         reporter.event(
-            f"training {config.model} on {device}: {len(train_set)} train / "
+            f"training {config.model} on {device}{ranks}: {len(train_set)} train / "
             f"{len(val_set)} valid images, {len(train_loader)} batches per epoch"
+            + (" per process" if ranks else "")
         )
         # average_best_models re-reads its numpy snapshot file every epoch with torch.load.
         with reporting_to(reporter), sg_safe_globals():

@@ -191,6 +191,29 @@ def test_gpus_starts_one_worker_process_per_gpu(
     assert _workers(service_settings, "gpu-slots") == []
 
 
+def test_gpus_per_slot_groups_the_gpus_of_each_worker_process(
+    service: Service, service_settings: Settings, dataset: str, start_worker: WorkerStarter
+) -> None:
+    proc = start_worker("--gpus", "0,1,2,3", "--gpus-per-slot", "2", worker_queue="gpu-pairs")
+    rows = _wait_workers(service_settings, "gpu-pairs", 2)
+    assert [(q, g) for _, q, g in rows] == [("gpu-pairs", 2), ("gpu-pairs", 2)]
+    children = [
+        p for p in psutil.Process(proc.pid).children() if "worker.celery_app" in " ".join(p.cmdline())
+    ]
+    assert sorted(p.environ().get("CUDA_VISIBLE_DEVICES", "") for p in children) == ["0,1", "2,3"]
+    # Each consumes its pool's queues of one- and two-GPU jobs.
+    base = service_settings.task_queue
+    for child in children:
+        cmdline = child.cmdline()
+        assert cmdline[cmdline.index("--queues") + 1] == f"{base}.gpu-pairs,{base}.gpu-pairs.gpus2"
+    body = _problem(service.post_job(tiny_spec(dataset, queue="gpu-pairs", gpus=4)), "gpus")
+    assert body["detail"] == "gpus: 4 requested, but the largest worker of pool 'gpu-pairs' offers 2 GPUs"
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=40) == 0
+    assert _workers(service_settings, "gpu-pairs") == []
+
+
 def test_worker_options_are_checked(tmp_path: Path) -> None:
     assert gpu_ids(" 0, 1,3 ") == ["0", "1", "3"]
     for bad in ("0,0", "a", "0;1"):
@@ -207,3 +230,12 @@ def test_worker_options_are_checked(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "worker_queue" in done.stderr, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "worker", "--gpus", "0,1,2", "--gpus-per-slot", "2"],
+        env={**env, "SGJOBS_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "lists 3 GPUs, not a multiple of worker_gpus_per_slot 2" in done.stderr, done.stderr
