@@ -86,6 +86,12 @@ def set_context(**context: Any) -> None:
     _context.update(context)
 
 
+def armed(name: str) -> bool:
+    """True when the setting configures `name` (whatever its conditions): a caller may then take a
+    slower path that lets the fault land where it would (a checkpoint written through a counter)."""
+    return name in _config()
+
+
 def hit(name: str, **where: Any) -> None:
     """Inject the configured fault if `name` is armed and its conditions match; else nothing."""
     facts = {**_context, **where}

@@ -173,7 +173,7 @@ def helper_ranks(
             )
             procs[rank] = subprocess.Popen(
                 [*HELPER_COMMAND, str(config_file)],
-                stdout=sys.stdout.fileno() if _has_fileno() else None,  # the job's console log
+                stdout=None,  # inherited: the job's console log, rank 0's file descriptor 1
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -199,14 +199,6 @@ def helper_ranks(
         helpers.close(wait=True)
     finally:
         config_file.unlink(missing_ok=True)
-
-
-def _has_fileno() -> bool:
-    try:
-        sys.stdout.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

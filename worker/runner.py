@@ -12,6 +12,8 @@ exited, so one worker never runs two trainings.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import shutil
 import subprocess
 import sys
@@ -55,6 +57,38 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class ExitWatch:
+    """Waits for a child process to exit, waking once per wait: `Popen.wait(timeout)` polls with
+    sleeps of at most 50 ms, and during a training that was 30 wake-ups a second of the worker, each
+    taking a core from one of torch's threads on a 2-core machine (measured). Uses a pidfd (Linux
+    5.3+); elsewhere falls back to `Popen.wait`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self._fd: int | None
+        try:
+            self._fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            self._fd = None
+
+    def wait(self, timeout: float) -> int | None:
+        """The return code once the process has exited, waiting up to `timeout` seconds; else None."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        if self._fd is None:
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        select.select([self._fd], [], [], timeout)
+        return self.proc.poll()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _retrying(what: str, fn: Callable[[], T], stop_after: float | None = None) -> T:
@@ -131,13 +165,13 @@ def _supervise(
     next_beat = time.monotonic() + settings.heartbeat_interval
     backoff = settings.heartbeat_interval
     recorded_at: float | None = None  # when the child was seen to have recorded its own outcome
+    exit_watch = ExitWatch(proc)
     try:
         while True:
-            try:
-                returncode = proc.wait(timeout=POLL_SECONDS)
+            exited = exit_watch.wait(POLL_SECONDS)
+            if exited is not None:
+                returncode = exited
                 break
-            except subprocess.TimeoutExpired:
-                pass
             if recorded_at is not None:
                 if time.monotonic() - recorded_at > LEASE_LOST_GRACE_SECONDS:
                     _stop(proc)  # its outcome is recorded; a teardown that hangs must not hold the worker
@@ -199,6 +233,7 @@ def _supervise(
                 returncode = proc.returncode
                 break
     finally:
+        exit_watch.close()
         if proc.poll() is None:  # an error in this loop: never leave the child unsupervised
             _stop(proc)
     status = _retrying(
