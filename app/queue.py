@@ -89,9 +89,8 @@ def send_train_job(settings: Settings, job_id: str, *, pool: str | None = None, 
 
 
 def prepare_broker(settings: Settings, attempts: int = 5) -> bool:
-    """Declare this process's task queues (those of `worker_queue`'s pool for 1..`worker_gpus_per_slot`
-    GPUs) once, before the API
-    and the worker start using it.
+    """Declare this process's task queues (`worker_queues`: its pool's, for 1 to
+    `worker_gpus_per_slot` GPUs) once, before the API and the worker start using them.
 
     kombu's SQL transport creates its tables and queue rows with a check-then-insert that races
     when two processes start at the same moment (a UNIQUE error that kills the worker at start-up);

@@ -53,6 +53,19 @@ def read_result(job_dir: Path, attempt: int) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("attempt") == attempt else None
 
 
+def signal_name(returncode: int) -> str:
+    """The signal that killed a process with this (negative) return code: "SIGKILL", or "signal N"."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def killed_by_oom_killer(returncode: int) -> bool:
+    """SIGKILL with no result written: most likely the kernel's out-of-memory killer."""
+    return returncode == -signal.SIGKILL
+
+
 def tail(path: Path, lines: int = 15) -> str:
     """The last `lines` lines of a text file (a console log); "" when it cannot be read."""
     try:
@@ -94,12 +107,8 @@ def record_outcome(
             reason=FailureReason(result["reason"]),
         )
     if result is None and returncode < 0 and stalled_for is None and not killed_for_cancel:
-        try:
-            signame = signal.Signals(-returncode).name
-        except ValueError:
-            signame = f"signal {-returncode}"
-        oom = returncode == -signal.SIGKILL
-        why = f"the training process was killed by {signame}" + (
+        oom = killed_by_oom_killer(returncode)
+        why = f"the training process was killed by {signal_name(returncode)}" + (
             " (most likely the out-of-memory killer; lower training.batch_size or input_size)" if oom else ""
         )
         lost_as = FailureReason.out_of_memory if oom else FailureReason.worker_lost

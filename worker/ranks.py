@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from app.ml.sg_setup import child_environment
 from app.ml.types import MetricPoint, TrainingCancelled
 from app.process import die_with_parent
 from app.settings import Settings
+from worker.outcome import killed_by_oom_killer, signal_name
 
 logger = logging.getLogger("sgjobs.ranks")
 
@@ -75,12 +75,8 @@ def describe_exit(rank: int, world_size: int, returncode: int) -> tuple[str, boo
     """How a helper ended, in words, and whether a signal killed it (the attempt is lost, not failed)."""
     who = f"the training process of rank {rank} of {world_size}"
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        oom = " (most likely the out-of-memory killer)" if returncode == -signal.SIGKILL else ""
-        return f"{who} was killed by {name}{oom}", True
+        oom = " (most likely the out-of-memory killer)" if killed_by_oom_killer(returncode) else ""
+        return f"{who} was killed by {signal_name(returncode)}{oom}", True
     return f"{who} exited with code {returncode}", False
 
 
@@ -88,7 +84,7 @@ class Helpers:
     """Ranks 1..N-1 of this job, and the thread that watches them (see the module docstring)."""
 
     def __init__(
-        self, procs: dict[int, subprocess.Popen[bytes]], world_size: int, on_lost: Callable[[str, bool], None]
+        self, procs: dict[int, subprocess.Popen[bytes]], world_size: int, on_lost: Callable[[str, int], None]
     ) -> None:
         self.procs = procs
         self.world_size = world_size
@@ -122,9 +118,10 @@ class Helpers:
         found = self.casualty()
         if found is None or not self._lost_once.acquire(blocking=False):
             return
-        message, killed = describe_exit(found[0], self.world_size, found[1])
+        rank, code = found
+        message, _ = describe_exit(rank, self.world_size, code)
         logger.error("%s: ending the attempt", message)
-        self._on_lost(message, killed)
+        self._on_lost(message, code)
 
     def close(self, *, wait: bool) -> None:
         """Stop watching, then let the helpers exit (`wait`: up to `HELPER_EXIT_SECONDS`, after a
@@ -145,13 +142,13 @@ class Helpers:
 
 @contextmanager
 def helper_ranks(
-    settings: Settings, config: TrainingConfig, *, log_dir: Path, on_lost: Callable[[str, bool], None]
+    settings: Settings, config: TrainingConfig, *, log_dir: Path, on_lost: Callable[[str, int], None]
 ) -> Iterator[Helpers | None]:
     """Make this process rank 0 of `config.world_size` and start the other ranks (None: one rank,
     nothing started); they are awaited when the block ends well and stopped when it raises.
 
     `log_dir`: super-gradients' log folder of the job, under which each helper gets `rankK` (SG
-    truncates the console log of its folder when it is imported). `on_lost(message, killed)` is
+    truncates the console log of its folder when it is imported). `on_lost(message, returncode)` is
     called from the watch thread when a helper dies mid-training, and must end this process.
     """
     if config.world_size <= 1:

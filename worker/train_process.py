@@ -42,7 +42,7 @@ from app.settings import Settings, get_settings
 from app.storage import StorageError
 from app.weights import service as weights
 from app.weights.models import Weights
-from worker.outcome import LEASE_LOST_EXIT, LOST, record_outcome, tail, write_result
+from worker.outcome import LEASE_LOST_EXIT, LOST, killed_by_oom_killer, record_outcome, tail, write_result
 from worker.ranks import helper_ranks
 from worker.reporter import DbReporter
 from worker.standby import READY_FILE, STANDBY_ARG
@@ -254,7 +254,7 @@ def train(
             settings,
             config,
             log_dir=files.sg_log_dir(job_dir),
-            on_lost=lambda message, killed: _rank_lost(job_dir, attempt, message, killed=killed),
+            on_lost=lambda message, returncode: _rank_lost(job_dir, attempt, message, returncode),
         ):
             result = run_training(config, reporter)
         if settings.serving_export:
@@ -317,12 +317,14 @@ def train(
             raise LeaseLost(f"job {job_id} moved on from attempt {attempt}")
 
 
-def _rank_lost(job_dir: Path, attempt: int, message: str, *, killed: bool) -> None:
-    """End this process (rank 0) at once after another rank of the job died: this one may wait in a
-    collective that will never complete. A rank killed by a signal makes the attempt a lost one
-    (resumed from the last checkpoint while restarts remain); any other exit fails the job."""
+def _rank_lost(job_dir: Path, attempt: int, message: str, returncode: int) -> None:
+    """End this process (rank 0) at once after another rank of the job died (`returncode` is its
+    exit code): this one may wait in a collective that will never complete. A rank killed by a
+    signal makes the attempt a lost one (resumed from the last checkpoint while restarts remain);
+    any other exit fails the job."""
+    killed = returncode < 0
     last = tail(files.console_log(job_dir))
-    oom = "out of memory" in last.lower() or (killed and "out-of-memory" in message)
+    oom = killed_by_oom_killer(returncode) or "out of memory" in last.lower()
     reason = FailureReason.internal
     if oom:
         reason = FailureReason.out_of_memory

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.ml.layout import BEST_CHECKPOINT, EXPERIMENT_NAME, is_temp_file, run_dirs
-from app.ml.params import TrainingConfig
+from app.ml.params import TrainingConfig, TrainingSpec
 from app.ml.sg_setup import prepare_this_process, setup_device
 from app.ml.types import (
     CHECKPOINTS_DIR,
@@ -115,6 +115,11 @@ def _dataset(split: SplitFiles, config: TrainingConfig, train: bool) -> Any:
     return dataset
 
 
+def _seed(spec: TrainingSpec) -> int:
+    """The run's seed: the spec's, else SG's default (42). Every rank must use the same."""
+    return spec.seed if spec.seed is not None else 42
+
+
 def _dataloader(dataset: Any, config: TrainingConfig, train: bool) -> DataLoader:
     from super_gradients.training.utils.collate_fn import DetectionCollateFN
     from torch.utils.data import DataLoader
@@ -126,7 +131,7 @@ def _dataloader(dataset: Any, config: TrainingConfig, train: bool) -> DataLoader
 
         # Each rank its share of every epoch (reshuffled per epoch by SG's set_epoch); a share is
         # padded with repeats up to the same size on every rank, as DDP needs.
-        sampler = DistributedSampler(dataset, shuffle=train, seed=config.training.seed or 0)
+        sampler = DistributedSampler(dataset, shuffle=train, seed=_seed(config.training))
         images = len(sampler)
     batch_size = min(config.training.batch_size, images)
     # A trailing batch of one image gives BatchNorm a one-sample batch (noisy statistics; measured not
@@ -217,7 +222,7 @@ def _training_params(config: TrainingConfig, device: str, callback: Any) -> dict
         },
         "phase_callbacks": [callback],
         "save_model": True,
-        "seed": p.seed if p.seed is not None else 42,
+        "seed": _seed(p),
         **_resume_params(config),
     }
 
