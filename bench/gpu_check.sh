@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Issue 13's one-shot GPU check on a lent machine (one H100; python3 = Python 3.12 with torch,
-# onnxruntime, numpy ... but no super-gradients): installs the carried wheels (.whl/), checks the
-# imports, then measures (bench/gpu_predict.py):
-#   predict: SG held fused pipeline (fp16, CUDA) vs SG's ONNX export in onnxruntime, 320 and 640 px;
+# Issue 13's one-shot GPU check on a lent machine (one H100 or H200; python3 = Python 3.12 with
+# torch, onnxruntime, numpy ... but no super-gradients): installs the carried wheels (.whl/), or uses
+# packages already unpacked into $GPU_CHECK_SITE, checks the imports, then measures:
+#   http:    the whole service on the GPU (bench/predict_latency.py --device cuda): a job trained
+#            through the API, warm POST /predict against the in-process ways (SG's predict, the held
+#            fp16 pipeline, onnxruntime's own latency with the CUDA provider), 320 and 640 px;
+#   predict: SG held fused pipeline (fp16, CUDA) vs SG's ONNX export in onnxruntime, 320 and 640 px
+#            (bench/gpu_predict.py);
 #   train:   plain SG Trainer.train vs the service's training process (SQLite), 640 px, AMP,
-#            interleaved plain/service/plain/service.
+#            interleaved plain/service/plain/service (bench/gpu_predict.py).
+# onnxruntime's CUDA provider needs onnxruntime-gpu built for the machine's CUDA (13 there:
+# onnxruntime-gpu 1.31); the image's own onnxruntime is a CPU build. `python -m bench.gpu_carry`
+# packs it with the project's packages in parts of one call each, and says how to unpack them into
+# /tmp/site there (then GPU_CHECK_SITE=/tmp/site).
 # Each step is guarded (a failure does not stop the next) and logged to $OUT/<step>.log; results in
 # $OUT/predict.json, $OUT/train.json and $OUT/summary.md (7 files). Whole run: about 5-7 minutes.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   OUT=/tmp/out PYTHON=.venv/bin/python CUDA_VISIBLE_DEVICES= bash bench/gpu_check.sh --cpu-dry-run
 #       (tiny sizes on the CPU: exercises every Python path; the wheels are not installed)
-# GPU_CHECK_STEPS="predict" or "train" runs only that measurement; GPU_CHECK_BUDGET_S (420) bounds the run.
+# GPU_CHECK_STEPS (default "http predict train") picks the measurements; GPU_CHECK_BUDGET_S (420)
+# bounds the run; GPU_CHECK_SITE=/tmp/site: the packages are there already (no .whl/ to install).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 # albumentations (imported by SG) asks PyPI for its latest version on import: no network there.
@@ -32,20 +41,26 @@ export TMPDIR=$SCRATCH MPLCONFIGDIR=$SCRATCH/mpl
 if [[ $DRY == 1 ]]; then
     DEVICE=cpu
     PREDICT_ARGS=(--sizes 64 96 -n 4 --warmup 1)
+    HTTP_SIZES=(64)
+    HTTP_ARGS=(-n 5 --clients 2 --per-client 3)
     TRAIN_ARGS=(--input-size 64 --images 16 --val-images 4 --epochs 2 --batch-size 8 --repeats 1)
 else
     DEVICE=cuda
     PREDICT_ARGS=(--sizes 320 640 -n 50 --warmup 5)
+    HTTP_SIZES=(320 640)
+    HTTP_ARGS=(-n 60 --clients 8 --per-client 25)
     TRAIN_ARGS=(--input-size 640 --images 800 --val-images 32 --epochs 3 --batch-size 16 --repeats 2)
 fi
 
 declare -A STATUS=()
+ORDER=()
 left() { echo $((BUDGET - SECONDS)); }
 # step NAME LIMIT_S CMD...: run CMD with a time limit, tee its output to $OUT/NAME.log, record the result.
 step() {
     local name=$1 limit=$2
     shift 2
     local rest
+    ORDER+=("$name")
     rest=$(left)
     ((limit > rest - 10)) && limit=$((rest - 10))
     if ((limit < 20)); then
@@ -69,7 +84,9 @@ step() {
 # --- 1. environment: wheels, GPU, versions -------------------------------------------------------
 env_step() {
     local failed=0
-    if [[ $DRY == 0 ]]; then
+    if [[ $DRY == 0 && -n ${GPU_CHECK_SITE:-} ]]; then
+        echo "packages from $GPU_CHECK_SITE ($(du -sh "$GPU_CHECK_SITE" | cut -f1))"
+    elif [[ $DRY == 0 ]]; then
         local wheels=(.whl/*.whl)
         echo "installing ${#wheels[@]} wheels ($(du -sh .whl | cut -f1)) into /tmp/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -131,7 +148,7 @@ EOF
 export DRY PY
 export -f env_step import_step
 if [[ $DRY == 0 ]]; then
-    export PYTHONPATH=/tmp/site:$REPO
+    export PYTHONPATH=${GPU_CHECK_SITE:-/tmp/site}:$REPO
 else
     export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -141,20 +158,29 @@ if [[ ${STATUS[import]} != ok ]]; then
     echo "!!! imports failed (see import.log above); running the measurements anyway: each reports its own error"
 fi
 
-# --- 3. predict latency -----------------------------------------------------------------------------
-MEASURE=${GPU_CHECK_STEPS:-predict train}   # which measurements to run
+MEASURE=${GPU_CHECK_STEPS:-http predict train}   # which measurements to run
+
+# --- 3. the whole service: warm /predict over HTTP on the device ------------------------------------
+if [[ " $MEASURE " == *" http "* ]]; then
+    for size in "${HTTP_SIZES[@]}"; do
+        step "http-$size" 170 "$PY" -m bench.predict_latency --device "$DEVICE" --input-size "$size" \
+            "${HTTP_ARGS[@]}" --markdown "$OUT/http.md"
+    done
+fi
+
+# --- 4. predict latency, in process -----------------------------------------------------------------
 [[ " $MEASURE " == *" predict "* ]] &&
     step predict 200 "$PY" -m bench.gpu_predict predict --device "$DEVICE" "${PREDICT_ARGS[@]}" --json "$OUT/predict.json"
 
-# --- 4. training throughput ------------------------------------------------------------------------
+# --- 5. training throughput ------------------------------------------------------------------------
 TRAIN_LIMIT=$(($(left) - 25))
 [[ " $MEASURE " == *" train "* ]] &&
     step train "$TRAIN_LIMIT" "$PY" -m bench.gpu_predict train --device "$DEVICE" "${TRAIN_ARGS[@]}" \
     --deadline-s $((TRAIN_LIMIT - 30)) --json "$OUT/train.json"
 
-# --- 5. summary ------------------------------------------------------------------------------------
+# --- 6. summary ------------------------------------------------------------------------------------
 summary() {
-    OUT="$OUT" STEPS="$(for k in env import predict train; do echo "$k: ${STATUS[$k]:-not run}"; done)" \
+    OUT="$OUT" STEPS="$(for k in "${ORDER[@]}"; do echo "$k: ${STATUS[$k]:-not run}"; done)" \
         DRY="$DRY" "$PY" - <<'EOF'
 import json, os
 from pathlib import Path
@@ -200,6 +226,9 @@ if t:
                      f"{t['ratio_of_medians']:.3f} (paired: {', '.join(f'{x:.3f}' for x in t['paired_ratios'])})")
     for e in t.get("errors", []):
         lines.append(f"- error: {e[:1500]}")
+http = out / "http.md"
+if http.exists():
+    lines += ["", http.read_text()]
 text = "\n".join(lines) + "\n"
 (out / "summary.md").write_text(text)
 print(text)

@@ -141,12 +141,14 @@ def _throughput(
     return clients * per_client / elapsed
 
 
-def _in_process(checkpoint: str, image_file: Path, n: int, standin_size: int | None = None) -> dict[str, Any]:
+def _in_process(
+    checkpoint: str, image_file: Path, n: int, standin_size: int | None = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Run this module with --in-process in a fresh interpreter and read its JSON answer."""
     env = {**os.environ, "CRASH_HANDLER": "FALSE", "CONSOLE_LOG_LEVEL": "ERROR"}
     env["SUPER_GRADIENTS_LOG_DIR"] = str(image_file.parent / "sg_logs")
     command = [sys.executable, "-m", "bench.predict_latency", "--in-process", checkpoint, str(image_file)]
-    command += ["-n", str(n)]
+    command += ["-n", str(n), "--device", device]
     if standin_size is not None:
         command += ["--standin", str(standin_size)]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
@@ -182,19 +184,26 @@ def write_standin(checkpoint: Path, input_size: int) -> None:
     torch.save({"net": net, "processing_params": processing}, checkpoint)
 
 
-def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int | None) -> None:
-    """The in-process side: `model.predict` as the seed calls it, one held fused pipeline, then
-    onnxruntime on the serving ONNX file and on SG's own export."""
+def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int | None, device: str) -> None:
+    """The in-process side on `device`: `model.predict` as the seed calls it, one held fused pipeline
+    (fp16 on CUDA), then onnxruntime on the serving ONNX file and on SG's own export (with the
+    providers the service would pick for `device`)."""
     from app.ml.export import export_for_serving, export_onnx
     from app.ml.inference import build_pipeline, load_model, set_thresholds
-    from app.ml.ort import OrtModel, preprocess
+    from app.ml.ort import OrtModel, preprocess, providers_for
+    from app.ml.sg_setup import setup_device
     from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 
     if standin_size is not None:
         write_standin(Path(checkpoint), standin_size)
     image = np.asarray(Image.open(image_file).convert("RGB"))
-    model, _ = load_model("yolo_nas_s", Path(checkpoint))
-    result: dict[str, Any] = {}
+    device = setup_device(device)  # as the inference process does: torch (and CUDA's libraries) first
+    model, _ = load_model("yolo_nas_s", Path(checkpoint), device=device)
+    result: dict[str, Any] = {"device": device}
+    if device == "cuda":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name(0)
 
     def timed(fn: Any) -> list[float]:
         return harness.timed(fn, n, warmup=3)
@@ -210,7 +219,8 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
     serving = export_for_serving("yolo_nas_s", Path(checkpoint), work / "serving.onnx")
     result["serving_export_seconds"] = serving.seconds
     result["serving_onnx_mb"] = serving.size / 1e6
-    ort = OrtModel.load(Path(serving.path))
+    ort = OrtModel.load(Path(serving.path), device=device)
+    result["ort_providers"] = ort.providers
     tensor = preprocess(image, ort.spec.steps)[0][None]
     result["ort_session_only"] = _stats(timed(lambda: ort.session.run(None, {ort.input_name: tensor})))
     result["ort_with_pre_post"] = _stats(
@@ -221,7 +231,7 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
     result["sg_export_seconds"] = sg_export.seconds
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(sg_export.path, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(sg_export.path, providers=providers_for(device))
     height, width = sg_export.input_shape[2:]
     # SG's exported graph takes the image already at the input size (its own resize is not inside).
     resized = np.asarray(Image.fromarray(image).resize((width, height)), dtype=np.uint8).transpose(2, 0, 1)[
@@ -231,6 +241,13 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
     result["sg_onnx_with_nms"] = _stats(timed(lambda: session.run(None, {name: resized})))
     assert sys.__stdout__ is not None
     sys.__stdout__.write("RESULT " + json.dumps(result) + "\n")  # SG replaced sys.stdout
+
+
+def _where(local: dict[str, Any]) -> str:
+    """The device the in-process ways ran on, and onnxruntime's providers for the serving file."""
+    providers = ", ".join(p.removesuffix("ExecutionProvider") for p in local["ort_providers"])
+    gpu = f"{local['gpu']} (device cuda)" if local.get("gpu") else "no GPU"
+    return f"{gpu}, onnxruntime providers {providers}"
 
 
 def _ort_lines(local: dict[str, Any], reference: dict[str, float], label: str) -> list[str]:
@@ -257,14 +274,16 @@ def _ort_lines(local: dict[str, Any], reference: dict[str, float], label: str) -
 def _in_process_only(
     args: argparse.Namespace, width: int, height: int, image_file: Path, payload: bytes
 ) -> str:
-    local = _in_process(str(image_file.parent / "standin.pth"), image_file, args.n, args.input_size)
+    local = _in_process(
+        str(image_file.parent / "standin.pth"), image_file, args.n, args.input_size, args.device
+    )
     seed, held = local["predict_fuse_false"], local["held_fused_pipeline"]
     load = os.getloadavg()
     lines = [
         f"## In-process latency at {args.input_size} px",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: {os.cpu_count()} CPU cores, "
-        f"no GPU, {platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
+        f"{_where(local)}, {platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (other jobs shared the machine).",
         f"Command: `.venv/bin/python -m bench.predict_latency {' '.join(sys.argv[1:])}`.",
         f"Model: stand-in YOLO-NAS-S (random weights, the preprocessing of a job trained at "
@@ -299,12 +318,19 @@ def main() -> int:
     parser.add_argument(
         "--in-process-only", action="store_true", help="no service: the in-process ways on a stand-in model"
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="the service's SGJOBS_DEVICE and the in-process ways' device (cuda: fp16 held pipeline, "
+        "onnxruntime's CUDA or TensorRT provider where installed)",
+    )
     parser.add_argument("--markdown", type=Path, help="append the markdown section to this file")
     parser.add_argument("--in-process", nargs=2, metavar=("CHECKPOINT", "IMAGE"), help=argparse.SUPPRESS)
     parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
-        in_process_main(args.in_process[0], args.in_process[1], args.n, args.standin)
+        in_process_main(args.in_process[0], args.in_process[1], args.n, args.standin, args.device)
         return 0
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -325,7 +351,7 @@ def main() -> int:
         if url is None:
             # SQLite in a fresh home (absolute), the CPU, quiet logs; stopped with the whole tree.
             backend = stack.enter_context(backend_resources("sqlite", prefix="sgjobs-bench"))
-            settings = {"device": "cpu", "log_level": "warning"}
+            settings = {"device": args.device, "log_level": "warning"}
             running = stack.enter_context(serve(backend, work, cwd=ROOT, settings=settings))
             url, headers = running.base_url, running.headers
         client = httpx.Client(base_url=url, headers=headers, timeout=300)
@@ -350,7 +376,7 @@ def main() -> int:
         throughput = _throughput(url, headers, job_id, payload, args.clients, args.per_client)
         single = _throughput(url, headers, job_id, payload, 1, args.per_client)
         print("in-process predict...", file=sys.stderr)
-        local = _in_process(checkpoint, image_file, args.n)
+        local = _in_process(checkpoint, image_file, args.n, device=args.device)
 
     seed, held = local["predict_fuse_false"], local["held_fused_pipeline"]
     load = os.getloadavg()
@@ -358,7 +384,7 @@ def main() -> int:
         "## Prediction latency",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: "
-        f"{os.cpu_count()} CPU cores, no GPU, "
+        f"{os.cpu_count()} CPU cores, {_where(local)}, "
         f"{platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
         " (other jobs shared the machine).",
         f"Command: `.venv/bin/python -m bench.predict_latency {' '.join(sys.argv[1:])}`".rstrip() + ".",

@@ -287,7 +287,7 @@ def to_result(prediction: Any, class_names: list[str], *, image_format: str | No
     )
 
 
-def load_serving(key: ModelKey, device: str, threads: int | None = None) -> Any | None:
+def load_serving(key: ModelKey, device: str, threads: int | None = None, max_batch: int = 16) -> Any | None:
     """The checkpoint's serving ONNX file in onnxruntime (an `app.ml.ort.OrtModel`), or None when
     there is none at least as new as the checkpoint, or it cannot serve (logged; the PyTorch path
     serves then)."""
@@ -300,7 +300,7 @@ def load_serving(key: ModelKey, device: str, threads: int | None = None) -> Any 
     except FileNotFoundError:
         return None
     try:
-        loaded = OrtModel.load(path, device=device, threads=threads)
+        loaded = OrtModel.load(path, device=device, threads=threads, max_batch=max_batch)
     except ServingFileError as exc:
         logger.warning("serving %s with pytorch: %s", key.checkpoint, exc)
         return None
@@ -332,6 +332,8 @@ class InferenceEngine:
     max_bytes: int | None = None
     # onnxruntime's intra-op threads per session; None: os.cpu_count().
     ort_threads: int | None = None
+    # The most images a batch holds (`Settings.predict_max_batch_images`): TensorRT's engines cover it.
+    max_batch_images: int = 16
     # Called once before the first model loads on the PyTorch path (the inference process makes
     # super-gradients' device there, so that serving ONNX files alone never imports torch or SG).
     prepare_torch: Callable[[], object] | None = None
@@ -366,7 +368,7 @@ class InferenceEngine:
         return loaded, False
 
     def _load(self, key: ModelKey, start: float) -> LoadedModel:
-        served = load_serving(key, self.device, self.ort_threads)
+        served = load_serving(key, self.device, self.ort_threads, self.max_batch_images)
         if served is not None:
             return LoadedModel(
                 key=key,

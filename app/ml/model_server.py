@@ -480,7 +480,11 @@ def main(argv: list[str]) -> int:
             return _refuse_all(conn, str(exc))
         prepare_torch = None
     engine = InferenceEngine(
-        capacity=capacity, device=device, max_bytes=max_bytes, prepare_torch=prepare_torch
+        capacity=capacity,
+        device=device,
+        max_bytes=max_bytes,
+        prepare_torch=prepare_torch,
+        max_batch_images=max_batch_images,
     )
     print(
         f"inference process {os.getpid()} ready on {device} in {time.perf_counter() - start:.1f} s "

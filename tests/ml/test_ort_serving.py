@@ -6,6 +6,7 @@ SG runs in forked children (`run_isolated`): importing it rewires stdout and log
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -230,6 +231,42 @@ def test_serving_needs_neither_torch_nor_super_gradients(compared: dict[str, Any
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_providers_for_a_cuda_device(
+    compared: dict[str, Any],
+    checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a CUDA device asks of onnxruntime, and what a CPU-only onnxruntime (this machine's) gives it."""
+    import onnxruntime
+
+    from app.ml.export import SERVING_INPUT
+    from app.ml.layout import serving_onnx_path
+    from app.ml.ort import OrtModel, providers_for, tensorrt_options, tensorrt_present
+
+    path = serving_onnx_path(checkpoint)
+    assert providers_for("cpu", path=path) == ["CPUExecutionProvider"]
+    assert providers_for("cuda", path=path) == ["CPUExecutionProvider"]
+    with caplog.at_level(logging.WARNING, logger="app.ml.ort"):
+        model = OrtModel.load(path, device="cuda")
+    assert model.providers == ["CPUExecutionProvider"]
+    assert "no usable CUDA provider" in caplog.text
+    # onnxruntime-gpu lists TensorRT whether or not TensorRT's libraries are installed (none here).
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: gpu_build)
+    assert not tensorrt_present()
+    assert providers_for("cuda", path=path) == [
+        ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}),
+        "CPUExecutionProvider",
+    ]
+    assert providers_for("cpu", path=path) == ["CPUExecutionProvider"]
+    height, width = model.spec.input_size
+    options = tensorrt_options(path, max_batch=8)
+    assert options["trt_profile_min_shapes"] == f"{SERVING_INPUT}:1x3x{height}x{width}"
+    assert options["trt_profile_max_shapes"] == f"{SERVING_INPUT}:8x3x{height}x{width}"
+    assert Path(options["trt_engine_cache_path"]).is_dir()
 
 
 def _postprocess_against_sg(seed: int) -> dict[str, Any]:
