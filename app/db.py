@@ -207,3 +207,15 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def release_connection(session: Session) -> None:
+    """Give `session`'s database connection back to the pool before a long wait (the inference
+    process, a download from the store).
+
+    A prediction, an export or a download takes seconds to minutes; holding a pooled connection
+    meanwhile lets a few slow calls take every connection from the routes that need one. What the
+    session loaded stays readable (detached); it starts a new transaction if used again. Nothing is
+    committed: call it only where the session has nothing to write yet.
+    """
+    session.close()

@@ -7,14 +7,11 @@ inference process (`app.ml.model_server`) through here; nothing here imports tor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.errors import Conflict, InvalidInput, ServiceUnavailable
 from app.ml.model_server import ModelServer, ModelServerError, ModelServerUnavailable, get_model_server
 from app.settings import Settings
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
 
 def model_server(settings: Settings) -> ModelServer:
@@ -27,16 +24,6 @@ def model_server(settings: Settings) -> ModelServer:
         max_batch_images=settings.predict_max_batch_images,
         max_bytes=settings.predict_cache_max_bytes,
     )
-
-
-def release_connection(session: Session) -> None:
-    """Give `session`'s database connection back to the pool before waiting on the inference process.
-
-    A prediction or an export waits seconds to minutes; holding a pooled connection meanwhile lets a
-    few slow calls take every connection from the routes that need one. What the session loaded stays
-    readable (detached); it starts a new transaction if used again. Nothing is committed.
-    """
-    session.close()
 
 
 def call_model_server(settings: Settings, op: str, *, timeout: float, **payload: Any) -> dict[str, Any]:

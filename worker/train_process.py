@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from app import failpoints
 from app.datasets import service as datasets
 from app.datasets.formats import prepare_dataset
-from app.db import session_scope
+from app.db import release_connection, session_scope
 from app.errors import DatasetError, InvalidInput
 from app.jobs import files, lifecycle, service, stored
 from app.jobs.models import FailureReason, JobStatus
@@ -64,9 +64,13 @@ class InitCheckpointGone(Exception):
 def _init_checkpoint(
     session: Session, settings: Settings, spec: JobSpec, started_from: dict[str, Any]
 ) -> tuple[Path | None, str]:
-    """The checkpoint file the job starts from (None: random weights) and how to name its source."""
+    """The checkpoint file the job starts from (None: random weights) and how to name its source.
+
+    With a remote store the file is a download (minutes for a large model): `session`'s connection
+    is given back first (it has only read)."""
     if spec.init_from is not None and spec.init_from.job_id is not None:
         source = service.get_job(session, job_id=spec.init_from.job_id, scope=None)
+        release_connection(session)
         checkpoint = stored.local_checkpoint(settings, source, files.CKPT_BEST, files.CKPT_LATEST)
         if checkpoint is None:
             raise InitCheckpointGone(f"job {source.id} has no checkpoint any more")
@@ -74,7 +78,9 @@ def _init_checkpoint(
     weights_id = started_from.get("weights_id")
     if weights_id is None:
         return None, ""
-    path = weights.local_file(settings, weights_id) if session.get(Weights, weights_id) else None
+    registered = session.get(Weights, weights_id) is not None
+    release_connection(session)
+    path = weights.local_file(settings, weights_id) if registered else None
     if path is None:
         raise InitCheckpointGone(f"weights {weights_id} are no longer registered (or their file is gone)")
     return path, f"weights {weights_id} ({started_from.get('name') or weights_id})"

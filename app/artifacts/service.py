@@ -14,8 +14,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.artifacts.schemas import Artifact, ArtifactList, ExportOptions, ExportOut
+from app.db import release_connection
 from app.errors import InvalidInput, NotFound, ServiceUnavailable
-from app.inference import call_model_server, release_connection
+from app.inference import call_model_server
 from app.jobs import files, stored
 from app.jobs.models import Job
 from app.jobs.service import get_job

@@ -22,7 +22,7 @@ from app.datasets.models import Dataset, DatasetStatus
 from app.datasets.problems import problem
 from app.datasets.schemas import DatasetSpec
 from app.datasets.stored import delete_upload, fetch_upload, push_upload
-from app.db import new_id, utcnow
+from app.db import new_id, release_connection, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound
 from app.paths import UPLOADS_FOLDER, is_inside, real
 from app.quotas import check_storage
@@ -90,12 +90,26 @@ def options_for(
     )
 
 
+def _is_upload(dataset: Dataset) -> bool:
+    uploaded = f"{UPLOADS}/{dataset.id}"
+    return dataset.path == uploaded or dataset.path.startswith(f"{uploaded}/")
+
+
+def needs_pull(settings: Settings, dataset: Dataset) -> bool:
+    """Whether `dataset_root` would first download the dataset: an upload this machine lacks, with
+    a remote store."""
+    return (
+        _is_upload(dataset)
+        and remote_store(settings) is not None
+        and not upload_folder(settings, dataset.id).is_dir()
+    )
+
+
 def dataset_root(settings: Settings, dataset: Dataset) -> Path:
     """The registered dataset's folder (it must still be inside the datasets directory); an upload
     this machine lacks is first pulled from a remote store."""
     store = remote_store(settings)
-    uploaded = f"{UPLOADS}/{dataset.id}"
-    if store is not None and (dataset.path == uploaded or dataset.path.startswith(f"{uploaded}/")):
+    if store is not None and _is_upload(dataset):
         fetch_upload(store, dataset.id, upload_folder(settings, dataset.id))
     root = real(settings.datasets_dir / dataset.path)
     if not is_inside(root, settings.datasets_dir) or not root.is_dir():
@@ -135,7 +149,8 @@ def resolve_spec(
 
     Raises `InvalidInput` with the spec's field at fault (locations relative to the spec: a path
     outside the datasets directory or missing, an unknown id, a format or option that does not fit
-    the registered dataset).
+    the registered dataset). An upload this machine lacks is pulled from the remote store after
+    `session`'s connection is given back (`release_connection`): call it before writing anything.
     """
     if spec.id is None:
         assert spec.path is not None and spec.format is not None
@@ -154,6 +169,10 @@ def resolve_spec(
         raise InvalidInput.field(
             [misplaced[0]], f"{misplaced[0]} does not apply to {dataset.format} dataset {spec.id!r}"
         )
+    if needs_pull(settings, dataset):
+        # A download of minutes: no pooled connection held meanwhile (nothing is written before this
+        # by its callers, POST /jobs and a training process).
+        release_connection(session)
     try:
         root = dataset_root(settings, dataset)
     except DatasetError as exc:

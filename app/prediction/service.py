@@ -23,8 +23,9 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.datasets.pipeline import TRAINABLE_FORMATS
+from app.db import release_connection
 from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
-from app.inference import call_model_server, model_server, release_connection
+from app.inference import call_model_server, model_server
 from app.jobs import files, stored
 from app.jobs.models import Job
 from app.jobs.service import get_job

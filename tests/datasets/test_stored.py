@@ -12,6 +12,7 @@ import pytest
 from app.datasets import service as datasets
 from app.datasets.demo import write_shapes_yolo
 from app.datasets.models import Dataset
+from app.datasets.schemas import DatasetSpec
 from app.datasets.stored import dataset_key
 from app.db import session_scope
 from app.settings import Settings
@@ -62,3 +63,41 @@ def test_an_upload_is_stored_pulled_by_another_home_and_deleted(
 
     assert remote.client.delete(f"/datasets/{dataset_id}").status_code == 204
     assert store.list(dataset_key(dataset_id)) == []
+
+
+def test_resolving_an_upload_to_pull_holds_no_connection(
+    backend: Any, remote: Service, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /jobs and a training process resolve a dataset in their request's session: a download from
+    the store (minutes for a large dataset) must not hold its pooled connection."""
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    folder = write_shapes_yolo(tmp_path / "yolo", SPEC)
+    response = upload_multipart(remote, zip_folder(folder, wrap="shapes"), name="pulled")
+    assert response.status_code == 201, response.text
+    dataset_id = response.json()["id"]
+    worker = other_home(backend, remote, s3, tmp_path / "worker-home", PREFIX)
+    spec = DatasetSpec(id=dataset_id)
+    seen: list[bool] = []  # whether the session held a transaction when the pull started
+    real_fetch = datasets.fetch_upload
+
+    def fetch(store: Any, key: str, target: Path) -> bool:
+        seen.append(session.in_transaction())
+        return real_fetch(store, key, target)
+
+    monkeypatch.setattr(datasets, "fetch_upload", fetch)
+    with session_scope(worker.database_url) as session:
+        row = session.get(Dataset, dataset_id)
+        assert row is not None
+        assert datasets.needs_pull(worker, row)
+        assert session.in_transaction()
+        resolved = datasets.resolve_spec(session, settings=worker, spec=spec, scope=None)
+        assert seen == [False]
+        assert resolved.root.is_relative_to(datasets.upload_folder(worker, dataset_id).resolve())
+        # Present now: resolving it again finds the folder (nothing to download) and keeps the
+        # session's transaction.
+        session.get(Dataset, dataset_id)
+        again = datasets.resolve_spec(session, settings=worker, spec=spec, scope=None)
+        assert again.root == resolved.root
+        assert session.in_transaction()
+    assert seen == [False, True]

@@ -88,3 +88,30 @@ def test_corrupt_init_checkpoint_fails_the_job_as_invalid_checkpoint(
     assert done["error"]["reason"] == "invalid_checkpoint"
     assert "ckpt_best.pth" in done["error"]["message"] and source in done["error"]["message"]
     assert not (Path(done["job_dir"]) / "checkpoints").exists()
+
+
+def test_the_init_checkpoint_is_found_with_no_connection_held(
+    service_settings: Settings, dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training process finds what its job starts from in its first session; with a remote store the
+    checkpoint is a download (minutes), which must not hold the session's pooled connection."""
+    from app.jobs import stored
+    from worker import train_process
+
+    checkpoint = tmp_path / "ckpt_best.pth"
+    checkpoint.write_bytes(b"x")
+    source = _finished_job(service_settings, dataset, model="yolo_nas_s", checkpoint=checkpoint)
+    spec = JobSpec.model_validate(tiny_spec(dataset, init_from={"job_id": source}))
+    in_transaction: list[bool] = []
+    real_local_checkpoint = stored.local_checkpoint
+
+    def local_checkpoint(settings: Settings, job: Job, *kinds: str) -> Path | None:
+        in_transaction.append(session.in_transaction())
+        return real_local_checkpoint(settings, job, *kinds)
+
+    monkeypatch.setattr(stored, "local_checkpoint", local_checkpoint)
+    with session_scope(service_settings.database_url) as session:
+        session.get(Job, source)  # the training process's session has read its job by then
+        found, label = train_process._init_checkpoint(session, service_settings, spec, {})
+    assert in_transaction == [False]
+    assert (found, label) == (checkpoint, f"job {source}")
