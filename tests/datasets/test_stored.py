@@ -37,15 +37,23 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def _upload_with_store(
+    remote: Service, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, name: str
+) -> str:
+    """A YOLO dataset uploaded through the API of `remote` (whose store is S3); this process gets the
+    store's credentials too. Returns the dataset's id."""
+    for variable, value in s3.env.items():
+        monkeypatch.setenv(variable, value)
+    folder = write_shapes_yolo(tmp_path / "yolo", SPEC)
+    response = upload_multipart(remote, zip_folder(folder, wrap="shapes"), name=name)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
 def test_an_upload_is_stored_pulled_by_another_home_and_deleted(
     backend: Any, remote: Service, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name, value in s3.env.items():
-        monkeypatch.setenv(name, value)
-    folder = write_shapes_yolo(tmp_path / "yolo", SPEC)
-    response = upload_multipart(remote, zip_folder(folder, wrap="shapes"), name="stored")
-    assert response.status_code == 201, response.text
-    dataset_id = response.json()["id"]
+    dataset_id = _upload_with_store(remote, s3, tmp_path, monkeypatch, name="stored")
     api_copy = datasets.upload_folder(Settings(home=remote.home), dataset_id)
     store = S3Store(s3.bucket, PREFIX, client=s3.client())
     stored = {info.key for info in store.list(dataset_key(dataset_id))}
@@ -70,12 +78,7 @@ def test_resolving_an_upload_to_pull_holds_no_connection(
 ) -> None:
     """POST /jobs and a training process resolve a dataset in their request's session: a download from
     the store (minutes for a large dataset) must not hold its pooled connection."""
-    for name, value in s3.env.items():
-        monkeypatch.setenv(name, value)
-    folder = write_shapes_yolo(tmp_path / "yolo", SPEC)
-    response = upload_multipart(remote, zip_folder(folder, wrap="shapes"), name="pulled")
-    assert response.status_code == 201, response.text
-    dataset_id = response.json()["id"]
+    dataset_id = _upload_with_store(remote, s3, tmp_path, monkeypatch, name="pulled")
     worker = other_home(backend, remote, s3, tmp_path / "worker-home", PREFIX)
     spec = DatasetSpec(id=dataset_id)
     seen: list[bool] = []  # whether the session held a transaction when the pull started
