@@ -48,7 +48,7 @@ else
     DEVICE=cuda
     PREDICT_ARGS=(--sizes 320 640 -n 50 --warmup 5)
     HTTP_SIZES=(320 640)
-    HTTP_ARGS=(-n 60 --clients 8 --per-client 25)
+    HTTP_ARGS=(-n 60 --clients 8 --per-client 25 --throughput-seconds 25)
     TRAIN_ARGS=(--input-size 640 --images 800 --val-images 32 --epochs 3 --batch-size 16 --repeats 2)
 fi
 

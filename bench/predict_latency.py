@@ -115,19 +115,49 @@ def _wait_for_onnxruntime(client: httpx.Client, job_id: str, payload: bytes, tim
         time.sleep(1)
 
 
+@dataclass
+class Throughput:
+    """Concurrent clients' images per second, and how many of their requests were sent."""
+
+    images_per_second: float
+    done: int
+    planned: int
+
+    def describe(self, clients: int) -> str:
+        stopped = "" if self.done == self.planned else f", stopped at the time limit after {self.done}"
+        rate = f"{self.images_per_second:.1f} images/s"
+        return f"{rate} with {clients} client(s) ({self.planned} requests{stopped})"
+
+
 def _throughput(
-    url: str, headers: dict[str, str], job_id: str, payload: bytes, clients: int, per_client: int
-) -> float:
+    url: str,
+    headers: dict[str, str],
+    job_id: str,
+    payload: bytes,
+    clients: int,
+    per_client: int,
+    time_limit: float = 60.0,
+) -> Throughput:
+    """`clients` threads sending `per_client` requests each, one after another; a client sends no
+    new request after `time_limit` seconds (a service that slows down under load still gives a
+    figure, from the requests it answered)."""
     errors: list[str] = []
+    done: list[int] = []
+    deadline = time.monotonic() + time_limit
 
     def run() -> None:
+        sent = 0
         with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
             for _ in range(per_client):
+                if time.monotonic() > deadline:
+                    break
                 response = client.post(
                     "/predict", data={"job_id": job_id}, files=[("files", ("b.jpg", payload))]
                 )
                 if response.status_code != 200:
                     errors.append(response.text)
+                sent += 1
+        done.append(sent)
 
     threads = [threading.Thread(target=run) for _ in range(clients)]
     start = time.perf_counter()
@@ -138,7 +168,7 @@ def _throughput(
     elapsed = time.perf_counter() - start
     if errors:
         raise RuntimeError(errors[0])
-    return clients * per_client / elapsed
+    return Throughput(sum(done) / elapsed, sum(done), clients * per_client)
 
 
 def _in_process(
@@ -283,8 +313,8 @@ def _in_process_only(
         f"## In-process latency at {args.input_size} px",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()}: {os.cpu_count()} CPU cores, "
-        f"{_where(local)}, {platform.python_version()}; load average at the end {load[0]:.1f} / {load[1]:.1f} / "
-        f"{load[2]:.1f} (other jobs shared the machine).",
+        f"{_where(local)}, {platform.python_version()}; load average at the end {load[0]:.1f} / "
+        f"{load[1]:.1f} / {load[2]:.1f} (other jobs shared the machine).",
         f"Command: `.venv/bin/python -m bench.predict_latency {' '.join(sys.argv[1:])}`.",
         f"Model: stand-in YOLO-NAS-S (random weights, the preprocessing of a job trained at "
         f"{args.input_size} px); one {width}x{height} JPEG ({len(payload) / 1000:.0f} kB); conf 0.25, "
@@ -311,6 +341,12 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=60, help="sequential requests / calls per measurement")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-client", type=int, default=25)
+    parser.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=60.0,
+        help="each throughput phase sends no new request after this long (a figure from what was answered)",
+    )
     parser.add_argument("--size", default="320x240", help="image WxH")
     parser.add_argument(
         "--input-size", type=int, default=64, help="input size (px) of the trained or stand-in model"
@@ -373,8 +409,9 @@ def main() -> int:
         inference_ms = statistics.median(run.inference_ms)
         stats = client.get("/predict/stats").json()
         print(f"{args.clients} concurrent clients...", file=sys.stderr)
-        throughput = _throughput(url, headers, job_id, payload, args.clients, args.per_client)
-        single = _throughput(url, headers, job_id, payload, 1, args.per_client)
+        limit = args.throughput_seconds
+        throughput = _throughput(url, headers, job_id, payload, args.clients, args.per_client, limit)
+        single = _throughput(url, headers, job_id, payload, 1, args.per_client, limit)
         print("in-process predict...", file=sys.stderr)
         local = _in_process(checkpoint, image_file, args.n, device=args.device)
 
@@ -416,8 +453,7 @@ def main() -> int:
         f"HTTP vs the best in-process way: {http['median_ms'] / held['median_ms']:.2f}x median, "
         f"{http['p95_ms'] / held['p95_ms']:.2f}x p95.",
         "",
-        f"Throughput: {throughput:.1f} images/s with {args.clients} concurrent clients "
-        f"({args.clients} x {args.per_client} requests), {single:.1f} images/s with one client. "
+        f"Throughput: {throughput.describe(args.clients)}; {single.describe(1)}. "
         "Concurrent requests for the same model share forward passes (see bench.predict_throughput "
         "for 1 vs 8 clients).",
         "",
