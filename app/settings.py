@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.ml.types import DEFAULT_MAX_BATCH_IMAGES
+
 # Listening on every interface names no host: the machine's own name is what clients use then.
 ANY_INTERFACE = ("0.0.0.0", "::", "")
 # SGJOBS_WEBHOOK_SECRET shorter than this is refused.
@@ -148,7 +150,9 @@ class Settings(BaseSettings):
         description="How long a batch of a busy model waits for more requests (ms).",
     )
     # Images per merged forward pass; a request with more runs alone, never split.
-    predict_max_batch_images: int = Field(default=16, ge=1, le=1024, description="Images per merged batch.")
+    predict_max_batch_images: int = Field(
+        default=DEFAULT_MAX_BATCH_IMAGES, ge=1, le=1024, description="Images per merged batch."
+    )
     # Predictions this API process runs at once (decoding, then waiting for the inference process),
     # on threads of their own: more get a 503 with Retry-After instead of a thread from the pool
     # that every other route uses.

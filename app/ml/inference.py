@@ -29,7 +29,7 @@ from typing import Any, TypedDict, Unpack
 import numpy as np
 
 from app.ml.layout import serving_onnx_path
-from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
+from app.ml.types import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_BATCH_IMAGES
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,9 @@ def to_result(prediction: Any, class_names: list[str], *, image_format: str | No
     )
 
 
-def load_serving(key: ModelKey, device: str, threads: int | None = None, max_batch: int = 16) -> Any | None:
+def load_serving(
+    key: ModelKey, device: str, threads: int | None = None, max_batch: int = DEFAULT_MAX_BATCH_IMAGES
+) -> Any | None:
     """The checkpoint's serving ONNX file in onnxruntime (an `app.ml.ort.OrtModel`), or None when
     there is none at least as new as the checkpoint, or it cannot serve (logged; the PyTorch path
     serves then)."""
@@ -333,7 +335,7 @@ class InferenceEngine:
     # onnxruntime's intra-op threads per session; None: os.cpu_count().
     ort_threads: int | None = None
     # The most images a batch holds (`Settings.predict_max_batch_images`): TensorRT's engines cover it.
-    max_batch_images: int = 16
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     # Called once before the first model loads on the PyTorch path (the inference process makes
     # super-gradients' device there, so that serving ONNX files alone never imports torch or SG).
     prepare_torch: Callable[[], object] | None = None

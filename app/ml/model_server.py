@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from app.ml.sg_setup import child_environment, setup_device
+from app.ml.types import DEFAULT_MAX_BATCH_IMAGES
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ModelServer:
     capacity: int
     device: str = "cpu"
     batch_window_ms: float = 5.0
-    max_batch_images: int = 16
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     # Bytes the held models may take together (`InferenceEngine.max_bytes`); None: by count only.
     max_bytes: int | None = None
     starts: int = 0
@@ -256,7 +257,7 @@ def get_model_server(
     capacity: int,
     device: str,
     batch_window_ms: float = 5.0,
-    max_batch_images: int = 16,
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
     max_bytes: int | None = None,
 ) -> ModelServer:
     """The API process's one inference process handle (started lazily on its first call)."""
@@ -457,7 +458,7 @@ def main(argv: list[str]) -> int:
     `python -m app.ml.model_server FD CAPACITY DEVICE [WINDOW_MS MAX_BATCH_IMAGES [MAX_BYTES]]`."""
     fd, capacity, requested_device = int(argv[0]), int(argv[1]), argv[2]
     window_ms = float(argv[3]) if len(argv) > 3 else 5.0
-    max_batch_images = int(argv[4]) if len(argv) > 4 else 16
+    max_batch_images = int(argv[4]) if len(argv) > 4 else DEFAULT_MAX_BATCH_IMAGES
     max_bytes = (int(argv[5]) or None) if len(argv) > 5 else None
     # The parent kills us when it needs to; SIGINT from a terminal's Ctrl-C is the API's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from app.ml.types import DEFAULT_MAX_BATCH_IMAGES
+
 logger = logging.getLogger(__name__)
 
 # The key of the serving spec (JSON) in the ONNX file's metadata_props.
@@ -343,7 +345,9 @@ def tensorrt_options(path: Path, max_batch: int) -> dict[str, str]:
     }
 
 
-def providers_for(device: str, *, path: Path | None = None, max_batch: int = 16) -> list[Provider]:
+def providers_for(
+    device: str, *, path: Path | None = None, max_batch: int = DEFAULT_MAX_BATCH_IMAGES
+) -> list[Provider]:
     """onnxruntime's execution providers for the engine's `device`, best first: on CUDA, TensorRT
     where present (for the serving file `path`; see `tensorrt_options`), then CUDA with
     `CUDA_OPTIONS`, when this onnxruntime has them; always the CPU last."""
@@ -373,7 +377,12 @@ class OrtModel:
 
     @classmethod
     def load(
-        cls, path: Path, *, device: str = "cpu", threads: int | None = None, max_batch: int = 16
+        cls,
+        path: Path,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH_IMAGES,
     ) -> OrtModel:
         """Open `path` in onnxruntime for batches of up to `max_batch` images; ServingFileError when
         it cannot serve."""

@@ -32,6 +32,8 @@ def greater_is_better(metric: str) -> bool:
 # YOLO default) and let the caller raise it.
 DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.65
+# Images in one merged batch of /predict requests (`Settings.predict_max_batch_images`).
+DEFAULT_MAX_BATCH_IMAGES = 16
 
 # Where a training run puts super-gradients' output inside its directory (`TrainingConfig.job_dir`):
 # the Trainer's `ckpt_root_dir` (checkpoints and TensorBoard files under `<experiment>/RUN_*/`) and
