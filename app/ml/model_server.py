@@ -8,9 +8,10 @@ or export, and talks to it over a Unix socket pair with `multiprocessing.connect
 The protocol is multiplexed: every request carries an `id` and its answer the same `id`, so many
 calls are in flight at once. In the parent, callers send under a lock and wait on a future; one
 reader thread per child routes each answer to its future. In the child, a receiver loop hands
-predictions to `app.ml.batcher` (one runner thread per model, requests for the same model merged
-into batches), exports and inspections to a thread of their own (seconds each, never in front of a
-prediction), and answers `stats` at once.
+predictions to decoding threads (the uploads arrive as sent, checked from their headers by the
+API: `app.images`) and then to `app.ml.batcher` (one runner thread per model, requests for the same
+model merged into batches), exports and inspections to a thread of their own (seconds each, never
+in front of a prediction), and answers `stats` at once.
 
 If the child dies, or a caller's answer does not come in time, the parent kills it, every waiting
 call gets `ModelServerUnavailable` (the API's 503), and the next call starts a fresh one.
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_SECONDS = 120.0
 LOST_MESSAGE = "the inference process stopped (see the inference log); try again"
+# Threads decoding uploads: a few requests' photos at once, beside the models' runner threads.
+DECODE_THREADS = 4
 
 
 class ModelServerError(Exception):
@@ -354,9 +357,12 @@ def _slow_ops(engine: Any, requests: queue.Queue[dict[str, Any]], replies: _Repl
 
 
 def _predict(batcher: Any, request: dict[str, Any], replies: _Replies) -> None:
-    """Queue one prediction; its runner thread answers it."""
+    """Decode the request's uploads (on a decoding thread: see `serve`), then queue it; its runner
+    thread answers. A file that does not decode is answered here, naming it."""
     from dataclasses import asdict
 
+    from app.errors import AppError
+    from app.images import Upload, decode_image
     from app.ml.batcher import BatchAnswer, PredictRequest
     from app.ml.inference import ModelKey
 
@@ -368,11 +374,21 @@ def _predict(batcher: Any, request: dict[str, Any], replies: _Replies) -> None:
         else:
             replies.send(request_id, {"ok": True, "result": asdict(answer)})
 
-    key = ModelKey.of(request["model"], Path(request["checkpoint"]), request.get("class_names"))
+    try:
+        max_pixels = int(request["max_pixels"])
+        uploads = [Upload(name, data) for name, data in request["uploads"]]
+        images = [decode_image(upload, max_pixels=max_pixels) for upload in uploads]
+        key = ModelKey.of(request["model"], Path(request["checkpoint"]), request.get("class_names"))
+    except AppError as exc:  # a truncated or corrupt file: the sender's to fix
+        replies.send(request_id, {"ok": False, "kind": "invalid", "message": exc.message})
+        return
+    except Exception as exc:
+        replies.send(request_id, _error(exc))
+        return
     batcher.submit(
         PredictRequest(
             key=key,
-            images=list(request["images"]),
+            images=images,
             conf=float(request["conf"]),
             iou=float(request["iou"]),
             image_format=request.get("image_format"),
@@ -422,6 +438,7 @@ def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int
 
     replies = _Replies(conn)
     batcher = Batcher(engine, window=window, max_images=max_batch_images)
+    decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
     slow: queue.Queue[dict[str, Any]] = queue.Queue()
     threading.Thread(target=_slow_ops, args=(engine, slow, replies), name="slow-ops", daemon=True).start()
     while True:
@@ -432,7 +449,9 @@ def serve(conn: Connection, engine: Any, *, window: float, max_batch_images: int
         op = request.get("op")
         try:
             if op == "predict":
-                _predict(batcher, request, replies)
+                # Decoding takes ms (a photo: tens of ms): never in this loop, which receives every
+                # request; several at once, as PIL's decoders let go of the GIL.
+                decoders.submit(_predict, batcher, request, replies)
             elif op in ("export", "inspect"):
                 slow.put(request)
             elif op == "preload":

@@ -18,6 +18,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api import PrincipalDep, SessionDep, SettingsDep
 from app.errors import AppError, InvalidInput, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
+from app.images import IMAGE_FORMATS_TEXT, Upload
 from app.limits import (
     MULTIPART_MAX_FIELD_BYTES,
     PREDICT_MAX_FORM_FIELDS,
@@ -55,9 +56,7 @@ class PredictForm(BaseModel):
         pattern=ID_PATTERN,
         description="Registered weights that predict (or give job_id).",
     )
-    files: list[bytes] = Field(
-        min_length=1, description=f"One or more images ({service.IMAGE_FORMATS_TEXT})."
-    )
+    files: list[bytes] = Field(min_length=1, description=f"One or more images ({IMAGE_FORMATS_TEXT}).")
     conf: float = Field(default=DEFAULT_CONF, ge=0, le=1, description="Score threshold.")
     iou: float = Field(default=DEFAULT_IOU, ge=0, le=1, description="NMS IoU threshold.")
     format: Literal["json", "image"] = Field(default="json", description="image: the image with boxes drawn.")
@@ -223,13 +222,13 @@ async def predict(
         conf = _threshold(form, "conf", DEFAULT_CONF)
         iou = _threshold(form, "iou", DEFAULT_IOU)
         image_format = _image_format(form, request)
-        uploads: list[service.Upload] = []
+        uploads: list[Upload] = []
         for key, value in form.multi_items():
             if key in FILE_FIELDS:
                 if not isinstance(value, UploadFile):
                     raise _field_error(key, "must be a file upload")
                 name = value.filename or f"{key}[{len(uploads)}]"
-                uploads.append(service.Upload(name=name, data=await value.read()))
+                uploads.append(Upload(name=name, data=await value.read()))
         if not uploads:
             raise _field_error("files", "send at least one image")
         if image_format is not None and len(uploads) > 1:

@@ -1,30 +1,26 @@
-"""Prediction: find a job's best checkpoint (or registered weights), check and decode the uploads, ask
-the inference process.
+"""Prediction: find a job's best checkpoint (or registered weights), check the uploads, ask the
+inference process.
 
-The images are checked and decoded here, in the API process, with PIL: every image's header is read
-first, for its format (only `IMAGE_FORMATS` are opened) and its size, which is checked against the
-limits per image and for the whole request before anything is decoded (decompression bombs: a few
-MB of PNG can decode to gigabytes), and every error names its file. Only decoded RGB arrays reach
-the inference process (`app.ml.model_server`), which loads checkpoints only from paths this module
-found through the job or the weights registry, never from the request.
+Every image's header is read here, in the API process, first (`app.images.open_image`): its format
+(only `IMAGE_FORMATS` are opened) and its size, checked against the limits per image and for the
+whole request before anything is decoded, and every error names its file. The inference process
+(`app.ml.model_server`) gets the files as uploaded and decodes them (`app.images.decode_image`); it
+loads checkpoints only from paths this module found through the job or the weights registry, never
+from the request.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session
 
-from app.datasets.pipeline import TRAINABLE_FORMATS
 from app.db import release_connection
-from app.errors import AppError, Conflict, InvalidInput, UnsupportedMediaType
+from app.errors import Conflict
+from app.images import Upload, open_image
 from app.inference import call_model_server, model_server
 from app.jobs import files, stored
 from app.jobs.models import Job
@@ -40,18 +36,6 @@ from app.weights import service as weights
 logger = logging.getLogger(__name__)
 
 PREDICT_TIMEOUT_SECONDS = 300.0
-# The PIL formats /predict opens: those the service trains on. Any other is never handed to a decoder.
-# MPO (a phone camera's JPEG) is opened by PIL's JPEG opener, which has no opener of its own.
-IMAGE_FORMATS: tuple[str, ...] = tuple(sorted(TRAINABLE_FORMATS - {"MPO"}))
-IMAGE_FORMATS_TEXT = ", ".join(IMAGE_FORMATS)
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One uploaded file, read into memory (the request size limit bounds it)."""
-
-    name: str
-    data: bytes
 
 
 @dataclass(frozen=True)
@@ -72,40 +56,12 @@ def best_checkpoint(settings: Settings, job: Job) -> Path:
     return checkpoint
 
 
-def _open(upload: Upload, *, max_pixels: int) -> Any:
-    """`upload` opened by PIL, its header read but nothing decoded; 415 for a format not in
-    IMAGE_FORMATS, 422 for an image over `max_pixels` or a header that does not parse."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and past twice its own limit raises) for big images; our limit is checked below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(upload.data), formats=IMAGE_FORMATS)
-    except UnidentifiedImageError as exc:
-        raise UnsupportedMediaType(
-            f"{upload.name}: not an image in a format the service reads ({IMAGE_FORMATS_TEXT})"
-        ) from exc
-    except Image.DecompressionBombError as exc:
-        raise InvalidInput(f"{upload.name}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidInput(f"{upload.name}: the image header cannot be read ({exc})") from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise InvalidInput(
-            f"{upload.name}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels} "
-            "(SGJOBS_PREDICT_MAX_IMAGE_PIXELS)"
-        )
-    return image
-
-
 def check_images(uploads: list[Upload], *, max_pixels: int, max_total_pixels: int) -> None:
     """Every upload's format and size, from its header alone (nothing is decoded): 415 or 422 as
-    `decode_image` says, 413 when the images together are over `max_total_pixels`."""
+    `app.images.open_image` says, 413 when the images together are over `max_total_pixels`."""
     total = 0
     for upload in uploads:
-        with _open(upload, max_pixels=max_pixels) as image:
+        with open_image(upload, max_pixels=max_pixels) as image:
             width, height = image.size
         total += width * height
     if total > max_total_pixels:
@@ -115,30 +71,6 @@ def check_images(uploads: list[Upload], *, max_pixels: int, max_total_pixels: in
             f"the {len(uploads)} images are {total} pixels together, over the limit of {max_total_pixels} "
             "per request (SGJOBS_PREDICT_MAX_TOTAL_PIXELS); send fewer or smaller images per request",
         )
-
-
-def decode_image(upload: Upload, *, max_pixels: int) -> np.ndarray:
-    """HWC RGB uint8 pixels of `upload`, EXIF orientation applied.
-
-    415 when the bytes are not an image in one of IMAGE_FORMATS; 422 when the image is over the pixel
-    limit (checked from the header, before decoding) or cannot be decoded (truncated, corrupt).
-    """
-    from PIL import Image, ImageOps
-
-    with _open(upload, max_pixels=max_pixels) as image:
-        try:
-            image.load()  # decodes: a truncated or corrupt file fails here
-            # In place, and converted only when not RGB already: each would otherwise copy the pixels.
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            return np.asarray(rgb, dtype=np.uint8)
-        except AppError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise InvalidInput(f"{upload.name}: {exc}") from exc
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            # What PIL raises for truncated data, broken headers and unsupported modes.
-            raise InvalidInput(f"{upload.name}: the image cannot be decoded ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -201,7 +133,6 @@ def predict(
     source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id, scope=scope)
     # Decoding and inference take seconds; the database has nothing more to say to this request.
     release_connection(session)
-    images = [decode_image(u, max_pixels=settings.predict_max_image_pixels) for u in uploads]
     result = call_model_server(
         settings,
         "predict",
@@ -209,7 +140,9 @@ def predict(
         model=source.model,
         checkpoint=str(source.checkpoint),
         class_names=source.class_names,
-        images=images,
+        # Encoded: the inference process decodes them (`app.images.decode_image`).
+        uploads=[(u.name, u.data) for u in uploads],
+        max_pixels=settings.predict_max_image_pixels,
         conf=conf,
         iou=iou,
         image_format=image_format,

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from app.prediction.service import Upload, decode_image
+from app.images import Upload, decode_image
 
 ORIENTATION = 0x0112  # the EXIF tag
 ROTATED_90_CW = 6  # "the camera was turned": the viewer rotates the stored pixels 90 degrees clockwise

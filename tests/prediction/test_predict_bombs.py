@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.images import IMAGE_FORMATS_TEXT
 from app.limits import MULTIPART_MAX_FIELD_BYTES, PREDICT_MAX_FORM_FIELDS
-from app.prediction.service import IMAGE_FORMATS_TEXT
 from app.settings import Settings
 from tests.bombs import BOUNDARY, MULTIPART, chunks, end, part, refused
 from tests.support import Service
