@@ -4,6 +4,7 @@ paths of training and prediction, even when the operator's environment asks torc
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from app.ml.model_server import ModelServer, ModelServerError
 from app.ml.sg_setup import FORCE_WEIGHTS_ONLY, child_environment, sg_environment
@@ -90,7 +92,8 @@ def test_the_inference_process_refuses_a_malicious_checkpoint_under_an_unsafe_pa
         environ = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
         assert f"{FORCE_WEIGHTS_ONLY}=1".encode() in environ
         assert not [v for v in environ if v.startswith(UNSAFE.encode() + b"=")]
-        image = np.zeros((32, 32, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(png, format="PNG")
         with pytest.raises(ModelServerError) as info:
             server.call(
                 "predict",
@@ -98,7 +101,8 @@ def test_the_inference_process_refuses_a_malicious_checkpoint_under_an_unsafe_pa
                 model="yolo_nas_s",
                 checkpoint=str(path),
                 class_names=None,
-                images=[image],
+                uploads=[("blank.png", png.getvalue())],
+                max_pixels=32 * 32,
                 conf=0.5,
                 iou=0.5,
                 image_format=None,
