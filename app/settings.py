@@ -153,7 +153,8 @@ class Settings(BaseSettings):
     predict_max_batch_images: int = Field(
         default=DEFAULT_MAX_BATCH_IMAGES, ge=1, le=1024, description="Images per merged batch."
     )
-    # Predictions this API process runs at once (decoding, then waiting for the inference process),
+    # Predictions this API process runs at once (headers checked, then waiting for the inference
+    # process, which decodes the images),
     # on threads of their own: more get a 503 with Retry-After instead of a thread from the pool
     # that every other route uses.
     predict_max_in_flight: int = Field(
