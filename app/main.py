@@ -27,6 +27,7 @@ from app.observability.middleware import RequestMetrics
 from app.observability.router import router as observability_router
 from app.openapi import install_openapi, operation_id, problems
 from app.prediction import warm as model_warmer
+from app.prediction.lookups import LookupCache
 from app.prediction.router import document_limits as document_predict_limits
 from app.prediction.router import router as prediction_router
 from app.security import RequestGuard, allowed_hosts
@@ -88,6 +89,8 @@ def create_app() -> FastAPI:
     app.state.weights_users = jobs_using_weights
     app.state.job_checkpoints = checkpoint_to_promote
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    # What /predict found for succeeded jobs and registered weights (`app.prediction.lookups`).
+    app.state.predict_lookups = LookupCache(settings.predict_lookup_seconds)
     # The pollers behind GET /jobs/{id}/stream: one per job with open streams, in this process.
     app.state.job_streams = StreamHub(settings)
     install_error_handlers(app)

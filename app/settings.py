@@ -138,6 +138,14 @@ class Settings(BaseSettings):
     # fast path) by its training process before it is recorded as succeeded; off: PyTorch serves it.
     serving_export: bool = Field(default=True, description="Export each succeeded job for onnxruntime.")
     # The API loads a freshly succeeded job's model before anyone asks (`app.prediction.warm`).
+    predict_lookup_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long an API process reuses the checkpoint /predict found for a succeeded job or "
+        "registered weights without asking the database again. Deleting them removes their files, which "
+        "ends the reuse at once where the files were; an API process on another machine with a remote "
+        "store may predict with a deleted model for this long (0: every request asks).",
+    )
     predict_warm: bool = Field(default=True, description="Load new models before their first /predict.")
     predict_warm_poll_seconds: float = Field(default=0.5, gt=0, le=60)
     # Requests for the same model and thresholds that reach the inference process within this window

@@ -258,6 +258,7 @@ async def predict(
                 conf=conf,
                 iou=iou,
                 image_format=image_format,
+                lookups=request.app.state.predict_lookups,
             ),
             limiter=slots.limiter,
         )

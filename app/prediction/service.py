@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from app.auth.principal import PUBLISHED_TENANT
 from app.db import release_connection
 from app.errors import Conflict
 from app.images import Upload, open_image
@@ -25,9 +26,11 @@ from app.inference import call_model_server, model_server
 from app.jobs import files, stored
 from app.jobs.models import Job
 from app.jobs.service import get_job
+from app.jobs.states import JobStatus
 from app.limits import too_large
 from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
 from app.observability.metrics import record_prediction
+from app.prediction.lookups import Found, LookupCache
 from app.prediction.schemas import Detection, ImagePrediction, PredictResponse, PredictStats
 from app.settings import Settings
 from app.storage import open_store
@@ -86,23 +89,44 @@ class Predictor:
 
 
 def predictor(
-    session: Session, *, settings: Settings, job_id: str | None, weights_id: str | None, scope: str | None
+    session: Session,
+    *,
+    settings: Settings,
+    job_id: str | None,
+    weights_id: str | None,
+    scope: str | None,
+    lookups: LookupCache | None = None,
 ) -> Predictor:
     """The job's best checkpoint (404, 409 without one) or the registered weights' file (404, 409
-    when it is gone)."""
+    when it is gone). With `lookups`, a succeeded job's or the weights' found a moment ago (see
+    `app.prediction.lookups`), and what is found here is kept there."""
     if weights_id is not None:
+        cached = lookups.get("weights", weights_id, scope=scope) if lookups is not None else None
+        if cached is not None:
+            return cached
         found = weights.get_weights(session, weights_id=weights_id, scope=scope)
-        return Predictor(
+        source = Predictor(
             model=found.model,
             checkpoint=weights.existing_file(settings, found),
             weights_id=found.id,
             class_names=found.classes,
         )
+        if lookups is not None:
+            lookups.put("weights", weights_id, Found(source, found.tenant, (PUBLISHED_TENANT,)))
+        return source
     assert job_id is not None
+    cached = lookups.get("job", job_id, scope=scope) if lookups is not None else None
+    if cached is not None:
+        return cached
     job = get_job(session, job_id=job_id, scope=scope)
     if not open_store(settings).is_local:
         release_connection(session)  # a download from the store may take a while
-    return Predictor(model=job.model, checkpoint=best_checkpoint(settings, job), job_id=job.id)
+    source = Predictor(model=job.model, checkpoint=best_checkpoint(settings, job), job_id=job.id)
+    # Only a succeeded job's best checkpoint is final: a running one's improves, and a failed or
+    # cancelled one may be resumed.
+    if lookups is not None and job.status == JobStatus.succeeded:
+        lookups.put("job", job_id, Found(source, job.tenant))
+    return source
 
 
 def predict(
@@ -116,12 +140,14 @@ def predict(
     conf: float = DEFAULT_CONF,
     iou: float = DEFAULT_IOU,
     image_format: str | None = None,
+    lookups: LookupCache | None = None,
 ) -> PredictResponse | Rendered:
     """Detections for every upload with the job's best model or the registered weights (one of
     `job_id` and `weights_id`), as one batch (which the inference process may merge with other
     requests' to the same model). With `image_format` ("jpeg" or "png") and one upload, that image
     with its boxes drawn instead. `session` is closed once the checkpoint is found (its connection
-    goes back to the pool before the inference wait)."""
+    goes back to the pool before the inference wait); with `lookups`, a model found a moment ago is
+    not looked up again (`predictor`)."""
     started = time.perf_counter()
     # Every image is checked, from its header, before anything is decoded or looked up: one bad file
     # fails the request, naming it.
@@ -130,7 +156,9 @@ def predict(
         max_pixels=settings.predict_max_image_pixels,
         max_total_pixels=settings.predict_max_total_pixels,
     )
-    source = predictor(session, settings=settings, job_id=job_id, weights_id=weights_id, scope=scope)
+    source = predictor(
+        session, settings=settings, job_id=job_id, weights_id=weights_id, scope=scope, lookups=lookups
+    )
     # Decoding and inference take seconds; the database has nothing more to say to this request.
     release_connection(session)
     result = call_model_server(

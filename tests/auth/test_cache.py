@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from app.auth import cache as cache_module
 from app.auth.cache import KeyCache
 from app.auth.models import Role
 from app.auth.principal import Principal
@@ -29,9 +26,8 @@ def test_no_time_means_no_cache() -> None:
     assert cache.get("h1") is None
 
 
-def test_the_oldest_entries_go_when_it_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_module, "MAX_ENTRIES", 10)
-    cache = KeyCache(ttl_seconds=60)
+def test_the_oldest_entries_go_when_it_is_full() -> None:
+    cache = KeyCache(ttl_seconds=60, max_entries=10)
     for index in range(11):
         cache.put(f"h{index}", MEMBER)
     assert cache.get("h0") is None
