@@ -10,14 +10,16 @@ weights with the preprocessing a job trained through the API at `--input-size` p
 latency does not depend on the weights, bar NMS on a handful of boxes).
 
 Everything runs in one invocation on one machine: N sequential warm requests of one image over
-HTTP, then the same image through `model.predict` in a process of its own (super-gradients'
-import rewires stdout and logging) two ways: as the seed calls it (`fuse_model=False`) and the
-best in-process way (one held fused pipeline); then onnxruntime in the same process on the serving
-ONNX file (`app.ml.export.export_for_serving`): the session alone on the preprocessed image
-(onnxruntime's own latency) and with `app.ml.ort`'s preprocessing and NMS (what the ORT backend of
-/predict runs), and SG's own ONNX export with preprocessing and NMS inside. Then 4 concurrent HTTP
-clients. Prints a markdown
-section (and appends it to --markdown FILE if given).
+HTTP, and the same image through the in-process ways, held ready in a process of their own
+(super-gradients' import rewires stdout and logging): `model.predict` as the seed calls it
+(`fuse_model=False`), the best in-process way (one held fused pipeline), onnxruntime on the serving
+ONNX file (`app.ml.export.export_for_serving`) alone on the preprocessed image (onnxruntime's own
+latency) and with `app.ml.ort`'s preprocessing and NMS (what the ORT backend of /predict runs), and
+SG's own ONNX export with preprocessing and NMS inside. The HTTP requests and the in-process calls
+alternate in `--rounds` rounds: this VM's speed drifts by a fifth within minutes, so measured one
+after the other, a ratio says as much about the drift as about the service. Each round's ratios are
+reported besides the pooled medians. Then 4 concurrent HTTP clients. Prints a markdown section (and
+appends it to --markdown FILE if given).
 """
 
 from __future__ import annotations
@@ -92,8 +94,11 @@ class HttpRun:
     backends: Counter[str] = field(default_factory=Counter)
 
 
-def _http_latency(client: httpx.Client, job_id: str, payload: bytes, n: int) -> HttpRun:
-    run = HttpRun()
+def _http_latency(
+    client: httpx.Client, job_id: str, payload: bytes, n: int, run: HttpRun | None = None
+) -> HttpRun:
+    """`n` sequential requests, added to `run` (a new one when None)."""
+    run = run if run is not None else HttpRun()
     for _ in range(n):
         start = time.perf_counter()
         response = client.post("/predict", data={"job_id": job_id}, files=[("files", ("bench.jpg", payload))])
@@ -171,22 +176,62 @@ def _throughput(
     return Throughput(sum(done) / elapsed, sum(done), clients * per_client)
 
 
-def _in_process(
-    checkpoint: str, image_file: Path, n: int, standin_size: int | None = None, device: str = "cpu"
-) -> dict[str, Any]:
-    """Run this module with --in-process in a fresh interpreter and read its JSON answer."""
-    env = {**os.environ, "CRASH_HANDLER": "FALSE", "CONSOLE_LOG_LEVEL": "ERROR"}
-    env["SUPER_GRADIENTS_LOG_DIR"] = str(image_file.parent / "sg_logs")
-    command = [sys.executable, "-m", "bench.predict_latency", "--in-process", checkpoint, str(image_file)]
-    command += ["-n", str(n), "--device", device]
-    if standin_size is not None:
-        command += ["--standin", str(standin_size)]
-    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(out.stderr[-3000:])
-    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
-    return result
+# The in-process ways, in the order each round measures them.
+WAYS = (
+    "predict_fuse_false",
+    "held_fused_pipeline",
+    "ort_session_only",
+    "ort_with_pre_post",
+    "sg_onnx_with_nms",
+)
+
+
+class InProcess:
+    """This module with --in-process in a fresh interpreter (super-gradients' import rewires stdout
+    and logging), holding every in-process way ready: `times(way, k)` runs `k` calls of one and
+    returns their seconds, so that the bench can interleave them with HTTP requests."""
+
+    def __init__(
+        self, checkpoint: str, image_file: Path, standin_size: int | None = None, device: str = "cpu"
+    ) -> None:
+        env = {**os.environ, "CRASH_HANDLER": "FALSE", "CONSOLE_LOG_LEVEL": "ERROR"}
+        env["SUPER_GRADIENTS_LOG_DIR"] = str(image_file.parent / "sg_logs")
+        command = [sys.executable, "-m", "bench.predict_latency", "--in-process", checkpoint, str(image_file)]
+        command += ["--device", device]
+        if standin_size is not None:
+            command += ["--standin", str(standin_size)]
+        self._errors = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._errors,
+            text=True,
+        )
+        self.meta: dict[str, Any] = self._answer("READY ")
+
+    def _answer(self, prefix: str) -> Any:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(prefix):
+                return json.loads(line.removeprefix(prefix))
+        self._errors.seek(0)
+        raise RuntimeError(self._errors.read().decode(errors="replace")[-3000:])
+
+    def times(self, way: str, k: int) -> list[float]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"{way} {k}\n")
+        self._proc.stdin.flush()
+        seconds: list[float] = self._answer("TIMES ")
+        return seconds
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+        self._errors.close()
 
 
 def write_standin(checkpoint: Path, input_size: int) -> None:
@@ -214,10 +259,11 @@ def write_standin(checkpoint: Path, input_size: int) -> None:
     torch.save({"net": net, "processing_params": processing}, checkpoint)
 
 
-def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int | None, device: str) -> None:
+def in_process_main(checkpoint: str, image_file: str, standin_size: int | None, device: str) -> None:
     """The in-process side on `device`: `model.predict` as the seed calls it, one held fused pipeline
     (fp16 on CUDA), then onnxruntime on the serving ONNX file and on SG's own export (with the
-    providers the service would pick for `device`)."""
+    providers the service would pick for `device`). Each is made and called 3 times; then "READY
+    {meta}" is written, and every "WAY K" line read is answered with "TIMES [seconds of K calls]"."""
     from app.ml.export import export_for_serving, export_onnx
     from app.ml.inference import build_pipeline, load_model, set_thresholds
     from app.ml.ort import OrtModel, preprocess, providers_for
@@ -229,36 +275,32 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
     image = np.asarray(Image.open(image_file).convert("RGB"))
     device = setup_device(device)  # as the inference process does: torch (and CUDA's libraries) first
     model, _ = load_model("yolo_nas_s", Path(checkpoint), device=device)
-    result: dict[str, Any] = {"device": device}
+    meta: dict[str, Any] = {"device": device}
     if device == "cuda":
         import torch
 
-        result["gpu"] = torch.cuda.get_device_name(0)
-
-    def timed(fn: Any) -> list[float]:
-        return harness.timed(fn, n, warmup=3)
-
-    result["predict_fuse_false"] = _stats(
-        timed(lambda: model.predict(image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, fuse_model=False))
-    )
+        meta["gpu"] = torch.cuda.get_device_name(0)
+    ways: dict[str, Any] = {
+        "predict_fuse_false": lambda: model.predict(
+            image, conf=DEFAULT_CONF, iou=DEFAULT_IOU, fuse_model=False
+        )
+    }
     pipeline = build_pipeline(model)
     set_thresholds(pipeline, conf=DEFAULT_CONF, iou=DEFAULT_IOU)
-    result["held_fused_pipeline"] = _stats(timed(lambda: pipeline([image], batch_size=1)))
+    ways["held_fused_pipeline"] = lambda: pipeline([image], batch_size=1)
 
     work = Path(image_file).parent
     serving = export_for_serving("yolo_nas_s", Path(checkpoint), work / "serving.onnx")
-    result["serving_export_seconds"] = serving.seconds
-    result["serving_onnx_mb"] = serving.size / 1e6
+    meta["serving_export_seconds"] = serving.seconds
+    meta["serving_onnx_mb"] = serving.size / 1e6
     ort = OrtModel.load(Path(serving.path), device=device)
-    result["ort_providers"] = ort.providers
+    meta["ort_providers"] = ort.providers
     tensor = preprocess(image, ort.spec.steps)[0][None]
-    result["ort_session_only"] = _stats(timed(lambda: ort.session.run(None, {ort.input_name: tensor})))
-    result["ort_with_pre_post"] = _stats(
-        timed(lambda: ort.predict([image], conf=DEFAULT_CONF, iou=DEFAULT_IOU))
-    )
+    ways["ort_session_only"] = lambda: ort.session.run(None, {ort.input_name: tensor})
+    ways["ort_with_pre_post"] = lambda: ort.predict([image], conf=DEFAULT_CONF, iou=DEFAULT_IOU)
 
     sg_export = export_onnx("yolo_nas_s", Path(checkpoint), work / "sg_export.onnx")
-    result["sg_export_seconds"] = sg_export.seconds
+    meta["sg_export_seconds"] = sg_export.seconds
     import onnxruntime
 
     session = onnxruntime.InferenceSession(sg_export.path, providers=providers_for(device))
@@ -268,9 +310,18 @@ def in_process_main(checkpoint: str, image_file: str, n: int, standin_size: int 
         None
     ]
     name = session.get_inputs()[0].name
-    result["sg_onnx_with_nms"] = _stats(timed(lambda: session.run(None, {name: resized})))
-    assert sys.__stdout__ is not None
-    sys.__stdout__.write("RESULT " + json.dumps(result) + "\n")  # SG replaced sys.stdout
+    ways["sg_onnx_with_nms"] = lambda: session.run(None, {name: resized})
+    assert set(ways) == set(WAYS)
+    for call in ways.values():
+        harness.timed(call, 0, warmup=3)
+    out = sys.__stdout__  # SG replaced sys.stdout
+    assert out is not None
+    out.write("READY " + json.dumps(meta) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        way, k = line.split()
+        out.write("TIMES " + json.dumps(harness.timed(ways[way], int(k), warmup=0)) + "\n")
+        out.flush()
 
 
 def _where(local: dict[str, Any]) -> str:
@@ -301,12 +352,54 @@ def _ort_lines(local: dict[str, Any], reference: dict[str, float], label: str) -
     ]
 
 
+def _local(meta: dict[str, Any], samples: dict[str, list[float]]) -> dict[str, Any]:
+    """What the in-process side said of itself, with each way's statistics under its name."""
+    return {**meta, **{way: _stats(seconds) for way, seconds in samples.items()}}
+
+
+@dataclass
+class Rounds:
+    """The interleaved measurement: every sample of each way, and each round's medians (seconds)."""
+
+    http: HttpRun = field(default_factory=HttpRun)
+    samples: dict[str, list[float]] = field(default_factory=lambda: {way: [] for way in WAYS})
+    medians: list[dict[str, float]] = field(default_factory=list)
+
+    def paired(self, numerator: str, denominator: str) -> list[float]:
+        """Per round, the ratio of two ways' medians ("http" is the HTTP requests)."""
+        return [r[numerator] / r[denominator] for r in self.medians]
+
+
+def _interleaved(
+    client: httpx.Client, job_id: str, payload: bytes, local: InProcess, rounds: int, per_round: int
+) -> Rounds:
+    """`rounds` rounds of `per_round` HTTP requests, then `per_round` calls of each in-process way:
+    this VM's speed drifts by 20% within minutes, so each round's ratios compare like with like."""
+    result = Rounds()
+    for _ in range(rounds):
+        start = len(result.http.seconds)
+        _http_latency(client, job_id, payload, per_round, result.http)
+        medians = {"http": statistics.median(result.http.seconds[start:])}
+        for way in WAYS:
+            seconds = local.times(way, per_round)
+            result.samples[way] += seconds
+            medians[way] = statistics.median(seconds)
+        result.medians.append(medians)
+    return result
+
+
+def _spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def _in_process_only(
     args: argparse.Namespace, width: int, height: int, image_file: Path, payload: bytes
 ) -> str:
-    local = _in_process(
-        str(image_file.parent / "standin.pth"), image_file, args.n, args.input_size, args.device
-    )
+    ways = InProcess(str(image_file.parent / "standin.pth"), image_file, args.input_size, args.device)
+    try:
+        local = _local(ways.meta, {way: ways.times(way, args.n) for way in WAYS})
+    finally:
+        ways.close()
     seed, held = local["predict_fuse_false"], local["held_fused_pipeline"]
     load = os.getloadavg()
     lines = [
@@ -339,6 +432,12 @@ def main() -> int:
     )
     harness.add_service_args(parser)
     parser.add_argument("-n", type=int, default=60, help="sequential requests / calls per measurement")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="the HTTP requests and in-process calls interleave in this many rounds",
+    )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--per-client", type=int, default=25)
     parser.add_argument(
@@ -366,7 +465,7 @@ def main() -> int:
     parser.add_argument("--standin", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
-        in_process_main(args.in_process[0], args.in_process[1], args.n, args.standin, args.device)
+        in_process_main(args.in_process[0], args.in_process[1], args.standin, args.device)
         return 0
 
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -401,10 +500,16 @@ def main() -> int:
             # After a training the worker starts its next spare training process, which imports
             # super-gradients (seconds of both CPUs here): measured during that, /predict is 3x slower.
             harness.wait_for_spare(running)
+        print("in-process ways (super-gradients, onnxruntime)...", file=sys.stderr)
+        ways = InProcess(checkpoint, image_file, device=args.device)
+        stack.callback(ways.close)
         _http_latency(client, job_id, payload, 5)
-        print(f"{args.n} warm /predict requests...", file=sys.stderr)
-        run = _http_latency(client, job_id, payload, args.n)
+        per_round = max(1, args.n // args.rounds)
+        print(f"{args.rounds} rounds of {per_round} requests and calls of each way...", file=sys.stderr)
+        rounds = _interleaved(client, job_id, payload, ways, args.rounds, per_round)
+        run = rounds.http
         http = _stats(run.seconds)
+        local = _local(ways.meta, rounds.samples)
         served = ", ".join(f"{name} {count}" for name, count in run.backends.most_common())
         inference_ms = statistics.median(run.inference_ms)
         stats = client.get("/predict/stats").json()
@@ -412,8 +517,6 @@ def main() -> int:
         limit = args.throughput_seconds
         throughput = _throughput(url, headers, job_id, payload, args.clients, args.per_client, limit)
         single = _throughput(url, headers, job_id, payload, 1, args.per_client, limit)
-        print("in-process predict...", file=sys.stderr)
-        local = _in_process(checkpoint, image_file, args.n, device=args.device)
 
     seed, held = local["predict_fuse_false"], local["held_fused_pipeline"]
     load = os.getloadavg()
@@ -427,7 +530,8 @@ def main() -> int:
         f"Command: `.venv/bin/python -m bench.predict_latency {' '.join(sys.argv[1:])}`".rstrip() + ".",
         f"Model: YOLO-NAS-S trained through the API at {input_size[0]}x{input_size[1]} px; "
         f"one {width}x{height} "
-        f"JPEG ({len(payload) / 1000:.0f} kB); conf 0.25, iou 0.65; n = {args.n} each, after warm-up; "
+        f"JPEG ({len(payload) / 1000:.0f} kB); conf 0.25, iou 0.65; n = {len(run.seconds)} each, after "
+        f"warm-up, in {args.rounds} interleaved rounds of {per_round} (HTTP, then each in-process way); "
         f"model loads during the run: {stats['model_loads']}.",
         "",
         "| one image | median ms | p95 ms | ratio to in-process `predict` (median / p95) |",
@@ -448,7 +552,9 @@ def main() -> int:
         "",
         f"HTTP vs onnxruntime's own latency (session alone): "
         f"{http['median_ms'] / local['ort_session_only']['median_ms']:.2f}x median; "
-        f"vs the ORT backend in process: {http['median_ms'] / local['ort_with_pre_post']['median_ms']:.2f}x.",
+        f"vs the ORT backend in process: {http['median_ms'] / local['ort_with_pre_post']['median_ms']:.2f}x. "
+        f"Paired by round: HTTP / session alone {_spread(rounds.paired('http', 'ort_session_only'))}; "
+        f"SG's `predict` / HTTP {_spread(rounds.paired('predict_fuse_false', 'http'))}.",
         "",
         f"HTTP vs the best in-process way: {http['median_ms'] / held['median_ms']:.2f}x median, "
         f"{http['p95_ms'] / held['p95_ms']:.2f}x p95.",
