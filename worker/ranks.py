@@ -71,13 +71,13 @@ class SilentReporter:
         return True
 
 
-def describe_exit(rank: int, world_size: int, returncode: int) -> tuple[str, bool]:
-    """How a helper ended, in words, and whether a signal killed it (the attempt is lost, not failed)."""
+def describe_exit(rank: int, world_size: int, returncode: int) -> str:
+    """How a helper ended, in words: the signal that killed it, or its exit code."""
     who = f"the training process of rank {rank} of {world_size}"
     if returncode < 0:
         oom = " (most likely the out-of-memory killer)" if killed_by_oom_killer(returncode) else ""
-        return f"{who} was killed by {signal_name(returncode)}{oom}", True
-    return f"{who} exited with code {returncode}", False
+        return f"{who} was killed by {signal_name(returncode)}{oom}"
+    return f"{who} exited with code {returncode}"
 
 
 class Helpers:
@@ -119,7 +119,7 @@ class Helpers:
         if found is None or not self._lost_once.acquire(blocking=False):
             return
         rank, code = found
-        message, _ = describe_exit(rank, self.world_size, code)
+        message = describe_exit(rank, self.world_size, code)
         logger.error("%s: ending the attempt", message)
         self._on_lost(message, code)
 

@@ -78,13 +78,9 @@ def test_gpu_ids_are_split_into_slots() -> None:
         Settings(worker_gpus="0,1,2", worker_gpus_per_slot=2)
 
 
-def test_a_helper_killed_by_a_signal_loses_the_attempt_and_any_other_end_fails_it() -> None:
+def test_a_helpers_end_names_the_signal_that_killed_it_or_its_exit_code() -> None:
     assert describe_exit(1, 2, -signal.SIGKILL) == (
-        "the training process of rank 1 of 2 was killed by SIGKILL (most likely the out-of-memory killer)",
-        True,
+        "the training process of rank 1 of 2 was killed by SIGKILL (most likely the out-of-memory killer)"
     )
-    assert describe_exit(2, 4, -signal.SIGSEGV) == (
-        "the training process of rank 2 of 4 was killed by SIGSEGV",
-        True,
-    )
-    assert describe_exit(1, 2, 1) == ("the training process of rank 1 of 2 exited with code 1", False)
+    assert describe_exit(2, 4, -signal.SIGSEGV) == "the training process of rank 2 of 4 was killed by SIGSEGV"
+    assert describe_exit(1, 2, 1) == "the training process of rank 1 of 2 exited with code 1"
