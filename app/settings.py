@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     # A job that succeeds is exported for serving (an ONNX file that onnxruntime runs, `/predict`'s
     # fast path) by its training process before it is recorded as succeeded; off: PyTorch serves it.
     serving_export: bool = Field(default=True, description="Export each succeeded job for onnxruntime.")
-    # The API loads a freshly succeeded job's model before anyone asks (`app.prediction.warm`).
+    # What /predict found for a succeeded job or registered weights (`app.prediction.lookups`).
     predict_lookup_seconds: float = Field(
         default=5.0,
         ge=0,
@@ -146,6 +146,7 @@ class Settings(BaseSettings):
         "ends the reuse at once where the files were; an API process on another machine with a remote "
         "store may predict with a deleted model for this long (0: every request asks).",
     )
+    # The API loads a freshly succeeded job's model before anyone asks (`app.prediction.warm`).
     predict_warm: bool = Field(default=True, description="Load new models before their first /predict.")
     predict_warm_poll_seconds: float = Field(default=0.5, gt=0, le=60)
     # Requests for the same model and thresholds that reach the inference process within this window
