@@ -259,8 +259,10 @@ def test_resume_follow_detach_then_cancel(
         session.execute(update(Job).where(Job.id == job_id).values(job_dir=str(target)))
 
     # Followed with --json: the answer, then one message per line; Ctrl-C after the first message.
+    # Epochs enough that it cannot end before the Ctrl-C on a loaded machine (3 more of these 8
+    # images once did, and the follower exited 0); the cancel below stops it within a batch.
     follower = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "resume", job_id, "--max-epochs", "5", "--follow", "--json"],
+        [sys.executable, "-m", "app.cli", "resume", job_id, "--max-epochs", "100", "--follow", "--json"],
         env=_env(service),
         cwd=REPO,
         stdout=subprocess.PIPE,
