@@ -44,6 +44,20 @@ def _env(service: Service, **extra: str) -> dict[str, str]:
     return env
 
 
+# `python -m app.cli ARGS...` with SIGINT handled and unblocked, whatever the parent left it as.
+_AS_IN_A_TERMINAL = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "from app.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _signal_state(pid: int) -> str:
+    """A process's blocked, ignored and caught signals (/proc), for a failure's message."""
+    with open(f"/proc/{pid}/status") as status:
+        return "".join(line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def sgjobs(
     service: Service, *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
@@ -259,10 +273,22 @@ def test_resume_follow_detach_then_cancel(
         session.execute(update(Job).where(Job.id == job_id).values(job_dir=str(target)))
 
     # Followed with --json: the answer, then one message per line; Ctrl-C after the first message.
-    # Epochs enough that it cannot end before the Ctrl-C on a loaded machine (3 more of these 8
-    # images once did, and the follower exited 0); the cancel below stops it within a batch.
+    # Epochs enough that it cannot end before the Ctrl-C; the cancel below stops it within a batch.
+    # The follower starts with SIGINT as a terminal gives it: started from a pytest-xdist worker
+    # after other tests, it twice ignored the Ctrl-C in CI (once it ran on until the job ended and
+    # exited 0, once it was still following 60 s later), which a user's `sgjobs` never sees.
     follower = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "resume", job_id, "--max-epochs", "100", "--follow", "--json"],
+        [
+            sys.executable,
+            "-c",
+            _AS_IN_A_TERMINAL,
+            "resume",
+            job_id,
+            "--max-epochs",
+            "100",
+            "--follow",
+            "--json",
+        ],
         env=_env(service),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -275,12 +301,13 @@ def test_resume_follow_detach_then_cancel(
         assert resumed["id"] == job_id and resumed["status"] == "queued"
         first = json.loads(follower.stdout.readline())
         assert first["event"] == "progress" and first["id"] and "max_epochs" in first["data"]
+        signals = _signal_state(follower.pid)
         follower.send_signal(signal.SIGINT)
         _, stderr = follower.communicate(timeout=60)
     finally:
         if follower.poll() is None:
             follower.kill()
-    assert follower.returncode == EXIT_DETACHED, stderr
+    assert follower.returncode == EXIT_DETACHED, f"{stderr}\n{signals}"
     assert "detached" in stderr
     # Detaching did not cancel it.
     job = service.job(job_id)
