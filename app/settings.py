@@ -163,9 +163,8 @@ class Settings(BaseSettings):
         default=DEFAULT_MAX_BATCH_IMAGES, ge=1, le=1024, description="Images per merged batch."
     )
     # Predictions this API process runs at once (headers checked, then waiting for the inference
-    # process, which decodes the images),
-    # on threads of their own: more get a 503 with Retry-After instead of a thread from the pool
-    # that every other route uses.
+    # process, which decodes the images), on threads of their own: more get a 503 with Retry-After
+    # instead of a thread from the pool that every other route uses.
     predict_max_in_flight: int = Field(
         default=32, ge=1, le=1024, description="Predictions at once; more: 503."
     )

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.auth.principal import PUBLISHED_TENANT
 from app.db import release_connection
 from app.errors import Conflict
 from app.images import Upload, open_image
@@ -112,7 +111,7 @@ def predictor(
             class_names=found.classes,
         )
         if lookups is not None:
-            lookups.put("weights", weights_id, Found(source, found.tenant, (PUBLISHED_TENANT,)))
+            lookups.put("weights", weights_id, Found(source, found.tenant, weights.SHARED_TENANTS))
         return source
     assert job_id is not None
     cached = lookups.get("job", job_id, scope=scope) if lookups is not None else None

@@ -229,10 +229,14 @@ def register_staged(
         return existing, False
 
 
+# Whose weights every tenant sees besides its own: the operator's published ones.
+SHARED_TENANTS = (PUBLISHED_TENANT,)
+
+
 def get_weights(session: Session, *, weights_id: str, scope: str | None) -> Weights:
     """The weights, or 404 (also for another tenant's; published weights are everyone's)."""
     weights = session.get(Weights, weights_id)
-    if weights is None or not sees(weights.tenant, scope, PUBLISHED_TENANT):
+    if weights is None or not sees(weights.tenant, scope, *SHARED_TENANTS):
         raise NotFound(f"weights {weights_id!r} not found")
     return weights
 
@@ -261,7 +265,7 @@ def list_weights(
     session: Session, *, limit: int, offset: int, scope: str | None
 ) -> tuple[Sequence[Weights], int]:
     """Newest first: the tenant's own and the published ones."""
-    mine = visible(Weights.tenant, scope, PUBLISHED_TENANT)
+    mine = visible(Weights.tenant, scope, *SHARED_TENANTS)
     rows = session.scalars(
         select(Weights)
         .where(mine)

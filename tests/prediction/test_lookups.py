@@ -14,9 +14,11 @@ from sqlalchemy import delete, update
 
 from app.db import session_scope
 from app.errors import NotFound
+from app.jobs.files import CHECKPOINTS, CKPT_BEST
 from app.jobs.models import Job
 from app.jobs.states import JobStatus
 from app.ml.layout import serving_onnx_path
+from app.ml.types import CHECKPOINTS_DIR
 from app.prediction.lookups import LookupCache
 from app.prediction.service import Predictor, predictor
 from app.settings import Settings
@@ -39,7 +41,7 @@ def _finished_job(
     """A finished job of the admin's with a best checkpoint in its own directory: the bytes given, or
     a copy of a file (with its serving ONNX file where it has one)."""
     job_id = insert_job(settings, dataset, status=status)
-    best = settings.jobs_dir / job_id / "checkpoints" / "train" / "RUN_1" / "ckpt_best.pth"
+    best = settings.jobs_dir / job_id / CHECKPOINTS_DIR / "train" / "RUN_1" / CHECKPOINTS[CKPT_BEST]
     best.parent.mkdir(parents=True)
     if isinstance(checkpoint, Path):
         shutil.copyfile(checkpoint, best)
