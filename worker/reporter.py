@@ -55,7 +55,7 @@ class DbReporter:
         self._lock = threading.Lock()
         self._points: list[MetricPoint] = []
         self._events: list[dict[str, Any]] = []
-        self._progress: dict[str, int] | None = None
+        self._progress: lifecycle.Progress | None = None
         self._cancel = threading.Event()
         self._checked_at = 0.0  # monotonic time of the last read of the cancel flag
         self._stop = threading.Event()
@@ -101,7 +101,7 @@ class DbReporter:
 
     def progress(self, *, epoch: int, max_epochs: int, batch: int, batches_per_epoch: int) -> None:
         with self._lock:
-            self._progress = {"epoch": epoch, "batch": batch, "batches_per_epoch": batches_per_epoch}
+            self._progress = lifecycle.Progress(epoch, batch, batches_per_epoch)
 
     def event(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         with self._lock:
@@ -184,41 +184,50 @@ class DbReporter:
             self._best_dirty = self._best_dirty or best_dirty
         return False
 
-    def _fence(self, session: Session) -> bool:
-        if lifecycle.renew(
-            session, job_id=self._job_id, attempt=self._attempt, lease_seconds=self._lease_seconds
-        ):
-            return True
-        logger.warning("job %s moved on from attempt %d: writing nothing more", self._job_id, self._attempt)
-        self._lost.set()
-        return False
+    def _fence(
+        self, session: Session, progress: lifecycle.Progress | None = None, best_dirty: bool = False
+    ) -> bool:
+        """Renew the lease (recording the progress and best value, reading the cancel flag); False,
+        and nothing more written by this attempt, when the job has moved on."""
+        cancel = lifecycle.report(
+            session,
+            job_id=self._job_id,
+            attempt=self._attempt,
+            lease_seconds=self._lease_seconds,
+            progress=progress,
+            best=self._best,
+            best_changed=best_dirty,
+        )
+        if cancel is None:
+            logger.warning(
+                "job %s moved on from attempt %d: writing nothing more", self._job_id, self._attempt
+            )
+            self._lost.set()
+            return False
+        if cancel:
+            self._cancel.set()
+        return True
 
     def _write(
         self,
         session: Session,
         points: list[MetricPoint],
         events: list[dict[str, Any]],
-        progress: dict[str, int] | None,
+        progress: lifecycle.Progress | None,
         best_dirty: bool,
     ) -> bool:
-        if not self._fence(session):
+        if not self._fence(session, progress, best_dirty):
             return False
         lifecycle.add_metrics(session, job_id=self._job_id, points=[_storable(p) for p in points])
         for e in events:
             lifecycle.add_event(session, job_id=self._job_id, **_storable_event(e))
-        if progress is not None:
-            lifecycle.record_progress(session, job_id=self._job_id, **progress)
-        if best_dirty:
-            lifecycle.record_best(session, job_id=self._job_id, value=self._best)
-        if lifecycle.cancel_requested(session, job_id=self._job_id):
-            self._cancel.set()
         return True
 
     def _write_row_by_row(
         self,
         points: list[MetricPoint],
         events: list[dict[str, Any]],
-        progress: dict[str, int] | None,
+        progress: lifecycle.Progress | None,
         best_dirty: bool,
     ) -> None:
         """One transaction per row; a refused row is dropped and said so in an event."""

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Row, Update, delete, func, insert, select, update
+from sqlalchemy import Row, Update, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.db import changed, db_now, utcnow
-from app.jobs.models import FINISHED_STATUSES, FailureReason, Job, JobEvent, JobStatus, Metric
+from app.db import UTCDateTime, changed, db_now, utcnow
+from app.jobs.models import FINISHED_STATUSES, JOBS, METRICS, FailureReason, Job, JobEvent, JobStatus, Metric
 from app.ml.types import MetricPoint, greater_is_better
 from app.webhooks import outbox
 from app.webhooks.payload import snapshot
@@ -199,20 +200,82 @@ def renew(session: Session, *, job_id: str, attempt: int, lease_seconds: float) 
     """Extend the lease of a running attempt; False when the job has moved on (another attempt,
     finished, handed back). Run first in every transaction that writes for an attempt: the UPDATE
     locks the row, so nothing that moves the job on can interleave with the writes after it."""
-    return bool(
-        changed(
-            session,
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.running, Job.attempt == attempt)
-            .values(lease_expires_at=db_now(lease_seconds), heartbeat_at=db_now()),
+    return report(session, job_id=job_id, attempt=attempt, lease_seconds=lease_seconds) is not None
+
+
+class Progress(NamedTuple):
+    """Where a training is: the epoch and batch it last finished."""
+
+    epoch: int
+    batch: int
+    batches_per_epoch: int
+
+
+def report(
+    session: Session,
+    *,
+    job_id: str,
+    attempt: int,
+    lease_seconds: float,
+    progress: Progress | None = None,
+    best: float | None = None,
+    best_changed: bool = False,
+) -> bool | None:
+    """Renew a running attempt's lease, record its progress (and best value, when `best_changed`),
+    and read the cancel flag, in one UPDATE ... RETURNING: the first statement of every transaction
+    the attempt writes (the fence `renew` describes), and the only one besides the points' INSERT.
+
+    None when the job has moved on (nothing changed); else whether a cancel was requested.
+    A training process reports twice a second on the cores it trains on: one statement built once
+    (per lease length and shape) in place of five built per call took a reporter's flush from 5.1 to
+    1.1 ms of CPU on SQLite and from 8.1 to 2.4 ms on PostgreSQL (BENCHMARKS, training overhead).
+    """
+    statement = _report_statement(lease_seconds, progress is not None, best_changed)
+    params: dict[str, Any] = {"r_job_id": job_id, "r_attempt": attempt}
+    if progress is not None:
+        params |= {
+            "r_epoch": progress.epoch,
+            "r_batch": progress.batch,
+            "r_batches_per_epoch": progress.batches_per_epoch,
+            "r_now": utcnow(),
+        }
+    if best_changed:
+        params["r_best"] = best
+    row = session.execute(statement, params).one_or_none()
+    return None if row is None else row[0] is not None
+
+
+@lru_cache(maxsize=64)
+def _report_statement(lease_seconds: float, progress: bool, best: bool) -> Update:
+    values: dict[str, Any] = {"lease_expires_at": db_now(lease_seconds), "heartbeat_at": db_now()}
+    if progress:
+        values |= {
+            "epoch": bindparam("r_epoch"),
+            "batch": bindparam("r_batch"),
+            "batches_per_epoch": bindparam("r_batches_per_epoch"),
+            # The ETA counts from the first reported batch, not from the claim (dataset and model set-up).
+            "training_started_at": func.coalesce(
+                JOBS.c.training_started_at, bindparam("r_now", type_=UTCDateTime())
+            ),
+        }
+    if best:
+        values["best_metric_value"] = bindparam("r_best")
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id == bindparam("r_job_id"),
+            JOBS.c.status == JobStatus.running,
+            JOBS.c.attempt == bindparam("r_attempt"),
         )
+        .values(values)
+        .returning(JOBS.c.cancel_requested_at)
     )
 
 
 def heartbeat(session: Session, *, job_id: str, attempt: int, lease_seconds: float) -> tuple[bool, bool]:
     """The supervisor's renewal: (still holds the lease, cancel requested)."""
-    held = renew(session, job_id=job_id, attempt=attempt, lease_seconds=lease_seconds)
-    return held, held and cancel_requested(session, job_id=job_id)
+    cancel = report(session, job_id=job_id, attempt=attempt, lease_seconds=lease_seconds)
+    return cancel is not None, bool(cancel)
 
 
 def activity_marker(session: Session, *, job_id: str) -> tuple[object, ...]:
@@ -242,40 +305,14 @@ def set_started_from(session: Session, *, job_id: str, started_from: dict[str, A
     session.execute(update(Job).where(Job.id == job_id).values(started_from=started_from))
 
 
-def record_progress(
-    session: Session,
-    *,
-    job_id: str,
-    epoch: int,
-    batch: int,
-    batches_per_epoch: int,
-) -> None:
-    values: dict[str, Any] = {
-        "epoch": epoch,
-        "batch": batch,
-        "batches_per_epoch": batches_per_epoch,
-        "heartbeat_at": db_now(),
-    }
-    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running).values(**values))
-    # The ETA counts from the first reported batch, not from the claim (dataset and model set-up).
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.training_started_at.is_(None))
-        .values(training_started_at=utcnow())
-    )
-
-
-def record_best(session: Session, *, job_id: str, value: float | None) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(best_metric_value=value))
-
-
 def add_metrics(session: Session, *, job_id: str, points: Sequence[MetricPoint]) -> None:
-    """One multi-row INSERT for a batch of points."""
+    """One multi-row INSERT for a batch of points (Core, not the ORM's bulk insert: the training
+    process writes these twice a second, and the ORM's per-call set-up costs more than the rows)."""
     if not points:
         return
     now = utcnow()
     session.execute(
-        insert(Metric),
+        insert(METRICS),
         [
             {
                 "job_id": job_id,

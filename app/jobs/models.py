@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, CheckConstraint, Float, ForeignKey, Index, Integer, String, Table, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
@@ -118,3 +118,9 @@ class Metric(Base):
         Index("ix_metrics_job_id_name_id", "job_id", "name", "id"),
         {"sqlite_autoincrement": True},
     )
+
+
+# The tables as what `__table__` is at run time (typed only as a FromClause), for Core statements
+# built once and run often beside trainings: the training process's reports, the warmer's look.
+JOBS = cast(Table, Job.__table__)
+METRICS = cast(Table, Metric.__table__)

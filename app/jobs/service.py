@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.principal import PUBLISHED_TENANT, Principal, sees, visible
@@ -23,7 +23,7 @@ from app.datasets.service import datasets_base, resolve_spec
 from app.db import changed, serialize_on, utcnow
 from app.errors import Conflict, DatasetError, InvalidInput, NotFound, PayloadTooLarge, TooManyRequests
 from app.jobs import downsample, files, lifecycle, stored
-from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, Job, JobEvent, JobStatus, Metric
+from app.jobs.models import ACTIVE_STATUSES, FINISHED_STATUSES, JOBS, Job, JobEvent, JobStatus, Metric
 from app.jobs.schemas import (
     BestMetric,
     EventOut,
@@ -674,12 +674,19 @@ def checkpoint_to_promote(
     return JobCheckpoint(job_id=job.id, job_name=job.name, path=checkpoint)
 
 
+# Built once, a Core statement of ids only: every API process runs it twice a second, beside
+# trainings on the same cores, and almost always finds nothing (a fifth of an ORM query's CPU).
+_SUCCEEDED_SINCE = (
+    select(JOBS.c.id)
+    .where(JOBS.c.status == JobStatus.succeeded, JOBS.c.finished_at > bindparam("since"))
+    .order_by(JOBS.c.finished_at, JOBS.c.id)
+    .limit(bindparam("limit"))
+)
+
+
 def succeeded_since(session: Session, *, since: datetime, limit: int) -> Sequence[Job]:
     """Jobs of every tenant that succeeded after `since`, oldest first (for the API's model warmer)."""
-    query = (
-        select(Job)
-        .where(Job.status == JobStatus.succeeded, Job.finished_at > since)
-        .order_by(Job.finished_at, Job.id)
-        .limit(limit)
-    )
-    return session.scalars(query).all()
+    ids = session.scalars(_SUCCEEDED_SINCE, {"since": since, "limit": limit}).all()
+    if not ids:
+        return []
+    return session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.finished_at, Job.id)).all()

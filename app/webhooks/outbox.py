@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app.db import changed, db_now, utcnow
@@ -60,15 +60,20 @@ def _due() -> Any:
     )
 
 
+# Built once: every API and worker process looks for due messages every `webhook_poll_seconds`,
+# beside trainings on the same cores, and almost always finds none.
+_DUE = (
+    select(WebhookDelivery.id, WebhookDelivery.attempts)
+    .where(_due())
+    .order_by(WebhookDelivery.next_attempt_at)
+    .limit(bindparam("limit"))
+)
+
+
 def claim_due(session: Session, *, limit: int, hold_seconds: float) -> list[Claimed]:
     """Take up to `limit` due messages for one attempt each, held for `hold_seconds`; the caller
     commits before sending."""
-    rows = session.execute(
-        select(WebhookDelivery.id, WebhookDelivery.attempts)
-        .where(_due())
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
-    ).all()
+    rows = session.execute(_DUE, {"limit": limit}).all()
     claimed = []
     for delivery_id, attempts in rows:
         # Conditional on what was read: of two senders that read the same row, one wins.

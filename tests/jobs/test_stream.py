@@ -136,7 +136,11 @@ def test_rows_arrive_as_written_and_a_reconnect_resumes_exactly(
             event=f"checkpoint written to {home}/jobs/{job_id}/ckpt.pth (pid 4242)",
         )
         with session_scope(service_settings.database_url) as session:
-            lifecycle.record_progress(session, job_id=job_id, epoch=0, batch=1, batches_per_epoch=4)
+            progress = lifecycle.Progress(epoch=0, batch=1, batches_per_epoch=4)
+            reported = lifecycle.report(
+                session, job_id=job_id, attempt=1, lease_seconds=60, progress=progress
+            )
+            assert reported is False  # held, not cancelled
         live = stream.read_until(lambda m: m.event == "progress")
         assert [m.event for m in live if m.event in ROW_MESSAGES] == ["metric", "metric", "event"]
         assert live[-1].json()["batch"] == 1

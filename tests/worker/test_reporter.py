@@ -115,3 +115,40 @@ def test_an_attempt_that_lost_the_job_writes_nothing(service_settings: Settings,
         assert session.scalar(select(Job.batch).where(Job.id == job_id)) is None
         messages = list(session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)))
     assert "late" not in messages
+
+
+def test_one_flush_renews_records_progress_and_best_and_reads_the_cancel(
+    service_settings: Settings, dataset: str
+) -> None:
+    """The single UPDATE of a flush (`lifecycle.report`) does the work of the five it replaced."""
+    job_id = _held_job(service_settings, dataset)
+    reporter = _reporter(service_settings, job_id)
+
+    def row() -> Job:
+        with session_scope(service_settings.database_url) as session:
+            return session.get_one(Job, job_id)
+
+    before = row()
+    reporter.progress(epoch=0, max_epochs=2, batch=3, batches_per_epoch=4)
+    reporter.metrics([MetricPoint("Valid_mAP@0.50", 0.5, epoch=0), MetricPoint("Batch_loss", 2.0, epoch=0)])
+    assert reporter.holds_lease() and not reporter.should_stop()
+    first = row()
+    assert (first.epoch, first.batch, first.batches_per_epoch) == (0, 3, 4)
+    assert first.best_metric_value == 0.5
+    assert first.training_started_at is not None and first.heartbeat_at is not None
+    assert before.lease_expires_at is not None and first.lease_expires_at is not None
+    assert first.lease_expires_at > before.lease_expires_at  # 60 s from now, not a minute from the insert
+
+    # The ETA's start stays the first batch's; a worse value leaves the best; a cancel is seen.
+    with session_scope(service_settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested_at=utcnow()))
+    reporter.progress(epoch=1, max_epochs=2, batch=0, batches_per_epoch=4)
+    reporter.metrics([MetricPoint("Valid_mAP@0.50", 0.25, epoch=1)])
+    assert reporter.holds_lease() and reporter.should_stop()
+    second = row()
+    assert (second.epoch, second.batch) == (1, 0)
+    assert second.training_started_at == first.training_started_at
+    assert second.best_metric_value == 0.5
+    with session_scope(service_settings.database_url) as session:
+        names = list(session.scalars(select(Metric.name).where(Metric.job_id == job_id).order_by(Metric.id)))
+    assert names == ["Valid_mAP@0.50", "Batch_loss", "Valid_mAP@0.50"]
