@@ -4,7 +4,8 @@ A background thread writes whatever the training produced every `interval` secon
 transaction, and reads the cancel flag in the same round trip; the training loop itself only
 appends to a list and reads a boolean, so it never waits on the database.
 
-Every transaction first renews this attempt's lease (`lifecycle.renew`); when the job has moved on
+Every transaction first renews this attempt's lease (`lifecycle.report`, which also records the
+progress and reads the cancel flag in the same statement); when the job has moved on
 (the lease expired and another attempt took over, it was handed back or finished) nothing is
 written, and the training stops at its next batch with `LeaseLost`. A row the database refuses
 (a name it cannot store) is dropped with an event instead of blocking every later write.
