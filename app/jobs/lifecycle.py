@@ -223,7 +223,7 @@ def report(
 ) -> bool | None:
     """Renew a running attempt's lease, record its progress (and best value, when `best_changed`),
     and read the cancel flag, in one UPDATE ... RETURNING: the first statement of every transaction
-    the attempt writes (the fence `renew` describes), and the only one besides the points' INSERT.
+    the attempt writes (the fence `renew` describes); only the INSERTs of points and events follow it.
 
     None when the job has moved on (nothing changed); else whether a cancel was requested.
     A training process reports twice a second on the cores it trains on: one statement built once

@@ -675,7 +675,8 @@ def checkpoint_to_promote(
 
 
 # Built once, a Core statement of ids only: every API process runs it twice a second, beside
-# trainings on the same cores, and almost always finds nothing (a fifth of an ORM query's CPU).
+# trainings on the same cores, and almost always finds nothing (0.30 ms of CPU in a loop against
+# 0.65 for the ORM query of whole rows it replaced).
 _SUCCEEDED_SINCE = (
     select(JOBS.c.id)
     .where(JOBS.c.status == JobStatus.succeeded, JOBS.c.finished_at > bindparam("since"))
