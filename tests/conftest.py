@@ -7,6 +7,7 @@ PostgreSQL with Redis (both must be running on 127.0.0.1, as on the CI machine).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,7 +81,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With pytest-xdist (`--dist loadgroup`), a module's tests of one backend run on one worker, so
     its module fixtures (mostly trained jobs) are built once, as in a single process. A module with
     `XDIST_SPREAD = True` (cheap fixtures, long tests) is spread test by test; an explicit
@@ -92,7 +93,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend", "") if callspec is not None else ""
         name = module.__name__ if module is not None else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(f"{name}[{backend}]"))
+        # No "]" in a group's name: xdist reads `ID@GROUP` as a group only after the id's last "]".
+        item.add_marker(pytest.mark.xdist_group(f"{name}:{backend}" if backend else name))
+    if config.getoption("loadgroup", False):
+        for item in items:
+            _suffix_group(item)
+
+
+def _suffix_group(item: pytest.Item) -> None:
+    """Put the item's group in its node id (`ID@GROUP`), which is all the xdist controller schedules by.
+
+    pytest-xdist 3.8 does it by setting `item._nodeid`, which pytest 9.2 no longer reads: the node id
+    is `str(item._id)`. Without this every test was scheduled on its own, so a module's tests were
+    spread over both workers and interleaved with other modules', and its module fixtures (trained
+    jobs) were built again each time (tests/ml/test_resume.py's 45 s training twice per run). Fails
+    the collection if the id did not take, or would not read as a group, rather than silently
+    scheduling test by test again.
+    """
+    groups = sorted(
+        {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+            for m in item.iter_markers("xdist_group")
+        }
+    )
+    if not groups or item.nodeid.rfind("@") > item.nodeid.rfind("]"):  # xdist's own test for a group
+        return
+    wanted = f"{item.nodeid}@{'_'.join(groups)}"
+    node_id = dataclasses.replace(item._id)  # same path, names and parameters; only the text differs
+    object.__setattr__(node_id, "_str_cache", wanted)
+    item._id = node_id
+    if item.nodeid != wanted or not wanted.rfind("@") > wanted.rfind("]"):
+        raise pytest.UsageError(f"could not put the xdist group into the node id of {item.nodeid}")
 
 
 @pytest.fixture(scope="session")

@@ -109,11 +109,17 @@ checks.positive_data_acceptance.expected-statuses = [
 ]
 
 # The body must be a zip or tar archive of a dataset in a layout the server knows; any other bytes
-# are a valid `format: binary` body.
+# are a valid `format: binary` body. A multipart upload (here and to POST /weights) of more than
+# UPLOAD_MAX_PARTS (16) parts, or with a field over MULTIPART_MAX_FIELD_BYTES, is refused as 413, the
+# status of every size limit here (as for POST /predict below): seen in the stateful phase, a form
+# whose `name` became an array of more than 16 fields.
 [[operations]]
 include-name = "POST /datasets"
 checks.positive_data_acceptance.expected-statuses = [
-  "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx",
+  "2xx", "3xx", "401", "403", "404", "409", "413", "422", "429", "5xx",
+]
+checks.negative_data_rejection.expected-statuses = [
+  "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx",
 ]
 
 # The file must be a YOLO-NAS checkpoint (any other bytes are a valid `format: binary` part), and a
@@ -121,7 +127,10 @@ checks.positive_data_acceptance.expected-statuses = [
 [[operations]]
 include-name = "POST /weights"
 checks.positive_data_acceptance.expected-statuses = [
-  "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx",
+  "2xx", "3xx", "401", "403", "404", "409", "413", "422", "429", "5xx",
+]
+checks.negative_data_rejection.expected-statuses = [
+  "400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx",
 ]
 
 # The files must be images the server can decode (415 for another media type, 422 for a broken or
