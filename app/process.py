@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
+    """Get SIGTERM when the parent (the thread that forked this process) dies (Linux; a no-op elsewhere)."""
     try:
         import ctypes
 
@@ -22,4 +23,4 @@ def die_with_parent() -> Callable[[], None] | None:
 
     A worker or training process must not run on unsupervised after the process that owns it is gone.
     """
-    return _set_parent_death_signal if sys.platform == "linux" else None
+    return set_parent_death_signal if sys.platform == "linux" else None

@@ -83,10 +83,16 @@ class Settings(BaseSettings):
     # Worker behaviour.
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$")
     dataloader_workers: int = Field(default=0, ge=0, le=64)
-    # Each worker keeps one training process that has imported super-gradients waiting for its next
-    # job (`worker.standby`): a job starts in about a second instead of several. It holds about 1 GB
-    # of memory (and a CUDA context on a GPU); off: each attempt starts a fresh process.
-    training_spare: bool = Field(default=True, description="Keep a spare training process per worker.")
+    # Each worker keeps a fork server that has imported super-gradients, and a child of it with the
+    # device set up waiting for the next job (`worker.standby`): a job starts in about a second
+    # instead of several. They hold about 1 GB of memory, mostly shared (and the child a CUDA context
+    # on a GPU). `training_spare` starts it with the worker (off: at the first claim, so the first job
+    # waits for the imports); `training_fork_server` off makes it a spare used up by one attempt, and
+    # with both off each attempt starts a fresh process.
+    training_spare: bool = Field(default=True, description="Start a worker's fork server with the worker.")
+    training_fork_server: bool = Field(
+        default=True, description="Fork each attempt's training process from a process that imported SG once."
+    )
     # The supervising worker renews its job's lease this often, and at least three times per lease
     # (`heartbeat_interval`); the training process renews it too, with every write it makes, but it
     # writes nothing while it loads the dataset and builds the model.

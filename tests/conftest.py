@@ -55,8 +55,9 @@ SERVICE_SETTINGS: dict[str, object] = {
     # suite): PyTorch serves these services' models. tests/prediction/test_warm.py runs a service with
     # the default (on), and tests/ml/test_ort_serving.py checks what onnxruntime answers.
     "serving_export": False,
-    # Nor the API's warmer (it would load every succeeded job's model, on PyTorch here), nor a spare
-    # training process per worker (seconds of imports at every worker start, used or not):
+    # Nor the API's warmer (it would load every succeeded job's model, on PyTorch here), nor a fork
+    # server started with every worker (seconds of imports at every worker start, used or not): a
+    # worker starts its fork server at its first claim, and its later jobs are forked from it.
     # tests/prediction/test_warm.py and tests/worker/test_warm_start.py run services with them on.
     "predict_warm": False,
     "training_spare": False,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from app.db import session_scope
 from app.jobs import dispatch, files, lifecycle
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A training process started for its attempt; the job id and the attempt number are appended.
-# (`worker.standby` starts them ahead of their job.)
+# (`worker.standby`'s fork server forks them ahead of their job, showing this command line too.)
 TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
 # How often the supervisor looks at its child and at a shutdown request.
 POLL_SECONDS = 0.5
@@ -50,7 +50,21 @@ MAX_BACKOFF_SECONDS = 30.0
 HANDED_BACK = "handed_back"
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+class TrainingProcess(Protocol):
+    """What the supervisor uses of a training process: a `subprocess.Popen` started for the attempt,
+    or a `ForkedTraining` (forked by the worker's fork server)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+
+
+def _stop(proc: TrainingProcess, grace: float = 10.0) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=grace)
@@ -63,15 +77,17 @@ class ExitWatch:
     """Waits for a child process to exit, waking once per wait: `Popen.wait(timeout)` polls with
     sleeps of at most 50 ms, and during a training that was 30 wake-ups a second of the worker, each
     taking a core from one of torch's threads on a 2-core machine (measured). Uses a pidfd (Linux
-    5.3+); elsewhere falls back to `Popen.wait`."""
+    5.3+); elsewhere falls back to `Popen.wait`. (A `ForkedTraining` waits on its fork server's
+    socket, which says when the child has exited.)"""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: TrainingProcess) -> None:
         self.proc = proc
-        self._fd: int | None
-        try:
-            self._fd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            self._fd = None
+        self._fd: int | None = None
+        if isinstance(proc, subprocess.Popen):
+            try:
+                self._fd = os.pidfd_open(proc.pid)
+            except (AttributeError, OSError):
+                self._fd = None
 
     def wait(self, timeout: float) -> int | None:
         """The return code once the process has exited, waiting up to `timeout` seconds; else None."""
@@ -116,8 +132,8 @@ def run_training_process(
 ) -> str:
     """Train a claimed attempt in a child process, supervise it, and record the outcome.
 
-    With `standby`, the attempt goes to its spare training process when it has a usable one (else
-    to a fresh one, as without); the caller starts the next spare once this returns.
+    With `standby`, the attempt goes to the worker's fork server (`worker.standby`) when it has a
+    usable one (else to a fresh process, as without).
 
     Returns the job's status, `HANDED_BACK` when `shutdown` was set (the worker is stopping: the job
     goes back to the queue at once, for another worker to resume), or `LEASE_LOST` when the job moved
@@ -125,10 +141,11 @@ def run_training_process(
     """
     job_dir.mkdir(parents=True, exist_ok=True)
     env = child_environment(files.sg_log_dir(job_dir), extra=settings.as_env())
-    spare = standby.take(env, job_id=job_id, attempt=attempt) if standby is not None else None
-    if spare is not None:
-        logger.info("job %s: attempt %d runs in standby training process %d", job_id, attempt, spare.proc.pid)
-        proc = spare.proc
+    proc: TrainingProcess
+    forked = standby.take(settings, env, job_id=job_id, attempt=attempt) if standby is not None else None
+    if forked is not None:
+        logger.info("job %s: attempt %d goes to fork server %d", job_id, attempt, forked.server.proc.pid)
+        proc = forked
     else:
         with open(files.console_log(job_dir), "ab") as console:
             proc = subprocess.Popen(
@@ -144,13 +161,13 @@ def run_training_process(
     try:
         return _supervise(settings, proc, job_id=job_id, attempt=attempt, job_dir=job_dir, shutdown=shutdown)
     finally:
-        if spare is not None:  # its folder, now that it has exited
-            shutil.rmtree(spare.directory, ignore_errors=True)
+        if forked is not None and forked.itself:  # a spare's folder, now that it has exited
+            shutil.rmtree(forked.server.directory, ignore_errors=True)
 
 
 def _supervise(
     settings: Settings,
-    proc: subprocess.Popen[bytes],
+    proc: TrainingProcess,
     *,
     job_id: str,
     attempt: int,
@@ -175,7 +192,7 @@ def _supervise(
             if recorded_at is not None:
                 if time.monotonic() - recorded_at > LEASE_LOST_GRACE_SECONDS:
                     _stop(proc)  # its outcome is recorded; a teardown that hangs must not hold the worker
-                    returncode = proc.returncode
+                    returncode = proc.wait()
                     break
                 continue
             if shutdown is not None and shutdown.is_set():
@@ -219,7 +236,7 @@ def _supervise(
                 stalled_for = time.monotonic() - marker_since
                 logger.warning("job %s made no progress for %.0f s; killing it", job_id, stalled_for)
                 _stop(proc)
-                returncode = proc.returncode
+                returncode = proc.wait()
                 break
             if cancel and cancel_seen is None:
                 cancel_seen = time.monotonic()
@@ -230,7 +247,7 @@ def _supervise(
                 )
                 killed_for_cancel = True
                 _stop(proc)
-                returncode = proc.returncode
+                returncode = proc.wait()
                 break
     finally:
         exit_watch.close()
@@ -255,7 +272,7 @@ def _supervise(
     return status
 
 
-def _hand_back(settings: Settings, proc: subprocess.Popen[bytes], *, job_id: str, attempt: int) -> str:
+def _hand_back(settings: Settings, proc: TrainingProcess, *, job_id: str, attempt: int) -> str:
     logger.info("worker stopping: handing job %s (attempt %d) back", job_id, attempt)
     _stop(proc, grace=5.0)
 

@@ -1,8 +1,8 @@
 """Entry point of the per-attempt training process: `python -m worker.train_process JOB_ID ATTEMPT`.
 
-Or `python -m worker.train_process --standby=...` (`worker.standby`): a spare that imports
-super-gradients first, waits for `{"job_id": ..., "attempt": ...}` on its stdin, moves its output
-and super-gradients' logs into the job directory and then runs the attempt in the same way.
+Or a child of the worker's fork server (`worker.forkserver`), which has imported super-gradients
+before the attempt was claimed, runs the attempt in the same way (`run_attempt`), its command line
+rewritten to the one above.
 
 Validates the dataset first (seconds, before super-gradients is even imported), then trains (from
 the newest valid checkpoint of an earlier attempt, if there is one), and writes how it ended to its
@@ -13,8 +13,6 @@ nothing more.
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import os
 import sys
@@ -22,7 +20,6 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +42,9 @@ from app.weights.models import Weights
 from worker.outcome import LEASE_LOST_EXIT, LOST, killed_by_oom_killer, record_outcome, tail, write_result
 from worker.ranks import helper_ranks
 from worker.reporter import DbReporter
-from worker.standby import READY_FILE, STANDBY_ARG
 from worker.store_sync import JobSync, Uploader, job_sync
 
 logger = logging.getLogger("sgjobs.train")
-# When this process started (ISO 8601, UTC), for the warm-start event.
-_STARTED_AT = datetime.now(UTC).isoformat()
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -104,8 +98,8 @@ def train(
 ) -> dict[str, Any]:
     """Prepare the dataset and train; returns the result record (status, reason, message, ...).
 
-    `standby`: how this process waited for the attempt, when it was started ahead of it (an event
-    says so, with these values and `"standby": true`).
+    `standby`: how this process waited for the attempt, when it was started ahead of it (forked by
+    the worker's fork server, or a spare): an event says so, with these values and `"standby": true`.
     """
     job_dir = settings.jobs_dir / job_id
     sync = job_sync(settings, job_dir, job_id)
@@ -150,9 +144,10 @@ def train(
     ).start()
     uploader = Uploader(sync, settings.storage_sync_seconds).start() if sync is not None else None
     if standby is not None:
+        forked = f", forked by fork server {standby['fork_server']}," if standby.get("fork_server") else ""
         reporter.event(
-            f"warm start: training process {os.getpid()} had super-gradients imported "
-            f"{standby['waited_s']:.1f} s before this attempt",
+            f"warm start: training process {os.getpid()}{forked} was ready (super-gradients imported, "
+            f"device set up) {standby['waited_s']:.1f} s before this attempt",
             data={"standby": True, **standby},
         )
     try:
@@ -407,99 +402,9 @@ def _export_for_serving(model: str, job_dir: Path, reporter: DbReporter) -> None
         )
 
 
-def _set_command_line(job_id: str, attempt: int) -> None:
-    """Show the job id and attempt in this process's command line (`ps`, /proc/PID/cmdline) in place of
-    `STANDBY_ARG`, as a process started for the attempt shows them. Best effort (Linux only)."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
-        with open("/proc/self/cmdline", "rb") as f:
-            cmdline = f.read()
-        offset = cmdline.find(STANDBY_ARG.encode())
-        room = len(STANDBY_ARG)
-        text = f"{job_id}\0{attempt}".encode()
-        if offset < 0 or len(text) > room or arg_start + offset + room > arg_end:
-            return
-        with open("/proc/self/mem", "r+b", buffering=0) as mem:
-            mem.seek(arg_start + offset)
-            mem.write(text.ljust(room, b"\0"))
-    except (OSError, ValueError, IndexError):
-        pass
-
-
-def _standby(settings: Settings) -> tuple[str, int, dict[str, Any]] | None:
-    """Import super-gradients and wait for the attempt on stdin, then take it over: this process's
-    output, working directory and super-gradients' logs move into the job directory, as if it had
-    been started for it. None when stdin closes first (the worker discarded this spare)."""
-    # Whatever super-gradients' import sets up, it finds what a fresh training process has.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.ml.training import prewarm
-
-    started = time.monotonic()
-    device: str | None = None
-    try:
-        device = prewarm(settings.device)
-    except Exception:
-        # (A device that cannot be set up, say.) The attempt meets the same error where a fresh
-        # process would, and fails as it would there.
-        traceback.print_exc()
-    # What the imports made lives as long as the process: out of the collector's sight, a full
-    # collection (while the job indexes its dataset, say) no longer walks over it.
-    gc.collect()
-    gc.freeze()
-    ready_file = Path.cwd() / READY_FILE
-    ready_file.write_text(f"{time.monotonic() - started:.2f}\n")
-    ready = time.monotonic()
-    line = sys.stdin.readline()
-    ready_file.unlink(missing_ok=True)
-    if not line:
-        return None
-    assignment = json.loads(line)
-    job_id, attempt = str(assignment["job_id"]), int(assignment["attempt"])
-    job_dir = settings.jobs_dir / job_id
-    job_dir.mkdir(parents=True, exist_ok=True)
-    sys.argv = [sys.argv[0], job_id, str(attempt)]
-    os.chdir(job_dir)
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        if stream is not None:
-            stream.flush()
-    console = os.open(files.console_log(job_dir), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(console, 1)
-    os.dup2(console, 2)
-    os.close(console)
-    from app.ml.sg_setup import move_sg_logs
-
-    move_sg_logs(files.sg_log_dir(job_dir))
-    _set_command_line(job_id, attempt)
-    return (
-        job_id,
-        attempt,
-        {
-            "pid": os.getpid(),
-            "process_started": _STARTED_AT,
-            "waited_s": round(time.monotonic() - ready, 3),
-            "device": device,
-        },
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one attempt; leaves a result file unless the process is killed or the job moved on."""
-    args = sys.argv[1:] if argv is None else argv
-    settings = get_settings()
-    standby: dict[str, Any] | None = None
-    if args == [STANDBY_ARG]:
-        taken = _standby(settings)
-        if taken is None:
-            return 0
-        job_id, attempt, standby = taken
-    elif len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m worker.train_process JOB_ID ATTEMPT", file=sys.stderr)
-        return 2
-    else:
-        job_id, attempt = args[0], int(args[1])
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_attempt(settings: Settings, job_id: str, attempt: int, standby: dict[str, Any] | None = None) -> int:
+    """Run one attempt in this process and return its exit code; leaves a result file unless the
+    process is killed or the job moved on. `standby`: as for `train` (a forked or spare process)."""
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -527,6 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         traceback.print_exc()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the attempt named on the command line (a process started for it)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m worker.train_process JOB_ID ATTEMPT", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_attempt(get_settings(), args[0], int(args[1]))
 
 
 if __name__ == "__main__":

@@ -381,11 +381,10 @@ def _load_model(config: TrainingConfig) -> Any:
         return models.get(config.model, **kwargs)
 
 
-def prewarm(device: str) -> str:
-    """Import what `run_training` uses and set up `device` (a CUDA context and cuDNN loaded), for a
-    training process that waits for its job (`worker.standby`); SG's environment must be set
-    already (`app.ml.sg_setup.child_environment`). Returns the device; raises as `setup_device`."""
-    import torch
+def import_training_modules() -> None:
+    """Import what `run_training` uses (torch, super-gradients and this package's training modules),
+    for a process that waits for its job (`worker.forkserver`); SG's environment must be set already
+    (`app.ml.sg_setup.child_environment`). Touches no device."""
     from super_gradients import Trainer  # noqa: F401
     from super_gradients.training import models  # noqa: F401
     from super_gradients.training.datasets.detection_datasets.coco_format_detection import (  # noqa: F401
@@ -402,6 +401,13 @@ def prewarm(device: str) -> str:
 
     from app.ml import callbacks, checkpoints, sg_logger  # noqa: F401
 
+
+def prewarm(device: str) -> str:
+    """`import_training_modules` and set up `device` (a CUDA context and cuDNN loaded), for a training
+    process that waits for its job. Returns the device; raises as `setup_device`."""
+    import torch
+
+    import_training_modules()
     chosen = setup_device(device)
     if chosen == "cuda":
         # The context and cuDNN load at the first convolution on the GPU: seconds, paid here.

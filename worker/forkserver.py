@@ -1,0 +1,334 @@
+"""The fork server of a worker's training processes (`worker.standby`): `python -m worker.forkserver
+--standby=...`, its stdin a Unix socket to the worker.
+
+It imports torch, super-gradients and what a training uses once, then forks one child ahead of the
+next attempt. The child sets up the device, checks that it can compute after the fork, says it is
+ready and waits for its attempt; given one, it takes its output, working directory, super-gradients'
+logs and command line over for the job (as a process started for it has them) and trains it with
+`worker.train_process.run_attempt`. The fork server reaps each child and tells the worker how it
+ended; the next child is forked once the last training has ended.
+
+What a fork must not carry over:
+- An OpenMP thread pool. GNU libgomp's pool does not survive a fork: a child's first parallel
+  region spins for ever on threads that exist only in the parent (seen here: a matmul in a child
+  never returned, 100% of a core in `sched_yield`). Super-gradients' import runs parallel regions,
+  so the fork server imports with one intra-op thread (no pool) and each child sets torch's own
+  default back.
+- A CUDA driver. Super-gradients' import asks `torch.cuda.is_available()`, which initialises the
+  driver and makes CUDA unusable in every child, unless `PYTORCH_NVML_BASED_CUDA_CHECK` makes it ask
+  NVML instead (set here for the imports only; where NVML fails, as on a host without a GPU driver,
+  torch falls back to the runtime and marks every child a "bad fork", which only matters for CUDA).
+  The device is set up in the child, never here; a child whose device is not the CPU and that finds
+  CUDA poisoned (`torch.cuda._is_in_bad_fork`) fails its check.
+- Random state: each child reseeds numpy's and torch's global generators (Python's `random` reseeds
+  itself after a fork), as a fresh process starts with its own.
+- Open database connections: there are none; nothing here touches the database before a fork.
+
+A child that fails its check or dies before its attempt turns forking off for this fork server: it
+then sets the device up itself and trains the next attempt in its own process, as a spare (it is
+used up then, and the worker starts another).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.jobs import files
+from app.process import set_parent_death_signal
+from app.settings import Settings, get_settings
+from worker.runner import TRAIN_COMMAND
+from worker.standby import FORK_SERVER_MODULE, READY_FILE, STANDBY_ARG, receive_message, send_message
+
+logger = logging.getLogger("sgjobs.forkserver")
+_STARTED_AT = datetime.now(UTC).isoformat()
+# How long a forked child may take to set the device up and pass its check (a CUDA context: seconds).
+CHILD_READY_SECONDS = 300.0
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+# What a child says once it is ready, on its own socket to the fork server.
+READY = b"ready\n"
+# (job_id, attempt, what the warm-start event says of the process) for `run_attempt`.
+Taken = tuple[str, int, dict[str, Any]]
+
+
+def _import_everything() -> int:
+    """Import what a training uses, without an OpenMP pool or a CUDA driver (module docstring);
+    returns torch's default number of intra-op threads, for the children."""
+    nvml_before = os.environ.get(NVML_CHECK)
+    os.environ[NVML_CHECK] = "1"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    from app.ml.training import import_training_modules
+
+    import_training_modules()
+    if nvml_before is None:
+        os.environ.pop(NVML_CHECK, None)
+    else:
+        os.environ[NVML_CHECK] = nvml_before
+    # What the imports made lives as long as the process: out of the collector's sight, a full
+    # collection (while a job indexes its dataset, say) no longer walks over it, nor writes to its
+    # pages (which a fork shares until they are written).
+    gc.collect()
+    gc.freeze()
+    return threads
+
+
+def _set_command_line(job_id: str, attempt: int) -> None:
+    """Show `worker.train_process JOB_ID ATTEMPT` in this process's command line (`ps`,
+    /proc/PID/cmdline) in place of the fork server's module and `STANDBY_ARG`, as a process started
+    for the attempt shows them. Best effort (Linux only)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        arg_start, arg_end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+        with open("/proc/self/cmdline", "rb") as f:
+            cmdline = f.read()
+        placeholder = f"{FORK_SERVER_MODULE}\0{STANDBY_ARG}".encode()
+        offset = cmdline.find(placeholder)
+        room = len(placeholder)
+        text = f"{TRAIN_COMMAND[-1]}\0{job_id}\0{attempt}".encode()
+        if offset < 0 or len(text) > room or arg_start + offset + room > arg_end:
+            return
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(arg_start + offset)
+            mem.write(text.ljust(room, b"\0"))
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+def _take_over(settings: Settings, assignment: dict[str, Any]) -> tuple[str, int]:
+    """Make this process the attempt's: its working directory, output, super-gradients' logs and
+    command line move to the job, as if it had been started for it."""
+    job_id, attempt = str(assignment["job_id"]), int(assignment["attempt"])
+    job_dir = settings.jobs_dir / job_id
+    job_dir.mkdir(parents=True, exist_ok=True)
+    sys.argv = [sys.argv[0], job_id, str(attempt)]
+    os.chdir(job_dir)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    console = os.open(files.console_log(job_dir), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(console, 1)
+    os.dup2(console, 2)
+    os.close(console)
+    from app.ml.sg_setup import move_sg_logs
+
+    move_sg_logs(files.sg_log_dir(job_dir))
+    _set_command_line(job_id, attempt)
+    return job_id, attempt
+
+
+def _set_up_device(settings: Settings, threads: int) -> str | None:
+    """Torch's own thread count back, and the device set up (None when that failed: the attempt meets
+    the same error where a fresh process would, and fails as it would there)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from app.ml.training import prewarm
+
+    try:
+        return prewarm(settings.device)
+    except Exception:
+        traceback.print_exc()
+        return None
+
+
+@dataclass
+class _Child:
+    pid: int
+    pidfd: int
+    conn: socket.socket  # the fork server's end of the child's own socket
+    ready: bool = False
+    forked_at: float = 0.0
+
+
+class ForkServer:
+    """Serves the worker on `sock` (module docstring). `serve` returns in a child given its attempt
+    (and in a fork server that trains an attempt itself), or None when the worker has gone."""
+
+    def __init__(self, settings: Settings, sock: socket.socket) -> None:
+        self.settings = settings
+        self.sock = sock
+        self.ready_file = Path.cwd() / READY_FILE
+        self.started = time.monotonic()
+        self.threads = 1
+
+    def serve(self) -> Taken | None:
+        self.threads = _import_everything()
+        forking = self.settings.training_fork_server
+        waiting: _Child | None = None
+        running: _Child | None = None
+        pending: dict[str, Any] | None = None
+        while True:
+            if forking and waiting is None and running is None:
+                forked = self._fork()
+                if isinstance(forked, tuple):
+                    return forked  # in the child, with its attempt
+                waiting = forked
+            if not forking and running is None:
+                if waiting is not None:
+                    self._discard(waiting)
+                    waiting = None
+                return self._itself(pending)
+            watched: list[Any] = [self.sock]
+            if waiting is not None:
+                watched += [waiting.pidfd, waiting.conn]
+            if running is not None:
+                watched.append(running.pidfd)
+            timeout = None
+            if waiting is not None and not waiting.ready:
+                timeout = max(0.0, waiting.forked_at + CHILD_READY_SECONDS - time.monotonic())
+            readable, _, _ = select.select(watched, [], [], timeout)
+            if not readable and waiting is not None and not waiting.ready:
+                print(f"fork server: child {waiting.pid} not ready in {CHILD_READY_SECONDS:.0f} s")
+                forking = False
+                continue
+            if self.sock in readable:
+                received = receive_message(self.sock)
+                if received is None:
+                    return None  # the worker has gone (its children get SIGTERM with this process)
+                pending = received[0]
+            if waiting is not None and waiting.conn in readable:
+                if waiting.conn.recv(len(READY)) != READY:
+                    print(f"fork server: child {waiting.pid} failed its check; not forking")
+                    forking = False
+                    continue
+                waiting.ready = True
+                self.ready_file.write_text(f"{time.monotonic() - self.started:.2f}\n")
+            if waiting is not None and waiting.pidfd in readable:
+                print(f"fork server: child {waiting.pid} exited before its attempt; not forking")
+                self._discard(waiting)
+                waiting, forking = None, False
+                continue
+            if running is not None and running.pidfd in readable:
+                _, status = os.waitpid(running.pid, 0)
+                returncode = os.waitstatus_to_exitcode(status)
+                send_message(self.sock, {"exited": running.pid, "returncode": returncode})
+                os.close(running.pidfd)
+                running = None
+            if pending is not None and waiting is not None and waiting.ready:
+                waiting.conn.sendall(json.dumps(pending).encode() + b"\n")
+                self.ready_file.unlink(missing_ok=True)
+                send_message(self.sock, {"started": waiting.pid}, [waiting.pidfd])
+                waiting.conn.close()
+                running, waiting, pending = waiting, None, None
+                self.started = time.monotonic()
+
+    def _fork(self) -> _Child | Taken:
+        ours, theirs = socket.socketpair()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            try:
+                return self._child(theirs, parent)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+        theirs.close()
+        return _Child(pid=pid, pidfd=os.pidfd_open(pid), conn=ours, forked_at=time.monotonic())
+
+    def _child(self, conn: socket.socket, parent: int) -> Taken:
+        """In a forked child: set up, say so, wait for the attempt and take it over."""
+        os.setsid()  # a session of its own, as a training process started with start_new_session
+        set_parent_death_signal()
+        if os.getppid() != parent:
+            os._exit(0)  # the fork server died in between
+        # The worker's socket is the fork server's alone: stdin becomes /dev/null, as a fresh process's.
+        self.sock.detach()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        if devnull != 0:
+            os.dup2(devnull, 0)
+            os.close(devnull)
+        import numpy
+        import torch
+
+        numpy.random.seed()
+        torch.seed()
+        device = _set_up_device(self.settings, self.threads)
+        if torch.cuda._is_in_bad_fork() and device != "cpu":
+            # (Where the fork server's NVML check fell back to the CUDA runtime: harmless on the CPU.)
+            print("fork server child: CUDA was initialised before the fork; the device cannot be used")
+            os._exit(3)
+        # A parallel region (ATen's parallel_for), which hangs after a fork that carried an OpenMP pool
+        # over: the fork server then gives up on this child after CHILD_READY_SECONDS.
+        (torch.ones(1 << 20) * 2).sum()
+        ready = time.monotonic()
+        conn.sendall(READY)
+        with conn.makefile("rb") as lines:
+            line = lines.readline()
+        conn.close()
+        if not line:
+            os._exit(0)  # the fork server has gone
+        job_id, attempt = _take_over(self.settings, json.loads(line))
+        return job_id, attempt, self._warm(ready, device, fork_server=parent)
+
+    def _itself(self, pending: dict[str, Any] | None) -> Taken | None:
+        """Train the next attempt in this process (a spare): set up, wait for it, take it over."""
+        device = _set_up_device(self.settings, self.threads)
+        self.ready_file.write_text(f"{time.monotonic() - self.started:.2f}\n")
+        ready = time.monotonic()
+        if pending is None:
+            received = receive_message(self.sock)
+            if received is None:
+                return None
+            pending = received[0]
+        self.ready_file.unlink(missing_ok=True)
+        send_message(self.sock, {"started": os.getpid(), "itself": True})
+        job_id, attempt = _take_over(self.settings, pending)
+        return job_id, attempt, self._warm(ready, device, fork_server=None)
+
+    @staticmethod
+    def _warm(ready: float, device: str | None, *, fork_server: int | None) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "process_started": _STARTED_AT,
+            "waited_s": round(time.monotonic() - ready, 3),
+            "device": device,
+            "fork_server": fork_server,
+        }
+
+    @staticmethod
+    def _discard(child: _Child) -> None:
+        try:
+            signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(child.pid, 0)
+        os.close(child.pidfd)
+        child.conn.close()
+
+
+def main() -> int:
+    """Serve the worker; in a child (or as a spare), run the attempt it was given."""
+    if sys.argv[1:] != [STANDBY_ARG]:
+        print(f"usage: python -m {FORK_SERVER_MODULE} {STANDBY_ARG}", file=sys.stderr)
+        return 2
+    # Whatever super-gradients' import sets up, it finds what a fresh training process has.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    taken = ForkServer(settings, socket.socket(fileno=0)).serve()
+    if taken is None:
+        return 0
+    from worker.train_process import run_attempt
+
+    job_id, attempt, standby = taken
+    return run_attempt(settings, job_id, attempt, standby)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
