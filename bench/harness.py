@@ -600,12 +600,12 @@ def target(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-# The longest wait for the worker's spare training process to be ready before a start.
+# The longest wait for the worker's fork server to have a child ready before a start.
 SPARE_WAIT_S = 120.0
 
 
 def wait_for_spare(service: Any, timeout: float = SPARE_WAIT_S) -> bool:
-    """Wait until the service's worker has a spare training process that waits for a job."""
+    """Wait until the service's worker has a fork server whose child waits for a job."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any((service.home / STANDBY_DIR).glob(f"*/{READY_FILE}")):

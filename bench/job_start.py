@@ -3,7 +3,7 @@
     python -m bench.job_start [--backend sqlite|postgres|both] [--repeats N] [--smoke] ...
 
 The worker is warmed up by one job that runs to its first batch. Then, per repeat, the harness
-waits until the worker's spare training process (`worker.standby`) has imported everything and
+waits until the worker's fork server (`worker.standby`) has imported everything and a child of it
 waits for a job (at most `SPARE_WAIT_S`; a start without one is cold, and counted so), POSTs a job
 (time taken just before the POST) and follows it to its first `Batch_PPYoloELoss/loss` point,
 whose `time` is stamped at the end of the first batch in the training process; then it cancels the
@@ -11,7 +11,7 @@ job and waits for it to end. The total is split with the job's events:
 
 * queue + claim: POST until the "attempt 1 running on <worker>" event (written by the worker's claim);
 * dataset: until the "dataset ready" event (training process start, dataset validation/indexing);
-* SG import + model: until the "training <model> on <device>" event (imported, unless the spare
+* SG import + model: until the "training <model> on <device>" event (imported, unless the fork server
   had imported already; datasets and model built, right before Trainer.train);
 * first batch: until the first batch ended (SG's set-up in train() and the batch itself).
 

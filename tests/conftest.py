@@ -25,11 +25,17 @@ from tests.support import Service
 from tests.weights.standins import build_standins
 
 PG_ADMIN_URL = os.environ.get("SGJOBS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-# Under pytest-xdist two trainings often run at once on the 2 CPUs. OpenMP's idle threads spin by
-# default, so two 2-thread trainings took 3.3x as long as one alone; with passive waiting 2.2x (the
-# same as one thread each) while a training alone keeps both CPUs. Measured here on a conv stack.
+# Under pytest-xdist the 2 CPUs are busy the whole run, and two trainings often run at once. OpenMP's
+# idle threads spin by default: two 2-thread trainings took 3.3x as long as one alone (a conv stack),
+# and 6x (34 s each against 5.5 s) for 15 steps of YOLO-NAS-S on 64 px batches of 8 (2026-11-28, Xeon
+# Ice Lake). Passive waiting gave 7.2 s each, but 8.5 s for one alone (twice the default's 4.4 s);
+# one thread each gave 5.5-6.1 s together and 5.7 s alone, and the least CPU time in every case
+# (5.4-5.9 s against 6.9-9.8 passive). So the suite's processes use one intra-op thread each (every
+# service it starts inherits this environment); tests/worker/test_warm_start.py runs its service
+# with torch's default, so that the fork server's children get a thread pool of their own.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REDIS_URL = os.environ.get("SGJOBS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 ALL_BACKENDS = BACKENDS
@@ -155,10 +161,15 @@ def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @contextmanager
-def started_service(backend: Backend, home: Path, **settings: object) -> Iterator[Service]:
-    """`sgjobs serve` with SERVICE_SETTINGS (and `settings` over them) in `home`, as a Service."""
+def started_service(
+    backend: Backend, home: Path, extra_env: dict[str, str] | None = None, **settings: object
+) -> Iterator[Service]:
+    """`sgjobs serve` with SERVICE_SETTINGS (and `settings` over them) in `home`, as a Service;
+    `extra_env` over this process's environment."""
     # SGJOBS_HOME relative, as in the README's default (`./var`): every process must resolve it the same.
-    with serve(backend, home.name, cwd=home.parent, settings={**SERVICE_SETTINGS, **settings}) as running:
+    with serve(
+        backend, home.name, cwd=home.parent, settings={**SERVICE_SETTINGS, **settings}, extra_env=extra_env
+    ) as running:
         with httpx.Client(base_url=running.base_url, headers=running.headers, timeout=30) as client:
             yield Service(
                 backend.name,

@@ -8,21 +8,8 @@ logs and command line over for the job (as a process started for it has them) an
 `worker.train_process.run_attempt`. The fork server reaps each child and tells the worker how it
 ended; the next child is forked once the last training has ended.
 
-What a fork must not carry over:
-- An OpenMP thread pool. GNU libgomp's pool does not survive a fork: a child's first parallel
-  region spins for ever on threads that exist only in the parent (seen here: a matmul in a child
-  never returned, 100% of a core in `sched_yield`). Super-gradients' import runs parallel regions,
-  so the fork server imports with one intra-op thread (no pool) and each child sets torch's own
-  default back.
-- A CUDA driver. Super-gradients' import asks `torch.cuda.is_available()`, which initialises the
-  driver and makes CUDA unusable in every child, unless `PYTORCH_NVML_BASED_CUDA_CHECK` makes it ask
-  NVML instead (set here for the imports only; where NVML fails, as on a host without a GPU driver,
-  torch falls back to the runtime and marks every child a "bad fork", which only matters for CUDA).
-  The device is set up in the child, never here; a child whose device is not the CPU and that finds
-  CUDA poisoned (`torch.cuda._is_in_bad_fork`) fails its check.
-- Random state: each child reseeds numpy's and torch's global generators (Python's `random` reseeds
-  itself after a fork), as a fresh process starts with its own.
-- Open database connections: there are none; nothing here touches the database before a fork.
+What a fork must not carry over, and how it is kept out, is `app.ml.forking`'s. No database
+connection is open in the fork server: nothing here touches the database before a fork.
 
 A child that fails its check or dies before its attempt turns forking off for this fork server: it
 then sets the device up itself and trains the next attempt in its own process, as a spare (it is
@@ -31,7 +18,6 @@ used up then, and the worker starts another).
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -56,35 +42,10 @@ logger = logging.getLogger("sgjobs.forkserver")
 _STARTED_AT = datetime.now(UTC).isoformat()
 # How long a forked child may take to set the device up and pass its check (a CUDA context: seconds).
 CHILD_READY_SECONDS = 300.0
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 # What a child says once it is ready, on its own socket to the fork server.
 READY = b"ready\n"
 # (job_id, attempt, what the warm-start event says of the process) for `run_attempt`.
 Taken = tuple[str, int, dict[str, Any]]
-
-
-def _import_everything() -> int:
-    """Import what a training uses, without an OpenMP pool or a CUDA driver (module docstring);
-    returns torch's default number of intra-op threads, for the children."""
-    nvml_before = os.environ.get(NVML_CHECK)
-    os.environ[NVML_CHECK] = "1"
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    from app.ml.training import import_training_modules
-
-    import_training_modules()
-    if nvml_before is None:
-        os.environ.pop(NVML_CHECK, None)
-    else:
-        os.environ[NVML_CHECK] = nvml_before
-    # What the imports made lives as long as the process: out of the collector's sight, a full
-    # collection (while a job indexes its dataset, say) no longer walks over it, nor writes to its
-    # pages (which a fork shares until they are written).
-    gc.collect()
-    gc.freeze()
-    return threads
 
 
 def _set_command_line(job_id: str, attempt: int) -> None:
@@ -135,11 +96,10 @@ def _take_over(settings: Settings, assignment: dict[str, Any]) -> tuple[str, int
 def _set_up_device(settings: Settings, threads: int) -> str | None:
     """Torch's own thread count back, and the device set up (None when that failed: the attempt meets
     the same error where a fresh process would, and fails as it would there)."""
-    import torch
-
-    torch.set_num_threads(threads)
+    from app.ml.forking import restore_threads
     from app.ml.training import prewarm
 
+    restore_threads(threads)
     try:
         return prewarm(settings.device)
     except Exception:
@@ -168,7 +128,9 @@ class ForkServer:
         self.threads = 1
 
     def serve(self) -> Taken | None:
-        self.threads = _import_everything()
+        from app.ml.forking import import_before_forking
+
+        self.threads = import_before_forking()
         forking = self.settings.training_fork_server
         waiting: _Child | None = None
         running: _Child | None = None
@@ -254,19 +216,14 @@ class ForkServer:
         if devnull != 0:
             os.dup2(devnull, 0)
             os.close(devnull)
-        import numpy
-        import torch
+        from app.ml.forking import after_fork, usable_after_fork
 
-        numpy.random.seed()
-        torch.seed()
+        after_fork()
         device = _set_up_device(self.settings, self.threads)
-        if torch.cuda._is_in_bad_fork() and device != "cpu":
-            # (Where the fork server's NVML check fell back to the CUDA runtime: harmless on the CPU.)
-            print("fork server child: CUDA was initialised before the fork; the device cannot be used")
+        problem = usable_after_fork(device)
+        if problem is not None:
+            print(f"fork server child: {problem}")
             os._exit(3)
-        # A parallel region (ATen's parallel_for), which hangs after a fork that carried an OpenMP pool
-        # over: the fork server then gives up on this child after CHILD_READY_SECONDS.
-        (torch.ones(1 << 20) * 2).sum()
         ready = time.monotonic()
         conn.sendall(READY)
         with conn.makefile("rb") as lines:

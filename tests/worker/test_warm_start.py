@@ -35,8 +35,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
 @pytest.fixture(scope="module")
 def service(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """This module's own service, with the shipped default of a spare training process per worker."""
+    # Torch's default number of threads (tests/conftest.py sets one for the suite): the fork server
+    # imports with one and gives its children the default back, each a thread pool of its own.
+    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 2)}
     with started_service(
-        backend, tmp_path_factory.mktemp(f"spare-{backend.name}"), training_spare=True
+        backend, tmp_path_factory.mktemp(f"spare-{backend.name}"), extra_env=threads, training_spare=True
     ) as running:
         yield running
 
@@ -212,10 +215,15 @@ def test_folders_of_spares_whose_worker_is_gone_are_removed(tmp_path: Path) -> N
         slot.close()
 
 
-def test_without_forking_the_fork_server_is_a_spare_that_trains_one_attempt_itself(tmp_path: Path) -> None:
+def test_without_forking_the_fork_server_is_a_spare_that_trains_one_attempt_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # No database behind these settings: the attempt fails at once (its job cannot be read), which is
-    # all this needs: the protocol of a spare, not a training.
-    settings = Settings(home=tmp_path / "home", device="cpu", training_fork_server=False)
+    # all this needs: the protocol of a spare, not a training. (The fork server reads its settings
+    # from the environment it inherits, as a worker's does.)
+    monkeypatch.setenv("SGJOBS_TRAINING_FORK_SERVER", "false")
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    assert not settings.training_fork_server
     slot = StandbySlot()
     slot.fill(settings)
     spare = slot.spare
