@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,6 @@ class Standby:
     directory: Path
     key: str
     used_up: bool = False
-    # Messages about other children than the one being read for (none, one training at a time).
-    _early: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
 
     def usable(self) -> bool:
         return not self.used_up and self.proc.poll() is None
@@ -346,8 +344,10 @@ class StandbySlot:
         is on) and return its training process; None when there is no usable fork server (the caller
         starts a fresh process). `env` is the environment a fresh training process for the attempt
         would get: a fork server started with another one (or older code) is discarded."""
+        # Once per claim: `code_stamp` reads the modification time of every source file.
+        key = environment_key(env)
         spare = self._spare
-        if spare is not None and (not spare.usable() or spare.key != environment_key(env)):
+        if spare is not None and (not spare.usable() or spare.key != key):
             why = "its environment or code is stale" if spare.usable() else "it died or was used up"
             logger.info("not using fork server %d: %s", spare.proc.pid, why)
             self.close()
@@ -355,7 +355,7 @@ class StandbySlot:
         if spare is None and (settings.training_spare or settings.training_fork_server):
             self._start(settings)
             spare = self._spare
-            if spare is not None and spare.key != environment_key(env):
+            if spare is not None and spare.key != key:
                 self.close()  # (its environment is the attempt's but for the log folder: never here)
                 spare = None
         if spare is None:
