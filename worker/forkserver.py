@@ -18,6 +18,8 @@ used up then, and the worker starts another).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +32,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from app.jobs import files
 from app.process import set_parent_death_signal
@@ -284,7 +286,33 @@ def main() -> int:
     from worker.train_process import run_attempt
 
     job_id, attempt, standby = taken
-    return run_attempt(settings, job_id, attempt, standby)
+    try:
+        code = run_attempt(settings, job_id, attempt, standby)
+    except BaseException:  # run_attempt catches errors; this is a KeyboardInterrupt or a SystemExit
+        traceback.print_exc()
+        code = 1
+    exit_quickly(code)
+
+
+def exit_quickly(code: int) -> NoReturn:
+    """End a process that trained an attempt: Python's exit handlers (logging's flush among them) and
+    its streams, then `os._exit`, without the C/C++ libraries' destructors.
+
+    A forked child must not run those: the fork server's imports started threads of other libraries
+    (onnxruntime's two, through super-gradients' import of onnxsim; pyarrow's jemalloc thread), which
+    do not exist in a child. onnxruntime's static destructors then wait in `pthread_cond_destroy` for
+    a waiter that never comes: every child hung at exit until its worker stopped it 30 s after the
+    outcome was recorded, holding the worker (and its device memory) that long. A spare that trained
+    an attempt itself ends the same way: the process is discarded, nothing in it is worth tearing down.
+    """
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

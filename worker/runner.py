@@ -191,7 +191,15 @@ def _supervise(
                 break
             if recorded_at is not None:
                 if time.monotonic() - recorded_at > LEASE_LOST_GRACE_SECONDS:
-                    _stop(proc)  # its outcome is recorded; a teardown that hangs must not hold the worker
+                    # Its outcome is recorded; a teardown that hangs must not hold the worker.
+                    logger.warning(
+                        "job %s: training process %d still running %.0f s after recording the outcome; "
+                        "stopping it",
+                        job_id,
+                        proc.pid,
+                        LEASE_LOST_GRACE_SECONDS,
+                    )
+                    _stop(proc)
                     returncode = proc.wait()
                     break
                 continue
@@ -253,6 +261,9 @@ def _supervise(
         exit_watch.close()
         if proc.poll() is None:  # an error in this loop: never leave the child unsupervised
             _stop(proc)
+    logger.info(
+        "job %s: training process %d of attempt %d exited with %d", job_id, proc.pid, attempt, returncode
+    )
     status = _retrying(
         f"record the outcome of job {job_id}",
         lambda: record_outcome(
