@@ -12,6 +12,12 @@ over, and how each is kept out:
   NVML instead (set for the imports only). Where NVML fails, as on a host without a GPU driver, torch
   falls back to the runtime and marks every child a "bad fork", which only matters for CUDA. The
   device is set up in the child, never in the parent (`usable_after_fork` checks).
+- Other libraries' threads. Super-gradients' import starts two of onnxruntime's (it imports onnxsim,
+  which imports onnxruntime) and pyarrow's jemalloc background thread; a child has none of them.
+  No training runs onnxruntime, and jemalloc restarts its thread after a fork, but onnxruntime's
+  static destructors wait at exit for a condition variable its thread waited on in the parent:
+  forked children leave with `os._exit` after Python's own exit handlers
+  (`worker.forkserver.exit_quickly`), never through the C libraries' destructors.
 - Random state: each child reseeds numpy's and torch's global generators (Python's `random` reseeds
   itself after a fork), as a fresh process starts with its own.
 """
