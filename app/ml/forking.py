@@ -14,7 +14,7 @@ over, and how each is kept out:
   device is set up in the child, never in the parent (`usable_after_fork` checks).
 - Other libraries' threads. Super-gradients' import starts two of onnxruntime's (it imports onnxsim,
   which imports onnxruntime) and pyarrow's jemalloc background thread; a child has none of them.
-  No training runs onnxruntime, and jemalloc restarts its thread after a fork, but onnxruntime's
+  No training runs onnxruntime, and jemalloc has fork handlers of its own, but onnxruntime's
   static destructors wait at exit for a condition variable its thread waited on in the parent:
   forked children leave with `os._exit` after Python's own exit handlers
   (`worker.forkserver.exit_quickly`), never through the C libraries' destructors.
