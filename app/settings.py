@@ -140,6 +140,14 @@ class Settings(BaseSettings):
     predict_max_total_pixels: int = Field(
         default=100_000_000, ge=1, description="Pixels of all the images of one request."
     )
+    # An export traces the model on one batch of its input shape: YOLO-NAS-S took about 1.5 GB plus
+    # 150 bytes a pixel here (2.0 GB for 8 x 640 x 640; 41 x 1824 x 1568 was killed for memory at
+    # 18 GB). The default allows 32 images of 640 x 640 per call.
+    export_max_pixels: int = Field(
+        default=32 * 640 * 640,
+        ge=32 * 32,
+        description="Largest batch_size x height x width of one ONNX export (POST .../export).",
+    )
     # A job that succeeds is exported for serving (an ONNX file that onnxruntime runs, `/predict`'s
     # fast path) by its training process before it is recorded as succeeded; off: PyTorch serves it.
     serving_export: bool = Field(default=True, description="Export each succeeded job for onnxruntime.")

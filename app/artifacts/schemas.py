@@ -42,7 +42,13 @@ class ExportOptions(BaseModel):
         max_length=2,
         description="[H, W] of the exported input, multiples of 32; default the training size.",
     )
-    batch_size: int = Field(default=1, ge=1, le=64, description="Images per call of the exported model.")
+    batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Images per call of the exported model. batch_size x H x W may be at most the "
+        "server's export_max_pixels setting; more is a 422.",
+    )
     conf: float = Field(default=DEFAULT_CONF, ge=0.0, le=1.0, description="Score threshold inside the model.")
     iou: float = Field(default=DEFAULT_IOU, gt=0.0, le=1.0, description="NMS IoU threshold inside the model.")
     fp16: bool = Field(default=False, description="Half-precision weights; needs a server with a CUDA GPU.")

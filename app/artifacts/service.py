@@ -126,6 +126,7 @@ def _export(
         class_names=class_names,
         conf=options.conf,
         iou=options.iou,
+        max_pixels=settings.export_max_pixels,
         **payload,
     )
     shape = result["input_shape"]

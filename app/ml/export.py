@@ -35,6 +35,10 @@ class ExportError(Exception):
     """The model cannot be exported (a missing dependency, or SG failed)."""
 
 
+class ExportTooLarge(ValueError):
+    """The export asked for is over the server's limit on pixels per call (the request's to change)."""
+
+
 @dataclass
 class ExportResult:
     """Where the ONNX file is and what it expects."""
@@ -70,6 +74,26 @@ def _torchscript_onnx_export() -> Iterator[None]:
         torch.onnx.export = original
 
 
+def _check_size(
+    model: Any, input_size: tuple[int, int] | list[int] | None, batch_size: int, limit: int
+) -> None:
+    """ExportTooLarge when `batch_size` images of the export's input size (`input_size`, else the one
+    SG takes from the model's processing params) are more than `limit` pixels."""
+    from super_gradients.training.utils.export_utils import infer_image_shape_from_model
+
+    shape = tuple(input_size) if input_size is not None else infer_image_shape_from_model(model)
+    if shape is None:
+        return  # SG refuses an export without a shape itself
+    height, width = shape
+    pixels = batch_size * height * width
+    if pixels > limit:
+        raise ExportTooLarge(
+            f"an export of {batch_size} image(s) of {height}x{width} is {pixels:,} pixels per call, over "
+            f"this server's limit of {limit:,} (export_max_pixels): ask for a smaller batch_size or "
+            "input_size"
+        )
+
+
 def _describe(path: Path) -> tuple[list[int], str, list[str]]:
     import onnx
 
@@ -92,13 +116,15 @@ def export_onnx(
     input_size: tuple[int, int] | list[int] | None = None,
     batch_size: int = 1,
     fp16: bool = False,
+    max_pixels: int | None = None,
 ) -> ExportResult:
     """Write `output` (an ONNX file taking uint8 RGB images [batch_size, 3, H, W], H x W the training
     input size unless `input_size` says otherwise, and answering num_detections, boxes, scores,
     classes), unless it exists and is newer than `checkpoint`. Written to a temporary name first, so
     a reader never sees half a file. `class_names`: for a file that carries no processing params
     (see `load_model`). `fp16`: half-precision weights, only on a CUDA `device` (ExportError else:
-    SG converts the model with `.half()` and traces it on the export device)."""
+    SG converts the model with `.half()` and traces it on the export device). `max_pixels`: the most
+    batch_size x H x W allowed (ExportTooLarge beyond: tracing runs the model on a batch that size)."""
     if fp16 and not device.startswith("cuda"):
         raise ExportError("an fp16 export needs a CUDA device; this inference process runs on the CPU")
     if output.is_file() and output.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
@@ -110,6 +136,8 @@ def export_onnx(
 
     start = time.perf_counter()
     model, _ = load_model(model_name, checkpoint, device, class_names)
+    if max_pixels is not None:
+        _check_size(model, input_size, batch_size, max_pixels)
     output.parent.mkdir(parents=True, exist_ok=True)
     # SG infers the format from the extension: keep ".onnx" last.
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")

@@ -285,11 +285,11 @@ def get_model_server(
 
 def _error(exc: BaseException) -> dict[str, Any]:
     """The answer for a request that failed with `exc`."""
-    from app.ml.export import ExportError
+    from app.ml.export import ExportError, ExportTooLarge
     from app.ml.inference import ModelLoadError
     from app.ml.weights import CheckpointRejected
 
-    if isinstance(exc, CheckpointRejected):
+    if isinstance(exc, CheckpointRejected | ExportTooLarge):
         return {"ok": False, "kind": "invalid", "message": str(exc)}
     if isinstance(exc, ModelLoadError):
         return {"ok": False, "kind": "load", "message": str(exc)}
@@ -340,6 +340,7 @@ def _slow(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
             input_size=request.get("input_size"),
             batch_size=request.get("batch_size", 1),
             fp16=request.get("fp16", False),
+            max_pixels=request.get("max_pixels"),
         )
         return {"ok": True, "result": asdict(result)}
     # Unpickling someone's file happens here, never in the API process (weights_only=True).

@@ -95,6 +95,21 @@ def test_fp16_on_a_cpu_server_is_refused(service: Service, job: dict[str, Any]) 
     assert not any("fp16" in name for name in exports)
 
 
+def test_an_export_over_the_pixel_limit_is_refused_before_it_runs(
+    service: Service, job: dict[str, Any]
+) -> None:
+    # Valid options, but 4 x 2048 x 2048 is over the default export_max_pixels (32 x 640 x 640): the
+    # trace of a batch that size takes gigabytes (41 x 1824 x 1568 got the inference process killed for
+    # memory, every request it held a 503). Refused as the request's to change, and nothing written.
+    for path in (f"/jobs/{job['id']}/export", f"/jobs/{job['id']}/export"):  # twice: not a first-call fluke
+        response = service.client.post(path, json={"input_size": [2048, 2048], "batch_size": 4}, timeout=600)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert "export_max_pixels" in detail and "16,777,216 pixels" in detail, detail
+    exports = {i["name"] for i in service.client.get(f"/jobs/{job['id']}/artifacts").json()["items"]}
+    assert not any("2048x2048" in name for name in exports), exports
+
+
 def test_input_size_and_batch_are_exported(service: Service, job: dict[str, Any], tmp_path: Path) -> None:
     export = _export(service, f"/jobs/{job['id']}/export", {"input_size": [96, 128], "batch_size": 2})
     assert export["artifact"]["name"] == "export/model-96x128-b2-conf0.25-iou0.65.onnx"

@@ -349,3 +349,27 @@ def test_pre_and_post_processing_match_sg() -> None:
     assert out["steps"][1]["mode"] == "center" and out["steps"][1]["pad_value"] == 114
     assert out["pre_diff"] < 1e-6  # float32 rounding of x / 255
     assert out["box_diff"] < 1e-3
+
+
+def _export_at_limits(checkpoint: Path, output: Path) -> tuple[str, list[int]]:
+    """Child process: an export one pixel over `max_pixels` (the refusal's message), then one exactly
+    at it (the exported input shape). Neither names an input size: it comes from the checkpoint."""
+    from app.ml.export import ExportTooLarge, export_onnx
+
+    pixels = 2 * 64 * 96  # batch 2 of the checkpoint's 64 x 96
+    try:
+        export_onnx("yolo_nas_s", checkpoint, output, batch_size=2, max_pixels=pixels - 1)
+    except ExportTooLarge as exc:
+        refused = str(exc)
+    else:
+        raise AssertionError("an export over max_pixels ran")
+    assert not output.exists()
+    return refused, export_onnx("yolo_nas_s", checkpoint, output, batch_size=2, max_pixels=pixels).input_shape
+
+
+def test_an_export_is_refused_over_its_pixel_limit_with_the_checkpoints_input_size(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    refused, shape = run_isolated(_export_at_limits, checkpoint, tmp_path / "model.onnx")
+    assert "2 image(s) of 64x96 is 12,288 pixels" in refused and "12,287" in refused, refused
+    assert shape == [2, 3, 64, 96]
