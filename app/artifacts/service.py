@@ -20,6 +20,7 @@ from app.inference import call_model_server
 from app.jobs import files, stored
 from app.jobs.models import Job
 from app.jobs.service import get_job
+from app.ml.types import ExportTooLarge, check_export_pixels
 from app.prediction.service import best_checkpoint
 from app.settings import Settings
 from app.storage import ObjectMissing, Store, open_cache, open_store
@@ -112,6 +113,12 @@ def _export(
     class_names: list[str] | None,
     options: ExportOptions,
 ) -> dict[str, Any]:
+    if options.input_size is not None:  # the checkpoint's own size is checked by the inference process
+        try:
+            height, width = options.input_size
+            check_export_pixels(options.batch_size, height, width, settings.export_max_pixels)
+        except ExportTooLarge as exc:
+            raise InvalidInput.field(["body", "batch_size"], str(exc)) from exc
     _check_fp16(settings, options)
     payload: dict[str, Any] = {}
     if options != ExportOptions():  # the defaults: the request as before options existed

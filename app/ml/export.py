@@ -28,15 +28,11 @@ from typing import Any
 from app.ml.inference import load_model
 from app.ml.layout import BEST_CHECKPOINT, run_dirs, serving_onnx_path, temp_path
 from app.ml.ort import SPEC_KEY, PostProcessing, ServingSpec
-from app.ml.types import DEFAULT_CONF, DEFAULT_IOU
+from app.ml.types import DEFAULT_CONF, DEFAULT_IOU, check_export_pixels
 
 
 class ExportError(Exception):
     """The model cannot be exported (a missing dependency, or SG failed)."""
-
-
-class ExportTooLarge(ValueError):
-    """The export asked for is over the server's limit on pixels per call (the request's to change)."""
 
 
 @dataclass
@@ -74,24 +70,15 @@ def _torchscript_onnx_export() -> Iterator[None]:
         torch.onnx.export = original
 
 
-def _check_size(
-    model: Any, input_size: tuple[int, int] | list[int] | None, batch_size: int, limit: int
-) -> None:
-    """ExportTooLarge when `batch_size` images of the export's input size (`input_size`, else the one
-    SG takes from the model's processing params) are more than `limit` pixels."""
+def _check_inferred_size(model: Any, batch_size: int, limit: int) -> None:
+    """`check_export_pixels` for an export at the input size SG takes from the model's processing
+    params (an explicit `input_size` is checked before the model is loaded)."""
     from super_gradients.training.utils.export_utils import infer_image_shape_from_model
 
-    shape = tuple(input_size) if input_size is not None else infer_image_shape_from_model(model)
+    shape = infer_image_shape_from_model(model)
     if shape is None:
         return  # SG refuses an export without a shape itself
-    height, width = shape
-    pixels = batch_size * height * width
-    if pixels > limit:
-        raise ExportTooLarge(
-            f"an export of {batch_size} image(s) of {height}x{width} is {pixels:,} pixels per call, over "
-            f"this server's limit of {limit:,} (export_max_pixels): ask for a smaller batch_size or "
-            "input_size"
-        )
+    check_export_pixels(batch_size, shape[0], shape[1], limit)
 
 
 def _describe(path: Path) -> tuple[list[int], str, list[str]]:
@@ -124,9 +111,12 @@ def export_onnx(
     a reader never sees half a file. `class_names`: for a file that carries no processing params
     (see `load_model`). `fp16`: half-precision weights, only on a CUDA `device` (ExportError else:
     SG converts the model with `.half()` and traces it on the export device). `max_pixels`: the most
-    batch_size x H x W allowed (ExportTooLarge beyond: tracing runs the model on a batch that size)."""
+    batch_size x H x W allowed (ExportTooLarge beyond: tracing runs the model on a batch that size);
+    an explicit `input_size` is checked before the model is loaded."""
     if fp16 and not device.startswith("cuda"):
         raise ExportError("an fp16 export needs a CUDA device; this inference process runs on the CPU")
+    if max_pixels is not None and input_size is not None:  # refused before seconds of loading
+        check_export_pixels(batch_size, input_size[0], input_size[1], max_pixels)
     if output.is_file() and output.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
         dims, dtype, outputs = _describe(output)
         return ExportResult(str(output), output.stat().st_size, True, 0.0, dims, dtype, outputs)
@@ -136,8 +126,8 @@ def export_onnx(
 
     start = time.perf_counter()
     model, _ = load_model(model_name, checkpoint, device, class_names)
-    if max_pixels is not None:
-        _check_size(model, input_size, batch_size, max_pixels)
+    if max_pixels is not None and input_size is None:
+        _check_inferred_size(model, batch_size, max_pixels)
     output.parent.mkdir(parents=True, exist_ok=True)
     # SG infers the format from the extension: keep ".onnx" last.
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}")

@@ -285,8 +285,9 @@ def get_model_server(
 
 def _error(exc: BaseException) -> dict[str, Any]:
     """The answer for a request that failed with `exc`."""
-    from app.ml.export import ExportError, ExportTooLarge
+    from app.ml.export import ExportError
     from app.ml.inference import ModelLoadError
+    from app.ml.types import ExportTooLarge
     from app.ml.weights import CheckpointRejected
 
     if isinstance(exc, CheckpointRejected | ExportTooLarge):

@@ -32,6 +32,25 @@ def greater_is_better(metric: str) -> bool:
 # YOLO default) and let the caller raise it.
 DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.65
+
+
+class ExportTooLarge(ValueError):
+    """The export asked for is over the server's limit on pixels per call (the request's to change)."""
+
+
+def check_export_pixels(batch_size: int, height: int, width: int, limit: int) -> None:
+    """ExportTooLarge when `batch_size` images of `height` x `width` are more than `limit` pixels
+    (`Settings.export_max_pixels`): tracing an export runs the model on a batch that size, and its
+    memory grows with the pixels (about 150 bytes each for YOLO-NAS-S on the CPU)."""
+    pixels = batch_size * height * width
+    if pixels > limit:
+        raise ExportTooLarge(
+            f"an export of {batch_size} image(s) of {height}x{width} is {pixels:,} pixels per call, over "
+            f"this server's limit of {limit:,} (export_max_pixels): ask for a smaller batch_size or "
+            "input_size"
+        )
+
+
 # Images in one merged batch of /predict requests (`Settings.predict_max_batch_images`).
 DEFAULT_MAX_BATCH_IMAGES = 16
 

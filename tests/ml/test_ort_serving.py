@@ -354,7 +354,8 @@ def test_pre_and_post_processing_match_sg() -> None:
 def _export_at_limits(checkpoint: Path, output: Path) -> tuple[str, list[int]]:
     """Child process: an export one pixel over `max_pixels` (the refusal's message), then one exactly
     at it (the exported input shape). Neither names an input size: it comes from the checkpoint."""
-    from app.ml.export import ExportTooLarge, export_onnx
+    from app.ml.export import export_onnx
+    from app.ml.types import ExportTooLarge
 
     pixels = 2 * 64 * 96  # batch 2 of the checkpoint's 64 x 96
     try:
@@ -373,3 +374,27 @@ def test_an_export_is_refused_over_its_pixel_limit_with_the_checkpoints_input_si
     refused, shape = run_isolated(_export_at_limits, checkpoint, tmp_path / "model.onnx")
     assert "2 image(s) of 64x96 is 12,288 pixels" in refused and "12,287" in refused, refused
     assert shape == [2, 3, 64, 96]
+
+
+def test_an_explicit_input_size_over_the_limit_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    # The checkpoint does not exist: a refusal that came after loading would be a FileNotFoundError
+    # (and seconds of SG import), so the ExportTooLarge shows the size was checked first.
+    from app.ml.export import export_onnx
+    from app.ml.types import ExportTooLarge
+
+    missing, output = tmp_path / "missing.pth", tmp_path / "model.onnx"
+    with pytest.raises(ExportTooLarge, match="4 image\\(s\\) of 2048x2048 is 16,777,216 pixels"):
+        export_onnx(
+            "yolo_nas_s", missing, output, input_size=[2048, 2048], batch_size=4, max_pixels=2**24 - 1
+        )
+    assert not output.exists()
+
+
+def test_export_pixels_limit_is_inclusive() -> None:
+    from app.ml.types import ExportTooLarge, check_export_pixels
+    from app.settings import Settings
+
+    limit = Settings.model_fields["export_max_pixels"].default
+    check_export_pixels(32, 640, 640, limit)  # the default lets a batch of 32 at 640 x 640 through
+    with pytest.raises(ExportTooLarge, match="33 image\\(s\\) of 640x640 is 13,516,800 pixels"):
+        check_export_pixels(33, 640, 640, limit)
