@@ -177,6 +177,8 @@ class Service:
     home: Path
     datasets_dir: Path
     log_file: Path
+    # The `sgjobs serve` process: the root of the service's process tree (API, worker, training).
+    pid: int
     client: httpx.Client = field(repr=False)
     # What a request needs to act as the service's admin (the client sends it already).
     headers: dict[str, str] = field(repr=False, default_factory=dict)
@@ -294,6 +296,7 @@ def running_service(
                 running.home,
                 datasets_dir,
                 running.log_file,
+                running.pid,
                 client,
                 running.headers,
             )
@@ -413,17 +416,33 @@ class PlainRun:
         """(epoch, batch index, perf_counter seconds) per training batch."""
         return [(int(e), int(b), float(t)) for e, b, t, _ in self.result["batches"]]
 
+    @property
+    def wall_batch_ends(self) -> list[tuple[int, int, float]]:
+        """(epoch, batch index, POSIX time) per training batch: the clock the service's points use."""
+        return [(int(e), int(b), float(w)) for e, b, _, w in self.result["batches"]]
 
-def run_plain(
+
+@dataclass
+class PlainProcess:
+    """A started bench.plain_sg run (see `start_plain`)."""
+
+    proc: subprocess.Popen[bytes]
+    run_dir: Path
+    result_file: Path
+    log_file: Path
+    started: float
+
+
+def start_plain(
     dataset: Dataset,
     size: Size,
     workdir: Path,
     label: str,
     stop_after_batches: int | None = None,
-    timeout: float = 1800,
     **training: Any,
-) -> PlainRun:
-    """Train with plain super-gradients in a child process (bench.plain_sg); raises BenchError on failure."""
+) -> PlainProcess:
+    """Start plain super-gradients training in a child process of its own process group
+    (bench.plain_sg); `finish_plain` waits for it."""
     run_dir = workdir / f"plain-{label}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True)
     config = {
@@ -454,21 +473,39 @@ def run_plain(
             log=log,
             env=env,
         )
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            if proc.poll() is None:
-                testing.kill_group(proc)
-    seconds = time.monotonic() - started
-    if code != 0 or not result_file.is_file():
-        tail = log_file.read_text(errors="replace")[-3000:]
+    return PlainProcess(proc, run_dir, result_file, log_file, started)
+
+
+def finish_plain(plain: PlainProcess, timeout: float = 1800) -> PlainRun:
+    """Wait for a started plain run; its result, or BenchError (the run killed after `timeout`)."""
+    try:
+        code = plain.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if plain.proc.poll() is None:
+            testing.kill_group(plain.proc)
+    seconds = time.monotonic() - plain.started
+    if code != 0 or not plain.result_file.is_file():
+        tail = plain.log_file.read_text(errors="replace")[-3000:]
         raise BenchError(f"plain super-gradients run failed (exit {code}):\n{tail}")
     # Checkpoints and the averaging scratch file (hundreds of MB for big models) are not needed.
     if not KEEP_FILES:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return PlainRun(json.loads(result_file.read_text()), seconds, log_file)
+        shutil.rmtree(plain.run_dir / "checkpoints", ignore_errors=True)
+    return PlainRun(json.loads(plain.result_file.read_text()), seconds, plain.log_file)
+
+
+def run_plain(
+    dataset: Dataset,
+    size: Size,
+    workdir: Path,
+    label: str,
+    stop_after_batches: int | None = None,
+    timeout: float = 1800,
+    **training: Any,
+) -> PlainRun:
+    """Train with plain super-gradients in a child process (bench.plain_sg); raises BenchError on failure."""
+    return finish_plain(start_plain(dataset, size, workdir, label, stop_after_batches, **training), timeout)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,12 +524,21 @@ class Throughput:
     median_batch_s: float
 
 
-def throughput(ends: Sequence[tuple[int, int, float]], images: int, batch_size: int) -> Throughput:
+def throughput(
+    ends: Sequence[tuple[int, int, float]],
+    images: int,
+    batch_size: int,
+    turns: Sequence[tuple[float, float]] | None = None,
+) -> Throughput:
     """Images/s from the end of the first batch of the second epoch to the end of the last batch.
 
     `ends` are (epoch, batch index, time in seconds) of every training batch, in any order; the images
     counted are those of the batches that ended inside the window (the first one's images are not),
     so validation, checkpointing and the epoch turns in between are part of the time, as for a user.
+
+    `turns`: the (start, end) times, on the clock of `ends`, when the process was allowed to run
+    (see `Turns`); the window's seconds are then only those it ran, and a gap between two batches
+    counts in the median only when both ended in the same turn.
     """
     ordered = sorted(ends, key=lambda e: (e[0], e[1]))
     epochs = sorted({e for e, _, _ in ordered})
@@ -504,9 +550,106 @@ def throughput(ends: Sequence[tuple[int, int, float]], images: int, batch_size: 
     if len(window) < 2:
         raise BenchError("throughput window has fewer than 2 batches")
     counted = sum(sizes[b] if b < len(sizes) else sizes[-1] for _, b, _ in window[1:])
-    seconds = window[-1][2] - window[0][2]
-    gaps = [b[2] - a[2] for a, b in zip(window, window[1:], strict=False) if a[0] == b[0]]
+    if turns is None:
+        seconds = window[-1][2] - window[0][2]
+        gaps = [b[2] - a[2] for a, b in zip(window, window[1:], strict=False) if a[0] == b[0]]
+    else:
+        seconds = running_seconds(turns, window[0][2], window[-1][2])
+        gaps = [
+            b[2] - a[2]
+            for a, b in zip(window, window[1:], strict=False)
+            if a[0] == b[0] and _same_turn(turns, a[2], b[2])
+        ]
     return Throughput(counted / seconds, counted, seconds, len(window) - 1, median(gaps))
+
+
+def running_seconds(turns: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """How long, of [start, end], falls inside the turns."""
+    return sum(max(0.0, min(e, end) - max(s, start)) for s, e in turns)
+
+
+def _same_turn(turns: Sequence[tuple[float, float]], first: float, second: float) -> bool:
+    return any(s <= first and second <= e for s, e in turns)
+
+
+# --------------------------------------------------------------------------------------------------
+# Taking turns: two workloads measured side by side on the same minutes of a drifting VM
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants alive now (empty once `root` is gone)."""
+    import psutil
+
+    try:
+        return [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _send(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def freeze_tree(root: int) -> None:
+    """SIGSTOP `root` and every descendant. Listed again until no new one shows up: a process can
+    fork between a listing and its own stop."""
+    stopped: set[int] = set()
+    while pids := set(process_tree(root)) - stopped:
+        for pid in pids:
+            _send(pid, signal.SIGSTOP)
+        stopped |= pids
+
+
+def thaw_tree(root: int) -> None:
+    """SIGCONT `root` and every descendant."""
+    for pid in process_tree(root):
+        _send(pid, signal.SIGCONT)
+
+
+@dataclass
+class Turns:
+    """Process trees that run one at a time, each for `window` seconds in turn, the others stopped
+    (SIGSTOP), so that a slow minute of the machine falls on all of them alike. A side that is done
+    stays stopped until every side is done. `turns[name]` are the (start, end) POSIX times each ran."""
+
+    roots: dict[str, int]
+    window: float
+    turns: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def run(self, done: Mapping[str, Callable[[], bool]], timeout: float = 3600) -> None:
+        """Take turns (in the order of `roots`; the first starts now, the rest are stopped first)
+        until every `done[name]()` (asked at the end of the side's own turn) is true; every tree
+        runs again afterwards, whatever happened."""
+        names = list(self.roots)
+        finished = dict.fromkeys(names, False)
+        self.turns = {name: [] for name in names}
+        for name in names[1:]:
+            freeze_tree(self.roots[name])
+        deadline = time.monotonic() + timeout
+        current = names[0]
+        try:
+            start = time.time()  # taken before the thaw: the turn starts when the tree may run
+            thaw_tree(self.roots[current])
+            while True:
+                time.sleep(self.window)
+                finished[current] = done[current]()
+                freeze_tree(self.roots[current])
+                self.turns[current].append((start, time.time()))
+                waiting = [n for n in names if not finished[n]]
+                if not waiting:
+                    return
+                if time.monotonic() > deadline:
+                    raise BenchError(f"still running after {timeout} s of turns: {', '.join(waiting)}")
+                after = names[(names.index(current) + 1) % len(names) :] + names
+                current = next(n for n in after if not finished[n])
+                start = time.time()
+                thaw_tree(self.roots[current])
+        finally:
+            for root in self.roots.values():
+                thaw_tree(root)
 
 
 def service_batch_ends(service: Service, job_id: str) -> list[tuple[int, int, float]]:

@@ -18,14 +18,16 @@ from pathlib import Path
 
 from bench.harness import REPO_ROOT
 
-BENCHMARKS: tuple[str, ...] = (
-    "bench.training_overhead",
-    "bench.cancel_latency",
-    "bench.metric_freshness",
-    "bench.job_start",
-    "bench.control_plane",
-    "bench.recovery",
-    "bench.stream",
+# Each: the module and its options beyond --smoke.
+BENCHMARKS: tuple[tuple[str, ...], ...] = (
+    ("bench.training_overhead",),
+    ("bench.training_overhead", "--alternate", "1"),
+    ("bench.cancel_latency",),
+    ("bench.metric_freshness",),
+    ("bench.job_start",),
+    ("bench.control_plane",),
+    ("bench.recovery",),
+    ("bench.stream",),
 )
 
 
@@ -41,10 +43,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sgjobs-bench-smoke-") as tmp:
         out_dir = args.out_dir or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for module in BENCHMARKS:
-            out = out_dir / f"{module.split('.')[-1]}.json"
+        for module, *options in BENCHMARKS:
+            out = out_dir / f"{'-'.join([module.split('.')[-1], *(o.strip('-') for o in options)])}.json"
             out.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", module, "--smoke", "--backend", args.backend, "--out", str(out)]
+            cmd = [sys.executable, "-m", module, *options, "--smoke", "--backend", args.backend]
+            cmd += ["--out", str(out)]
             print(f"$ {' '.join(cmd[1:])}", flush=True)
             started = time.monotonic()
             proc = subprocess.Popen(cmd, cwd=REPO_ROOT)
@@ -60,9 +63,10 @@ def main() -> int:
                 code = -1
             seconds = time.monotonic() - started
             ok = code == 0 and out.is_file() and bool(json.loads(out.read_text()).get("results"))
-            print(f"-> {module}: {'ok' if ok else f'BROKEN (exit {code})'} in {seconds:.0f} s\n", flush=True)
+            label = " ".join([module, *options])
+            print(f"-> {label}: {'ok' if ok else f'BROKEN (exit {code})'} in {seconds:.0f} s\n", flush=True)
             if not ok:
-                failures.append(module)
+                failures.append(label)
     if failures:
         print(f"harness broken in: {', '.join(failures)}", file=sys.stderr)
         return 1
