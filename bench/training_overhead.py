@@ -15,19 +15,21 @@ until the run/job ended: SG import, set-up, final average-model validation inclu
 Plain: perf_counter at each batch end, in the training process. Service: the `time` of the
 per-batch `Batch_PPYoloELoss/loss` points, stamped at batch end in the training process.
 
-`--alternate SECONDS`: plain SG and the job train at the same time, taking turns of SECONDS on the
-CPU (the other side, for the service its whole process tree: API, worker, training process, is
-stopped with SIGSTOP meanwhile; the other backend's service is stopped for the whole round). Each
-side's images/s counts only the seconds it ran. This VM's speed drifts by 20% within minutes, more
-than the 2% the target is about; in turns of a few seconds both sides see the same drift, so each
-round's ratio is paired in time. The service's writes to PostgreSQL, and the server's work for
-them, are in its turns (its client waits for them); the servers themselves are never stopped.
+`--alternate SECONDS`: plain SG and a job on each backend train at the same time, taking turns of
+SECONDS on the CPU (the others stopped with SIGSTOP meanwhile: for a service its whole process
+tree, API, worker, training process and inference process). Each side's images/s counts only the
+seconds it ran. This VM's speed drifts by 20% within minutes, more than the 2% the target is about;
+in turns of a few seconds every side sees the same drift, so each round's ratios are paired in
+time. The service's writes to PostgreSQL, and the server's work for them, are in its turns (its
+client waits for them); the database servers themselves are never stopped.
+CPU only: a GPU would run the kernels queued before a stop on into the other side's turn.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,9 @@ def main() -> int:
         parser.error("--epochs must be >= 2 (epoch 1 is warm-up)")
     if args.alternate < 0:
         parser.error("--alternate must be >= 0")
+    if args.alternate and size.device != "cpu":
+        # A GPU runs the kernels queued before a stop on into the other side's turn.
+        parser.error("--alternate measures CPU training only (--device cpu)")
     if args.alternate:
         return alternating(opts, args.alternate)
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], **{b: [] for b in opts.backends}}
@@ -180,105 +185,103 @@ def main() -> int:
 
 
 def _run_in_turns(
-    service: Service,
-    others: list[Service],
-    dataset: Dataset,
-    size: Size,
-    work: Path,
-    label: str,
-    window: float,
-) -> dict[str, Any]:
-    """One round of `--alternate`: plain SG and a job on `service` in turns; both sides' figures."""
-    for other in others:  # idle services wake up too (broker polls, ticks): not in this round
-        freeze_tree(other.pid)
-    try:
+    svc: dict[str, Service], dataset: Dataset, size: Size, work: Path, label: str, window: float
+) -> dict[str, dict[str, Any]]:
+    """One round of `--alternate`: plain SG and a job on each service, in turns; each side's
+    throughput, and each backend's ratio to the plain run."""
+    for service in svc.values():
         freeze_tree(service.pid)  # the plain run starts (and takes the first turn) alone
+    try:
         plain_process = start_plain(dataset, size, work, label)
-        thaw_tree(service.pid)
-        job = service.submit(make_job_spec(dataset, size, f"overhead-{label}"))
-        final: dict[str, Any] = {}
-
-        def service_done() -> bool:
-            final.update(service.job(job["id"]))
-            return final["status"] in TERMINAL
-
-        turns = Turns({"plain": plain_process.proc.pid, "service": service.pid}, window)
-        turns.run({"plain": lambda: plain_process.proc.poll() is not None, "service": service_done})
-        plain = finish_plain(plain_process)
     finally:
-        for other in others:
-            thaw_tree(other.pid)
-    if final["status"] != "succeeded":
-        raise BenchError(f"{service.name} job {job['id']} {final['status']}: {final.get('error')}")
-    images = plain.result["train_images"]
-    plain_tp = throughput(plain.wall_batch_ends, images, size.batch_size, turns.turns["plain"])
-    ends = service_batch_ends(service, job["id"])
-    service_tp = throughput(ends, dataset.train_images, size.batch_size, turns.turns["service"])
-    remove_job_dir(final)
-    return {
-        "plain": asdict(plain_tp),
-        "service": asdict(service_tp),
-        "ratio": service_tp.images_per_second / plain_tp.images_per_second,
-        "turns": {name: len(t) for name, t in turns.turns.items()},
-        "job_id": job["id"],
-        "device": final.get("device"),
+        for service in svc.values():
+            thaw_tree(service.pid)
+    jobs = {
+        name: s.submit(make_job_spec(dataset, size, f"overhead-{name}-{label}")) for name, s in svc.items()
     }
+    finals: dict[str, dict[str, Any]] = {}
+
+    def service_done(name: str) -> Callable[[], bool]:
+        def done() -> bool:
+            finals[name] = svc[name].job(jobs[name]["id"])
+            return finals[name]["status"] in TERMINAL
+
+        return done
+
+    turns = Turns({"plain": plain_process.proc.pid, **{n: s.pid for n, s in svc.items()}}, window)
+    turns.run({"plain": lambda: plain_process.proc.poll() is not None, **{n: service_done(n) for n in svc}})
+    plain = finish_plain(plain_process)
+    plain_tp = throughput(
+        plain.wall_batch_ends, plain.result["train_images"], size.batch_size, turns.turns["plain"]
+    )
+    out: dict[str, dict[str, Any]] = {"plain": {**asdict(plain_tp), "turns": len(turns.turns["plain"])}}
+    for name, service in svc.items():
+        final = finals[name]
+        if final["status"] != "succeeded":
+            raise BenchError(f"{name} job {final['id']} {final['status']}: {final.get('error')}")
+        ends = service_batch_ends(service, final["id"])
+        tp = throughput(ends, dataset.train_images, size.batch_size, turns.turns[name])
+        out[name] = {
+            **asdict(tp),
+            "ratio": tp.images_per_second / plain_tp.images_per_second,
+            "turns": len(turns.turns[name]),
+            "job_id": final["id"],
+            "device": final.get("device"),
+        }
+        remove_job_dir(final)
+    return out
 
 
 def alternating(opts: Options, window: float) -> int:
-    """`--alternate`: every round trains plain SG and a job on each backend in turns of `window` s."""
+    """`--alternate`: every round trains plain SG and a job on each backend, in turns of `window` s."""
     size = opts.size
-    rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in opts.backends}
+    rounds: list[dict[str, dict[str, Any]]] = []
     with workspace(opts, "overhead") as work:
         datasets_dir = work / "datasets"
         dataset = make_dataset(datasets_dir, size)
         with services(opts.backends, work, datasets_dir, size.device) as svc:
             for round_ in range(size.repeats):
-                for name, service in svc.items():
-                    for other in svc.values():
-                        wait_for_spare(other)
-                    label = f"{name}-r{round_}"
-                    print(
-                        f"round {round_ + 1}/{size.repeats}: plain and {name} in turns",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    others = [s for n, s in svc.items() if n != name]
-                    result = _run_in_turns(service, others, dataset, size, work, label, window)
-                    print(
-                        f"  plain {result['plain']['images_per_second']:.2f}, {name} "
-                        f"{result['service']['images_per_second']:.2f} images/s: {result['ratio']:.3f}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    rounds[name].append(result)
-    rows = []
+                for service in svc.values():
+                    wait_for_spare(service)
+                sides = ", ".join(["plain", *svc])
+                print(f"round {round_ + 1}/{size.repeats}: {sides} in turns", file=sys.stderr, flush=True)
+                result = _run_in_turns(svc, dataset, size, work, f"r{round_}", window)
+                figures = ", ".join(f"{n} {r['images_per_second']:.2f}" for n, r in result.items())
+                print(f"  images/s: {figures}", file=sys.stderr, flush=True)
+                rounds.append(result)
+    plain_ips = [r["plain"]["images_per_second"] for r in rounds]
+    rows = [
+        [
+            "plain SG",
+            ", ".join(fmt(x) for x in plain_ips),
+            "",
+            "1",
+            fmt(median([r["plain"]["median_batch_s"] * 1000 for r in rounds]), 1),
+            "",
+        ]
+    ]
     summary: dict[str, Any] = {"window_s": window, "rounds": rounds, "ratios": {}}
-    for name, results in rounds.items():
-        ratios = [r["ratio"] for r in results]
+    for name in opts.backends:
+        ratios = [r[name]["ratio"] for r in rounds]
         med = median(ratios)
         summary["ratios"][name] = med
         rows.append(
             [
-                name,
-                ", ".join(fmt(r["plain"]["images_per_second"]) for r in results),
-                ", ".join(fmt(r["service"]["images_per_second"]) for r in results),
+                f"service ({name})",
+                ", ".join(fmt(r[name]["images_per_second"]) for r in rounds),
                 ", ".join(fmt(x, 3) for x in ratios),
                 fmt(med, 3),
-                fmt(median([r["plain"]["median_batch_s"] * 1000 for r in results]), 1),
-                fmt(median([r["service"]["median_batch_s"] * 1000 for r in results]), 1),
+                fmt(median([r[name]["median_batch_s"] * 1000 for r in rounds]), 1),
                 target(med >= TARGET_RATIO),
             ]
         )
     table = markdown_table(
         [
-            "backend",
-            "plain SG images/s per round",
-            "service images/s per round",
-            "ratio per round",
+            "run",
+            "images/s per round",
+            "ratio to plain per round",
             "median ratio",
-            "plain median batch ms",
-            "service median batch ms",
+            "median batch ms",
             f"median >= {TARGET_RATIO}",
         ],
         rows,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,12 +43,14 @@ def test_throughput_counts_only_the_seconds_a_process_ran() -> None:
 
 def test_turns_run_one_process_tree_at_a_time(tmp_path: Path) -> None:
     files = {name: tmp_path / f"{name}.txt" for name in ("a", "b")}
+    # Each in a process group of its own, killed as a whole at the end. "b" runs its stamper as a
+    # child, so stopping it means stopping its tree.
     procs = {
-        # "b" runs its stamper as a child, so stopping it means stopping its tree.
-        "a": subprocess.Popen([sys.executable, "-c", _STAMPER, str(files["a"])]),
+        "a": subprocess.Popen([sys.executable, "-c", _STAMPER, str(files["a"])], start_new_session=True),
         "b": subprocess.Popen(
             [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])"]
-            + [sys.executable, "-c", _STAMPER, str(files["b"])]
+            + [sys.executable, "-c", _STAMPER, str(files["b"])],
+            start_new_session=True,
         ),
     }
     try:
@@ -59,7 +63,7 @@ def test_turns_run_one_process_tree_at_a_time(tmp_path: Path) -> None:
         after = {name: [t for t in _stamps(path) if t > ended + 0.1] for name, path in files.items()}
     finally:
         for p in procs.values():
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert all(after.values()), "a tree was left stopped"
     assert len(turns.turns["a"]) in (3, 4, 5) and len(turns.turns["b"]) >= len(turns.turns["a"])
