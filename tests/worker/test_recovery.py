@@ -55,7 +55,12 @@ def test_running_job_whose_lease_expired_is_queued_again_then_failed_after_max_r
     resumable = _running(service_settings, bad_dataset, lease_expires_at=long_ago)
     held = _running(service_settings, bad_dataset)
     moved = sweep_once(service_settings).moved
-    assert moved == {lost: JobStatus.failed, resumable: JobStatus.queued}
+    # The service's own worker sweeps with the same code every sweep_interval_seconds, and may have
+    # moved the first jobs between their inserts and this pass (seen once in CI): whoever swept,
+    # each must end where the sweep puts it (checked below), and this pass moves nothing else.
+    expected = {lost: JobStatus.failed, resumable: JobStatus.queued}
+    assert moved.items() <= expected.items(), moved
+    assert service.job(held)["status"] == "running"
     job = service.job(lost)
     assert job["status"] == "failed" and job["error"]["reason"] == "worker_lost"
     assert "max_restarts 2" in job["error"]["message"] and "attempt 1 on w1" in job["error"]["message"]
