@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,16 @@ SMOKE = Size(images=16, val_images=8, input_size=64, epochs=2, batch_size=8, rep
 TARGET_RATIO = 0.98
 
 
+@contextmanager
+def _set_up(opts: Options) -> Iterator[tuple[Path, Dataset, dict[str, Service]]]:
+    """The work folder, the dataset in it and a running service per backend, for either mode."""
+    with workspace(opts, "overhead") as work:
+        datasets_dir = work / "datasets"
+        dataset = make_dataset(datasets_dir, opts.size)
+        with services(opts.backends, work, datasets_dir, opts.size.device) as svc:
+            yield work, dataset, svc
+
+
 def main() -> int:
     parser = build_parser(__doc__ or "", DEFAULTS, SMOKE)
     parser.add_argument(
@@ -90,52 +101,49 @@ def main() -> int:
     if args.alternate:
         return alternating(opts, args.alternate)
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], **{b: [] for b in opts.backends}}
-    with workspace(opts, "overhead") as work:
-        datasets_dir = work / "datasets"
-        dataset = make_dataset(datasets_dir, size)
-        with services(opts.backends, work, datasets_dir, size.device) as svc:
-            for round_ in range(size.repeats):
-                # Each worker starts its spare training process (seconds of imports) when a training
-                # ends: no round starts before every spare is waiting, so none measures that import.
-                for service in svc.values():
-                    wait_for_spare(service)
-                print(f"round {round_ + 1}/{size.repeats}: plain", file=sys.stderr, flush=True)
-                plain = run_plain(dataset, size, work, f"r{round_}")
-                tp = throughput(plain.batch_ends, plain.result["train_images"], size.batch_size)
-                runs["plain"].append(
+    with _set_up(opts) as (work, dataset, svc):
+        for round_ in range(size.repeats):
+            # Each worker starts its spare training process (seconds of imports) when a training
+            # ends: no round starts before every spare is waiting, so none measures that import.
+            for service in svc.values():
+                wait_for_spare(service)
+            print(f"round {round_ + 1}/{size.repeats}: plain", file=sys.stderr, flush=True)
+            plain = run_plain(dataset, size, work, f"r{round_}")
+            tp = throughput(plain.batch_ends, plain.result["train_images"], size.batch_size)
+            runs["plain"].append(
+                {
+                    "images_per_second": tp.images_per_second,
+                    "window_s": tp.seconds,
+                    "window_images": tp.images,
+                    "median_batch_s": tp.median_batch_s,
+                    "wall_s": plain.seconds,
+                    "device": plain.result["device"],
+                }
+            )
+            for name, service in svc.items():
+                for other in svc.values():
+                    wait_for_spare(other)
+                print(f"round {round_ + 1}/{size.repeats}: {name}", file=sys.stderr, flush=True)
+                posted = time.time()
+                job = service.submit(make_job_spec(dataset, size, f"overhead-{name}-{round_}"))
+                done = service.wait(job["id"], timeout=1800, interval=0.5)
+                wall = time.time() - posted
+                if done["status"] != "succeeded":
+                    raise BenchError(f"{name} job {job['id']} {done['status']}: {done.get('error')}")
+                ends = service_batch_ends(service, job["id"])
+                tp = throughput(ends, dataset.train_images, size.batch_size)
+                runs[name].append(
                     {
                         "images_per_second": tp.images_per_second,
                         "window_s": tp.seconds,
                         "window_images": tp.images,
                         "median_batch_s": tp.median_batch_s,
-                        "wall_s": plain.seconds,
-                        "device": plain.result["device"],
+                        "wall_s": wall,
+                        "device": done.get("device"),
+                        "job_id": job["id"],
                     }
                 )
-                for name, service in svc.items():
-                    for other in svc.values():
-                        wait_for_spare(other)
-                    print(f"round {round_ + 1}/{size.repeats}: {name}", file=sys.stderr, flush=True)
-                    posted = time.time()
-                    job = service.submit(make_job_spec(dataset, size, f"overhead-{name}-{round_}"))
-                    done = service.wait(job["id"], timeout=1800, interval=0.5)
-                    wall = time.time() - posted
-                    if done["status"] != "succeeded":
-                        raise BenchError(f"{name} job {job['id']} {done['status']}: {done.get('error')}")
-                    ends = service_batch_ends(service, job["id"])
-                    tp = throughput(ends, dataset.train_images, size.batch_size)
-                    runs[name].append(
-                        {
-                            "images_per_second": tp.images_per_second,
-                            "window_s": tp.seconds,
-                            "window_images": tp.images,
-                            "median_batch_s": tp.median_batch_s,
-                            "wall_s": wall,
-                            "device": done.get("device"),
-                            "job_id": job["id"],
-                        }
-                    )
-                    remove_job_dir(done)
+                remove_job_dir(done)
 
     plain_median = median([r["images_per_second"] for r in runs["plain"]])
     rows = []
@@ -236,19 +244,16 @@ def alternating(opts: Options, window: float) -> int:
     """`--alternate`: every round trains plain SG and a job on each backend, in turns of `window` s."""
     size = opts.size
     rounds: list[dict[str, dict[str, Any]]] = []
-    with workspace(opts, "overhead") as work:
-        datasets_dir = work / "datasets"
-        dataset = make_dataset(datasets_dir, size)
-        with services(opts.backends, work, datasets_dir, size.device) as svc:
-            for round_ in range(size.repeats):
-                for service in svc.values():
-                    wait_for_spare(service)
-                sides = ", ".join(["plain", *svc])
-                print(f"round {round_ + 1}/{size.repeats}: {sides} in turns", file=sys.stderr, flush=True)
-                result = _run_in_turns(svc, dataset, size, work, f"r{round_}", window)
-                figures = ", ".join(f"{n} {r['images_per_second']:.2f}" for n, r in result.items())
-                print(f"  images/s: {figures}", file=sys.stderr, flush=True)
-                rounds.append(result)
+    with _set_up(opts) as (work, dataset, svc):
+        for round_ in range(size.repeats):
+            for service in svc.values():
+                wait_for_spare(service)
+            sides = ", ".join(["plain", *svc])
+            print(f"round {round_ + 1}/{size.repeats}: {sides} in turns", file=sys.stderr, flush=True)
+            result = _run_in_turns(svc, dataset, size, work, f"r{round_}", window)
+            figures = ", ".join(f"{n} {r['images_per_second']:.2f}" for n, r in result.items())
+            print(f"  images/s: {figures}", file=sys.stderr, flush=True)
+            rounds.append(result)
     plain_ips = [r["plain"]["images_per_second"] for r in rounds]
     rows = [
         [
