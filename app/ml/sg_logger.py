@@ -26,7 +26,7 @@ from super_gradients.common.sg_loggers.time_units import TimeUnit
 from super_gradients.training.utils.utils import move_state_dict_to_device, unwrap_model
 from super_gradients.training.utils.weight_averaging_utils import ModelWeightAveraging
 
-from app.ml.checkpoints import save_atomically, sg_safe_globals
+from app.ml.checkpoints import CheckpointPublisher, sg_safe_globals
 from app.ml.layout import AVERAGING_SNAPSHOTS, LATEST_CHECKPOINT, PREVIOUS_LATEST_CHECKPOINT
 from app.ml.types import LeaseLost, MetricPoint, Reporter
 
@@ -35,19 +35,39 @@ logger = logging.getLogger(__name__)
 LOGGER_NAME = "sgjobs_reporter"
 
 # SG builds the logger itself from its registered name and a fixed set of kwargs, so the reporter
-# cannot be passed in; run_training sets it here for the duration of one `trainer.train`.
+# cannot be passed in; run_training sets it here for the duration of one `trainer.train`, with the
+# publisher that puts the run's checkpoints and snapshots in place.
 _current_reporter: Reporter | None = None
+_current_publisher: CheckpointPublisher | None = None
 
 
 @contextmanager
 def reporting_to(reporter: Reporter) -> Iterator[None]:
-    """Make `reporter` the target of every ReporterSGLogger created inside the block."""
-    global _current_reporter
-    previous, _current_reporter = _current_reporter, reporter
+    """Make `reporter` the target of every ReporterSGLogger created inside the block; every file
+    they save is in place (or its failure raised) when the block ends."""
+    global _current_reporter, _current_publisher
+    previous = _current_reporter, _current_publisher
+    publisher = CheckpointPublisher()
+    _current_reporter, _current_publisher = reporter, publisher
     try:
         yield
     finally:
-        _current_reporter = previous
+        try:
+            publisher.close()
+        finally:
+            _current_reporter, _current_publisher = previous
+
+
+def _publisher() -> CheckpointPublisher:
+    if _current_publisher is None:
+        raise RuntimeError("checkpoints saved outside app.ml.sg_logger.reporting_to()")
+    return _current_publisher
+
+
+def wait_for_checkpoints() -> None:
+    """Until every file saved so far is in place; raises a failure to put one there (LeaseLost,
+    DiskFull). For code that reads back what the run saved (SG's final average-model validation)."""
+    _publisher().wait()
 
 
 def _to_float(value: Any) -> float | None:
@@ -78,6 +98,7 @@ class ReporterSGLogger(BaseSGLogger):
         if _current_reporter is None:
             raise RuntimeError(f"sg_logger '{LOGGER_NAME}' used outside app.ml.sg_logger.reporting_to()")
         self.reporter: Reporter = _current_reporter
+        self.publisher = _publisher()
         super().__init__(**kwargs)
 
     def _forward(self, values: Mapping[str, Any], global_step: int | TimeUnit | None) -> None:
@@ -109,16 +130,17 @@ class ReporterSGLogger(BaseSGLogger):
         """Write a checkpoint atomically and only while the lease is held (BaseSGLogger writes it in
         place: a crash or a full disk mid-save would destroy the last good one).
 
+        The file is written here and put in place in the background (`CheckpointPublisher`).
         ckpt_latest.pth keeps its predecessor as ckpt_latest.previous.pth. Raises LeaseLost (nothing
-        replaced) or DiskFull (the previous file intact); the `checkpoint_write` failpoint fires with
-        epoch = `global_step`, SG's count of epochs completed.
+        replaced) or DiskFull (the previous file intact), for this file or an earlier one; the
+        `checkpoint_write` failpoint fires with epoch = `global_step`, SG's count of epochs completed.
         """
         name = f"ckpt_{global_step}.pth" if tag is None else tag
         if not name.endswith(".pth"):
             name += ".pth"
         path = Path(self._local_dir) / name
         previous = path.with_name(PREVIOUS_LATEST_CHECKPOINT) if name == LATEST_CHECKPOINT else None
-        save_atomically(
+        self.publisher.save(
             self._sanitize_checkpoint(state_dict),
             path,
             holds_lease=self.reporter.holds_lease,
@@ -134,19 +156,21 @@ class ReporterSGLogger(BaseSGLogger):
 
     @multi_process_safe
     def close(self) -> None:
-        """Close SG's writers, then flush the reporter (also on the way out of a cancelled run)."""
+        """Close SG's writers, wait for the checkpoints, then flush the reporter (also on the way out
+        of a cancelled run). Raises a failure to put a checkpoint in place that was not raised yet."""
         try:
             super().close()
+            self.publisher.wait()
         finally:
             self.reporter.flush()
 
 
-def _holds_lease() -> bool:
+def _reporter() -> Reporter:
     # The averaging is built by the Trainer, which cannot pass the reporter; the training runs
     # inside reporting_to(), so the reporter is the current one.
     if _current_reporter is None:
         raise RuntimeError("model averaging used outside app.ml.sg_logger.reporting_to()")
-    return _current_reporter.holds_lease()
+    return _current_reporter
 
 
 class AtomicModelWeightAveraging(ModelWeightAveraging):
@@ -221,18 +245,19 @@ class AtomicModelWeightAveraging(ModelWeightAveraging):
 
     def _save(self, snapshots: dict[str, Any]) -> None:
         # Not a checkpoint: the checkpoint_write failpoint stays on the .pth files.
-        save_atomically(
-            snapshots, Path(self.averaging_snapshots_file), holds_lease=_holds_lease, failpoint=None
-        )
+        path = Path(self.averaging_snapshots_file)
+        _publisher().save(snapshots, path, holds_lease=_reporter().holds_lease, failpoint=None)
 
     def cleanup(self) -> None:
         """Delete the snapshot file at the end of training, unless another attempt owns the job now
         (its snapshots are in the same file)."""
-        if not _holds_lease():
+        _publisher().wait()  # or a pending save would put the file back
+        if not _reporter().holds_lease():
             raise LeaseLost(f"this attempt lost the job's lease: {AVERAGING_SNAPSHOTS} not deleted")
         Path(self.averaging_snapshots_file).unlink(missing_ok=True)
 
     def _get_averaging_snapshots_dict(self) -> dict[str, Any]:
+        _publisher().wait(Path(self.averaging_snapshots_file))
         with sg_safe_globals():  # numpy's array globals, scoped (weights_only=True)
             snapshots = torch.load(self.averaging_snapshots_file, map_location="cpu", weights_only=True)
         if not isinstance(snapshots, dict):

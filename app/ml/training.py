@@ -232,10 +232,10 @@ def _trainer(job_dir: Path, resumed: ResumePoint | None) -> Any:
     `resumed`: the checkpoint `config.resume_from` as `_start_resume` read it."""
     from super_gradients import Trainer
 
-    from app.ml.sg_logger import AtomicModelWeightAveraging
+    from app.ml.sg_logger import AtomicModelWeightAveraging, wait_for_checkpoints
 
     class ResumingTrainer(Trainer):
-        """SG's Trainer, three methods wrapped (no SG source changed):
+        """SG's Trainer, five methods wrapped (no SG source changed):
 
         - `_load_checkpoint_to_model`: SG loads the checkpoint before `train()` sets
           `metric_to_watch`, so it never matches the checkpoint's tracked metric; SG then keeps
@@ -245,6 +245,8 @@ def _trainer(job_dir: Path, resumed: ResumePoint | None) -> Any:
           point (`app.ml.checkpoints.read_resume_point`) and that extra validation is skipped.
         - `_init_monitored_items`: builds `AtomicModelWeightAveraging` instead of SG's averaging.
         - `_save_checkpoint`: tells the averaging which epoch count it is saving.
+        - `_validate_final_average_model`: SG reads average_model.pth back from disk; it waits for
+          the file to be in place (checkpoints are put in place in the background).
         - `_net_to_device`: data-parallel on the CPU (`app.ml.distributed`), which SG's DDP lacks.
         """
 
@@ -307,6 +309,10 @@ def _trainer(job_dir: Path, resumed: ResumePoint | None) -> Any:
             if isinstance(self.model_weight_averaging, AtomicModelWeightAveraging):
                 self.model_weight_averaging.epoch = epoch
             super()._save_checkpoint(optimizer, epoch, *args, **kwargs)
+
+        def _validate_final_average_model(self, *args: Any, **kwargs: Any) -> None:
+            wait_for_checkpoints()
+            super()._validate_final_average_model(*args, **kwargs)
 
     return ResumingTrainer(experiment_name=EXPERIMENT_NAME, ckpt_root_dir=str(job_dir / CHECKPOINTS_DIR))
 
