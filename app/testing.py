@@ -277,7 +277,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], service: RunningService, timeout:
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    tree = _descendants(proc.pid)
+    tree = process_tree(proc.pid)[1:]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -356,12 +356,14 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-def _descendants(pid: int) -> list[int]:
-    try:
-        import psutil
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants alive now (empty once `root` is gone): what `serve` makes sure is
+    gone at its end, and what a benchmark stops and continues as one."""
+    import psutil  # a dependency of super-gradients, so always installed with the service
 
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except Exception:  # psutil missing, or the process already gone
+    try:
+        return [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+    except psutil.Error:  # gone (or not ours) by now
         return []
 
 

@@ -31,7 +31,7 @@ import httpx
 
 from app import testing
 from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
-from app.testing import Backend
+from app.testing import Backend, process_tree
 from worker.standby import READY_FILE, STANDBY_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -522,6 +522,12 @@ class Throughput:
     batches: int
     # Median time between consecutive batch ends inside one epoch (epoch turns excluded), window only.
     median_batch_s: float
+    # The window's seconds, split: between batch ends of the same epoch (`batch_s`, the training
+    # itself), and from an epoch's last batch end to the next epoch's first (`epoch_turns_s`, over
+    # `epoch_turns` turns: validation, checkpoints, the averaging snapshot, then one batch).
+    batch_s: float = 0.0
+    epoch_turns_s: float = 0.0
+    epoch_turns: int = 0
 
 
 def throughput(
@@ -550,17 +556,25 @@ def throughput(
     if len(window) < 2:
         raise BenchError("throughput window has fewer than 2 batches")
     counted = sum(sizes[b] if b < len(sizes) else sizes[-1] for _, b, _ in window[1:])
+    pairs = list(zip(window, window[1:], strict=False))
     if turns is None:
         seconds = window[-1][2] - window[0][2]
-        gaps = [b[2] - a[2] for a, b in zip(window, window[1:], strict=False) if a[0] == b[0]]
+        gaps = [b[2] - a[2] for a, b in pairs if a[0] == b[0]]
+        spans = [(a[0] == b[0], b[2] - a[2]) for a, b in pairs]
     else:
         seconds = running_seconds(turns, window[0][2], window[-1][2])
-        gaps = [
-            b[2] - a[2]
-            for a, b in zip(window, window[1:], strict=False)
-            if a[0] == b[0] and _same_turn(turns, a[2], b[2])
-        ]
-    return Throughput(counted / seconds, counted, seconds, len(window) - 1, median(gaps))
+        gaps = [b[2] - a[2] for a, b in pairs if a[0] == b[0] and _same_turn(turns, a[2], b[2])]
+        spans = [(a[0] == b[0], running_seconds(turns, a[2], b[2])) for a, b in pairs]
+    return Throughput(
+        counted / seconds,
+        counted,
+        seconds,
+        len(window) - 1,
+        median(gaps),
+        batch_s=sum(s for within, s in spans if within),
+        epoch_turns_s=sum(s for within, s in spans if not within),
+        epoch_turns=sum(1 for within, _ in spans if not within),
+    )
 
 
 def running_seconds(turns: Sequence[tuple[float, float]], start: float, end: float) -> float:
@@ -574,16 +588,6 @@ def _same_turn(turns: Sequence[tuple[float, float]], first: float, second: float
 
 # --------------------------------------------------------------------------------------------------
 # Taking turns: two workloads measured side by side on the same minutes of a drifting VM
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and its descendants alive now (empty once `root` is gone)."""
-    import psutil
-
-    try:
-        return [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _send(pid: int, sig: int) -> None:

@@ -255,16 +255,18 @@ def alternating(opts: Options, window: float) -> int:
             print(f"  images/s: {figures}", file=sys.stderr, flush=True)
             rounds.append(result)
     plain_ips = [r["plain"]["images_per_second"] for r in rounds]
-    rows = [
-        [
-            "plain SG",
-            ", ".join(fmt(x) for x in plain_ips),
-            "",
-            "1",
-            fmt(median([r["plain"]["median_batch_s"] * 1000 for r in rounds]), 1),
-            "",
+
+    def split(name: str) -> list[str]:
+        """Median over rounds of the mean batch (ms) and of the mean epoch turn (s)."""
+        batch = [r[name]["batch_s"] / max(1, r[name]["batches"] - r[name]["epoch_turns"]) for r in rounds]
+        turn = [r[name]["epoch_turns_s"] / max(1, r[name]["epoch_turns"]) for r in rounds]
+        return [
+            fmt(median([r[name]["median_batch_s"] * 1000 for r in rounds]), 1),
+            fmt(median(batch) * 1000, 1),
+            fmt(median(turn), 2),
         ]
-    ]
+
+    rows = [["plain SG", ", ".join(fmt(x) for x in plain_ips), "", "1", *split("plain"), ""]]
     summary: dict[str, Any] = {"window_s": window, "rounds": rounds, "ratios": {}}
     for name in opts.backends:
         ratios = [r[name]["ratio"] for r in rounds]
@@ -276,7 +278,7 @@ def alternating(opts: Options, window: float) -> int:
                 ", ".join(fmt(r[name]["images_per_second"]) for r in rounds),
                 ", ".join(fmt(x, 3) for x in ratios),
                 fmt(med, 3),
-                fmt(median([r[name]["median_batch_s"] * 1000 for r in rounds]), 1),
+                *split(name),
                 target(med >= TARGET_RATIO),
             ]
         )
@@ -287,6 +289,8 @@ def alternating(opts: Options, window: float) -> int:
             "ratio to plain per round",
             "median ratio",
             "median batch ms",
+            "mean batch ms",
+            "mean epoch turn s",
             f"median >= {TARGET_RATIO}",
         ],
         rows,

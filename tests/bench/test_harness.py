@@ -41,6 +41,16 @@ def test_throughput_counts_only_the_seconds_a_process_ran() -> None:
     assert wall.seconds == pytest.approx(12.0) and wall.median_batch_s == pytest.approx(1.0)
 
 
+def test_throughput_splits_the_window_into_batches_and_epoch_turns() -> None:
+    # 3 epochs of 2 batches a second apart; 3 s between epochs 1 and 2 (validation, checkpoints).
+    ends = [(0, 0, 0.0), (0, 1, 1.0), (1, 0, 4.0), (1, 1, 5.0), (2, 0, 9.0), (2, 1, 10.0)]
+    wall = throughput(ends, 4, 2)
+    assert (wall.seconds, wall.batch_s, wall.epoch_turns_s, wall.epoch_turns) == pytest.approx((6, 2, 4, 1))
+    # Stopped from 6 to 8, inside the epoch turn: only its running seconds count.
+    ran = throughput(ends, 4, 2, [(0.0, 6.0), (8.0, 20.0)])
+    assert (ran.seconds, ran.batch_s, ran.epoch_turns_s, ran.epoch_turns) == pytest.approx((4, 2, 2, 1))
+
+
 def test_turns_run_one_process_tree_at_a_time(tmp_path: Path) -> None:
     files = {name: tmp_path / f"{name}.txt" for name in ("a", "b")}
     # Each in a process group of its own, killed as a whole at the end. "b" runs its stamper as a
