@@ -5,7 +5,7 @@ globals (the `averaging_snapshots.pkl` of `average_best_models` stores a numpy m
 allow exactly those, scoped to a `with` block, instead of the process-wide
 `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` that would make every load unsafe.
 
-Also: `save_atomically`, the all-or-nothing, lease-fenced write every checkpoint goes through, and
+Also: `CheckpointPublisher`, the all-or-nothing, lease-fenced write every checkpoint goes through, and
 `pick_resume_checkpoint` / `read_resume_point`, which choose and describe the checkpoint a job's
 next attempt resumes from.
 
@@ -248,38 +248,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-def save_atomically(
-    state: Any,
-    path: Path,
-    *,
-    holds_lease: Callable[[], bool],
-    keep_previous_as: Path | None = None,
-    failpoint: str | None = "checkpoint_write",
-    epoch: int | None = None,
-) -> None:
-    """`torch.save(state, path)`, all or nothing, and only while this attempt holds the job's lease.
-
-    Writes a temporary file next to `path` (the `failpoint` fires after part of it, with `epoch`),
-    fsyncs it, then asks `holds_lease()`: False means another attempt owns the job now, so the
-    temporary file is deleted and LeaseLost raised. Otherwise the current `path` becomes
-    `keep_previous_as` (when given) and the temporary file is renamed to `path`, then the directory
-    is fsynced. On any error the temporary file is deleted and `path` is untouched; a full disk
-    (ENOSPC, EDQUOT, or torch's write failure with little free space) raises DiskFull, anything
-    else propagates. A process killed mid-write leaves only a `*.tmp` file behind.
-    `CheckpointPublisher.save` does the same with everything after the write in a background thread.
-    """
-    tmp = temp_path(path)
-    replaced_size = _size(path)
-    try:
-        _write_temporary(state, tmp, failpoint, epoch)
-        _put_in_place(tmp, path, holds_lease, keep_previous_as)
-    except BaseException as exc:
-        error = _failed(exc, tmp, path, replaced_size)
-        if error is exc:
-            raise
-        raise error from exc
-
-
 @dataclass(frozen=True)
 class _Publication:
     tmp: Path
@@ -290,16 +258,24 @@ class _Publication:
 
 
 class CheckpointPublisher:
-    """`save_atomically` with the training thread waiting only for `torch.save`: the fsync, the lease
-    check (a database round trip), keeping the previous file and the renames run in one background
-    thread, in the order the files were saved.
+    """`torch.save(state, path)`, all or nothing, and only while this attempt holds the job's lease;
+    the training thread waits only for the write.
 
-    Why: those steps cost the training loop 0.1-0.3 s per epoch (3-4 files of up to 171 MiB each
-    for YOLO-NAS-S), time plain SG spends training. Nothing is weaker for it: a file is still put in
-    place only complete, durable and under the lease, and a crash before that leaves the previous
-    file and a `*.tmp` (deleted when the next attempt resumes).
+    `save` writes a temporary file next to `path` (the `failpoint` fires after part of it, with
+    `epoch`). One background thread then, in the order the files were saved, fsyncs it and asks
+    `holds_lease()`: False means another attempt owns the job now, so the temporary file is deleted
+    and LeaseLost raised. Otherwise the current `path` becomes `keep_previous_as` (when given), the
+    temporary file is renamed to `path` and the directory fsynced. On any error the temporary file
+    is deleted and `path` is untouched; a full disk (ENOSPC, EDQUOT, or torch's write failure with
+    little free space) raises DiskFull, anything else propagates. A process killed mid-write leaves
+    only a `*.tmp` file behind.
 
-    Differences a caller sees: a file is in place only once `wait(path)` (or `wait()`) returns, and a
+    Why a background thread: done in the training thread, those steps cost 0.1-0.3 s per epoch (3-4
+    files of up to 171 MiB each for YOLO-NAS-S), time plain SG spends training (BENCHMARKS). Nothing
+    is weaker for it: a file is put in place only complete, durable and under the lease, and a crash
+    before that leaves the previous file and a `*.tmp` (deleted when the next attempt resumes).
+
+    What a caller must know: a file is in place only once `wait(path)` (or `wait()`) returns, and a
     failure to put one in place (LeaseLost, DiskFull) is raised by the next `save` or `wait`; every
     file saved after a failure is dropped (its temporary file deleted), so the files in place never
     mix a run's older and newer epochs. A file has at most one save in flight: a second `save` of
@@ -328,7 +304,7 @@ class CheckpointPublisher:
         """Write `state` to a temporary file next to `path` now; put it in place in the background.
 
         Raises an earlier save's failure first (every time: nothing is saved after one); a failure
-        of this write itself (DiskFull, the failpoint) is raised here, as by `save_atomically`.
+        of this write itself (DiskFull, the failpoint) is raised here.
         """
         self.wait(path)
         with self._cond:
