@@ -278,6 +278,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], service: RunningService, timeout:
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
     tree = process_tree(proc.pid)[1:]
+    for pid in (proc.pid, *tree):  # a stopped process (a benchmark's turn) acts on SIGTERM once continued
+        signal_quietly(pid, signal.SIGCONT)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -293,10 +295,15 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
         time.sleep(0.2)
     for pid in tree:
         if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_quietly(pid, signal.SIGKILL)
+
+
+def signal_quietly(pid: int, sig: int) -> None:
+    """`os.kill(pid, sig)`, nothing if the process is gone (or not ours)."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def start_worker(

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -31,7 +31,7 @@ import httpx
 
 from app import testing
 from app.datasets.demo import DEFAULT_CLASSES, ShapesSpec, write_shapes_dataset
-from app.testing import Backend, process_tree
+from app.testing import Backend, process_tree, signal_quietly
 from worker.standby import READY_FILE, STANDBY_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -590,27 +590,22 @@ def _same_turn(turns: Sequence[tuple[float, float]], first: float, second: float
 # Taking turns: two workloads measured side by side on the same minutes of a drifting VM
 
 
-def _send(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def freeze_tree(root: int) -> None:
-    """SIGSTOP `root` and every descendant. Listed again until no new one shows up: a process can
-    fork between a listing and its own stop."""
+def freeze_tree(root: int) -> set[int]:
+    """SIGSTOP `root` and every descendant; the pids stopped. Listed again until no new one shows up:
+    a process can fork between a listing and its own stop."""
     stopped: set[int] = set()
     while pids := set(process_tree(root)) - stopped:
         for pid in pids:
-            _send(pid, signal.SIGSTOP)
+            signal_quietly(pid, signal.SIGSTOP)
         stopped |= pids
+    return stopped
 
 
-def thaw_tree(root: int) -> None:
-    """SIGCONT `root` and every descendant."""
-    for pid in process_tree(root):
-        _send(pid, signal.SIGCONT)
+def thaw_tree(root: int, also: Iterable[int] = ()) -> None:
+    """SIGCONT `root`, every descendant and the pids `also`: processes stopped in the tree that have
+    left it since (a replaced fork server, reparented to init, would otherwise stay stopped)."""
+    for pid in set(process_tree(root)) | set(also):
+        signal_quietly(pid, signal.SIGCONT)
 
 
 @dataclass
@@ -630,17 +625,18 @@ class Turns:
         names = list(self.roots)
         finished = dict.fromkeys(names, False)
         self.turns = {name: [] for name in names}
+        stopped: dict[str, set[int]] = {name: set() for name in names}
         for name in names[1:]:
-            freeze_tree(self.roots[name])
+            stopped[name] |= freeze_tree(self.roots[name])
         deadline = time.monotonic() + timeout
         current = names[0]
         try:
             start = time.time()  # taken before the thaw: the turn starts when the tree may run
-            thaw_tree(self.roots[current])
+            thaw_tree(self.roots[current], stopped[current])
             while True:
                 time.sleep(self.window)
                 finished[current] = done[current]()
-                freeze_tree(self.roots[current])
+                stopped[current] |= freeze_tree(self.roots[current])
                 self.turns[current].append((start, time.time()))
                 waiting = [n for n in names if not finished[n]]
                 if not waiting:
@@ -650,10 +646,10 @@ class Turns:
                 after = names[(names.index(current) + 1) % len(names) :] + names
                 current = next(n for n in after if not finished[n])
                 start = time.time()
-                thaw_tree(self.roots[current])
+                thaw_tree(self.roots[current], stopped[current])
         finally:
-            for root in self.roots.values():
-                thaw_tree(root)
+            for name, root in self.roots.items():
+                thaw_tree(root, stopped[name])
 
 
 def service_batch_ends(service: Service, job_id: str) -> list[tuple[int, int, float]]:

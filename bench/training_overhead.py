@@ -197,13 +197,13 @@ def _run_in_turns(
 ) -> dict[str, dict[str, Any]]:
     """One round of `--alternate`: plain SG and a job on each service, in turns; each side's
     throughput, and each backend's ratio to the plain run."""
-    for service in svc.values():
-        freeze_tree(service.pid)  # the plain run starts (and takes the first turn) alone
+    # The plain run starts (and takes the first turn) alone.
+    stopped = {name: freeze_tree(service.pid) for name, service in svc.items()}
     try:
         plain_process = start_plain(dataset, size, work, label)
     finally:
-        for service in svc.values():
-            thaw_tree(service.pid)
+        for name, service in svc.items():
+            thaw_tree(service.pid, stopped[name])
     jobs = {
         name: s.submit(make_job_spec(dataset, size, f"overhead-{name}-{label}")) for name, s in svc.items()
     }

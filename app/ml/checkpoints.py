@@ -168,9 +168,8 @@ def _mib(size: int | None) -> str:
     return "unknown" if size is None else f"{size / 2**20:.1f} MiB"
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The renames are durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
@@ -215,21 +214,18 @@ def _put_in_place(
     tmp: Path, path: Path, holds_lease: Callable[[], bool], keep_previous_as: Path | None
 ) -> None:
     """Make the complete temporary file `tmp` durable, then, if the lease is still held, `path`."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(tmp)
     if not holds_lease():
         raise LeaseLost(f"this attempt lost the job's lease: {path.name} not replaced")
     if keep_previous_as is not None and path.exists():
         _keep_previous(path, keep_previous_as)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent, os.O_DIRECTORY)  # the rename is durable only once the directory is synced
 
 
 def _failed(exc: BaseException, tmp: Path, path: Path, replaced_size: int) -> BaseException:
-    """Delete `tmp` after `exc` ended its write; what to raise: DiskFull for a full disk, else `exc`."""
+    """Delete `tmp` after `exc` ended its write; what to raise: DiskFull for a full disk (caused by
+    `exc`: it may be raised later, from another thread), else `exc`."""
     free = _free_bytes(path.parent)  # before the temporary file frees its space again
     tmp.unlink(missing_ok=True)
     if not _is_disk_full(exc, free, replaced_size):
@@ -320,7 +316,7 @@ class CheckpointPublisher:
             error = _failed(exc, tmp, path, replaced_size)
             if error is exc:
                 raise
-            raise error from exc
+            raise error  # noqa: B904  # _failed set its cause
         with self._cond:
             self._queue.append(_Publication(tmp, path, holds_lease, keep_previous_as, replaced_size))
             self._in_flight[path] = self._in_flight.get(path, 0) + 1

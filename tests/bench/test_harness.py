@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import Turns, running_seconds, throughput
+from bench.harness import Turns, freeze_tree, running_seconds, thaw_tree, throughput
 
 # A process that writes the time, every millisecond, to a file: when it ran, as it saw it.
 _STAMPER = """
@@ -87,3 +87,31 @@ def test_turns_run_one_process_tree_at_a_time(tmp_path: Path) -> None:
         inside = [t for t in during if any(s - 0.005 <= t <= e + 0.005 for s, e in turns.turns[name])]
         assert len(inside) == len(during), (name, len(during) - len(inside))
         assert not any(s + 0.005 < t < e - 0.005 for t in during for s, e in turns.turns[other]), name
+
+
+def test_a_process_that_left_the_tree_while_stopped_is_thawed(tmp_path: Path) -> None:
+    # A stamper run as the child of a parent that dies while both are stopped (a replaced fork
+    # server does): the child is init's now, no longer in the tree, and must run again all the same.
+    stamps = tmp_path / "child.txt"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])"]
+        + [sys.executable, "-c", _STAMPER, str(stamps)],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (stamps.exists() and stamps.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stopped = freeze_tree(parent.pid)
+        assert len(stopped) == 2
+        parent.kill()
+        parent.wait()
+        frozen = time.time()
+        time.sleep(0.3)
+        assert not [t for t in _stamps(stamps) if t > frozen + 0.05], "the child ran while stopped"
+        thaw_tree(parent.pid, stopped)
+        thawed = time.time()
+        time.sleep(0.3)
+        assert [t for t in _stamps(stamps) if t > thawed], "the child was left stopped"
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the child is still in the parent's process group

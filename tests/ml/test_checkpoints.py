@@ -60,6 +60,14 @@ def _publisher(request: pytest.FixtureRequest) -> CheckpointPublisher:
     return publisher
 
 
+def _held_in_the_lease_check(publisher: CheckpointPublisher, path: Path, value: float) -> Lease:
+    """Save `value` to `path` and return once its lease check, in the background, holds it there."""
+    lease = Lease(blocked=True)
+    publisher.save(_state(value), path, holds_lease=lease)
+    assert lease.entered.wait(BLOCK_SECONDS)
+    return lease
+
+
 def _close_quietly(publisher: CheckpointPublisher) -> None:
     try:
         publisher.close()
@@ -93,10 +101,8 @@ def test_files_go_in_place_in_order_keeping_the_previous(
 def test_save_returns_before_the_file_is_in_place(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     publisher = _publisher(request)
     path = tmp_path / "ckpt_latest.pth"
-    lease = Lease(blocked=True)
-    publisher.save(_state(1.0), path, holds_lease=lease)
     # The lease check runs in the background and is held there: the caller is already back.
-    assert lease.entered.wait(BLOCK_SECONDS)
+    lease = _held_in_the_lease_check(publisher, path, 1.0)
     assert not path.exists() and len(_temps(tmp_path)) == 1
     lease.release()
     publisher.wait(path)
@@ -106,9 +112,7 @@ def test_save_returns_before_the_file_is_in_place(tmp_path: Path, request: pytes
 def test_a_file_has_one_save_in_flight(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     publisher = _publisher(request)
     path = tmp_path / "ckpt_latest.pth"
-    first = Lease(blocked=True)
-    publisher.save(_state(1.0), path, holds_lease=first)
-    assert first.entered.wait(BLOCK_SECONDS)
+    first = _held_in_the_lease_check(publisher, path, 1.0)
     second = threading.Thread(
         target=publisher.save, args=(_state(2.0), path), kwargs={"holds_lease": Lease()}
     )
