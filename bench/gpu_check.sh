@@ -2,6 +2,8 @@
 # Issue 13's one-shot GPU check on a lent machine (one H100 or H200; python3 = Python 3.12 with
 # torch, onnxruntime, numpy ... but no super-gradients): installs the carried wheels (.whl/), or uses
 # packages already unpacked into $GPU_CHECK_SITE, checks the imports, then measures:
+#   fork:    jobs one after the other in children of the fork server on the device (bench/gpu_fork.py:
+#            forked, device cuda, each child exits by itself and leaves nothing on the GPU);
 #   http:    the whole service on the GPU (bench/predict_latency.py --device cuda): a job trained
 #            through the API, warm POST /predict against the in-process ways (SG's predict, the held
 #            fp16 pipeline, onnxruntime's own latency with the CUDA provider), 320 and 640 px;
@@ -14,12 +16,12 @@
 # packs it with the project's packages in parts of one call each, and says how to unpack them into
 # /tmp/site there (then GPU_CHECK_SITE=/tmp/site).
 # Each step is guarded (a failure does not stop the next) and logged to $OUT/<step>.log; results in
-# $OUT/predict.json, $OUT/train.json and $OUT/summary.md (7 files). Whole run: about 5-7 minutes.
+# $OUT/fork.md, $OUT/predict.json, $OUT/train.json and $OUT/summary.md. Whole run: about 6-8 minutes.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine, from the repository root
 #   OUT=/tmp/out PYTHON=.venv/bin/python CUDA_VISIBLE_DEVICES= bash bench/gpu_check.sh --cpu-dry-run
 #       (tiny sizes on the CPU: exercises every Python path; the wheels are not installed)
-# GPU_CHECK_STEPS (default "http predict train") picks the measurements; GPU_CHECK_BUDGET_S (420)
+# GPU_CHECK_STEPS (default "fork http predict train") picks the measurements; GPU_CHECK_BUDGET_S (420)
 # bounds the run; GPU_CHECK_SITE=/tmp/site: the packages are there already (no .whl/ to install).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -158,7 +160,12 @@ if [[ ${STATUS[import]} != ok ]]; then
     echo "!!! imports failed (see import.log above); running the measurements anyway: each reports its own error"
 fi
 
-MEASURE=${GPU_CHECK_STEPS:-http predict train}   # which measurements to run
+MEASURE=${GPU_CHECK_STEPS:-fork http predict train}   # which measurements to run
+
+# --- 3a. warm start: jobs in children of the fork server on the device ------------------------------
+[[ " $MEASURE " == *" fork "* ]] &&
+    step fork 120 bash -c 'set -o pipefail; "$PY" -m bench.gpu_fork --device "$1" --json "$2/fork.json" | tee "$2/fork.md"' \
+    _ "$DEVICE" "$OUT"
 
 # --- 3. the whole service: warm /predict over HTTP on the device ------------------------------------
 if [[ " $MEASURE " == *" http "* ]]; then
@@ -226,6 +233,9 @@ if t:
                      f"{t['ratio_of_medians']:.3f} (paired: {', '.join(f'{x:.3f}' for x in t['paired_ratios'])})")
     for e in t.get("errors", []):
         lines.append(f"- error: {e[:1500]}")
+fork = out / "fork.md"
+if fork.exists():
+    lines += ["", fork.read_text()]
 http = out / "http.md"
 if http.exists():
     lines += ["", http.read_text()]
