@@ -16,6 +16,8 @@ Like `fastapi.testclient`, a supported helper, not part of the service itself::
 - `serve(backend, home, ...)`: `python -m app.cli serve` on a free port of 127.0.0.1, ready (its
   /readyz answers 200) when the block starts; the whole process tree (API, worker, a training it
   runs) is stopped when it ends, also on errors.
+- `process_tree(pid)`, `alive(pid)`, `signal_quietly(pid, sig)`: the processes a benchmark stops,
+  continues and checks on.
 
 Importing this module is cheap: httpx and the standard library only (psycopg, redis, psutil and the
 settings are imported by the functions that need them), and nothing here imports torch.
@@ -291,10 +293,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
     # The worker and a training it may run are in sessions of their own: give them the time the
     # service's shutdown gives them, then make sure they are gone.
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+    while time.monotonic() < deadline and any(alive(pid) for pid in tree):
         time.sleep(0.2)
     for pid in tree:
-        if _alive(pid):
+        if alive(pid):
             signal_quietly(pid, signal.SIGKILL)
 
 
@@ -374,7 +376,8 @@ def process_tree(root: int) -> list[int]:
         return []
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not reaped yet, does not)."""
     try:
         import psutil
 

@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from app.testing import alive
 from bench.harness import (
     BenchError,
     Service,
@@ -85,15 +86,6 @@ def _gpu_pids() -> dict[int, int] | None:
     return pids
 
 
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def run(device: str, jobs: int) -> tuple[list[list[str]], list[str], dict[str, Any]]:
     """Train `jobs` jobs one after the other; the table rows, the failed checks and the record."""
     size = replace(SIZE, device=device)
@@ -118,7 +110,7 @@ def run(device: str, jobs: int) -> tuple[list[list[str]], list[str], dict[str, A
                     "forked by the fork server": bool(data.get("fork_server")),
                     f"device {device}": data.get("device") == device,
                     "child exited with 0": code == "0",
-                    "child gone": pid is not None and not _alive(pid),
+                    "child gone": pid is not None and not alive(pid),
                 }
                 failed += [f"job {n + 1}: {name}" for name, ok in checks.items() if not ok]
                 record["jobs"].append(
