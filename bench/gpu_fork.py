@@ -41,10 +41,10 @@ from bench.harness import (
     services,
     wait_for_spare,
 )
+from worker.forkserver import NOT_FORKING
 from worker.runner import LEASE_LOST_GRACE_SECONDS
 
 SIZE = Size(images=16, val_images=4, input_size=64, epochs=1, batch_size=8, repeats=1)
-NOT_FORKING = "not forking"
 
 
 def _warm_event(service: Service, job_id: str) -> dict[str, Any] | None:
@@ -114,7 +114,14 @@ def run(device: str, jobs: int) -> tuple[list[list[str]], list[str], dict[str, A
                 }
                 failed += [f"job {n + 1}: {name}" for name, ok in checks.items() if not ok]
                 record["jobs"].append(
-                    {"id": job["id"], "status": done["status"], "warm": data, "exit": code, "checks": checks}
+                    {
+                        "id": job["id"],
+                        "status": done["status"],
+                        "error": done.get("error"),
+                        "warm": data,
+                        "exit": code,
+                        "checks": checks,
+                    }
                 )
                 rows.append(
                     [
@@ -128,8 +135,6 @@ def run(device: str, jobs: int) -> tuple[list[list[str]], list[str], dict[str, A
                         "yes" if all(checks.values()) else "NO",
                     ]
                 )
-                if done["status"] != "succeeded":
-                    record["jobs"][-1]["error"] = done.get("error")
             log = service.log_file.read_text(errors="replace")
             if NOT_FORKING in log:
                 failed.append(f"the worker's log says '{NOT_FORKING}'")

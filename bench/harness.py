@@ -625,9 +625,10 @@ class Turns:
         names = list(self.roots)
         finished = dict.fromkeys(names, False)
         self.turns = {name: [] for name in names}
-        stopped: dict[str, set[int]] = {name: set() for name in names}
+        # Each tree's pids its last freeze stopped: those to continue, in the tree still or not.
+        stopped: dict[str, set[int]] = {names[0]: set()}
         for name in names[1:]:
-            stopped[name] |= freeze_tree(self.roots[name])
+            stopped[name] = freeze_tree(self.roots[name])
         deadline = time.monotonic() + timeout
         current = names[0]
         try:
@@ -636,7 +637,7 @@ class Turns:
             while True:
                 time.sleep(self.window)
                 finished[current] = done[current]()
-                stopped[current] |= freeze_tree(self.roots[current])
+                stopped[current] = freeze_tree(self.roots[current])
                 self.turns[current].append((start, time.time()))
                 waiting = [n for n in names if not finished[n]]
                 if not waiting:

@@ -46,6 +46,8 @@ _STARTED_AT = datetime.now(UTC).isoformat()
 CHILD_READY_SECONDS = 300.0
 # What a child says once it is ready, on its own socket to the fork server.
 READY = b"ready\n"
+# How every line that says the fork server stopped forking ends (a benchmark looks for it).
+NOT_FORKING = "not forking"
 # (job_id, attempt, what the warm-start event says of the process) for `run_attempt`.
 Taken = tuple[str, int, dict[str, Any]]
 
@@ -158,7 +160,8 @@ class ForkServer:
                 timeout = max(0.0, waiting.forked_at + CHILD_READY_SECONDS - time.monotonic())
             readable, _, _ = select.select(watched, [], [], timeout)
             if not readable and waiting is not None and not waiting.ready:
-                print(f"fork server: child {waiting.pid} not ready in {CHILD_READY_SECONDS:.0f} s")
+                waited = f"{CHILD_READY_SECONDS:.0f} s"
+                print(f"fork server: child {waiting.pid} not ready in {waited}; {NOT_FORKING}")
                 forking = False
                 continue
             if self.sock in readable:
@@ -168,13 +171,13 @@ class ForkServer:
                 pending = received[0]
             if waiting is not None and waiting.conn in readable:
                 if waiting.conn.recv(len(READY)) != READY:
-                    print(f"fork server: child {waiting.pid} failed its check; not forking")
+                    print(f"fork server: child {waiting.pid} failed its check; {NOT_FORKING}")
                     forking = False
                     continue
                 waiting.ready = True
                 self.ready_file.write_text(f"{time.monotonic() - self.started:.2f}\n")
             if waiting is not None and waiting.pidfd in readable:
-                print(f"fork server: child {waiting.pid} exited before its attempt; not forking")
+                print(f"fork server: child {waiting.pid} exited before its attempt; {NOT_FORKING}")
                 self._discard(waiting)
                 waiting, forking = None, False
                 continue
