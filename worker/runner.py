@@ -38,7 +38,8 @@ T = TypeVar("T")
 
 # A training process started for its attempt; the job id and the attempt number are appended.
 # (`worker.standby`'s fork server forks them ahead of their job, showing this command line too.)
-TRAIN_COMMAND: list[str] = [sys.executable, "-m", "worker.train_process"]
+TRAIN_PROCESS_MODULE = "worker.train_process"
+TRAIN_COMMAND: list[str] = [sys.executable, "-m", TRAIN_PROCESS_MODULE]
 # How often the supervisor looks at its child and at a shutdown request.
 POLL_SECONDS = 0.5
 # How long a training whose job moved on may take to notice and exit by itself (a batch, teardown),

@@ -25,14 +25,17 @@ over, and how each is kept out:
 from __future__ import annotations
 
 import gc
+import importlib
 import os
+from collections.abc import Iterable
 
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
-def import_before_forking() -> int:
-    """Import what a training uses without an OpenMP pool or a CUDA driver; returns torch's default
-    number of intra-op threads, which `after_fork` gives each child back."""
+def import_before_forking(also: Iterable[str] = ()) -> int:
+    """Import what a training uses, and the modules named in `also` (what the caller's children run
+    around a training), without an OpenMP pool or a CUDA driver; returns torch's default number of
+    intra-op threads, which `after_fork` gives each child back."""
     nvml_before = os.environ.get(NVML_CHECK)
     os.environ[NVML_CHECK] = "1"
     import torch
@@ -42,6 +45,8 @@ def import_before_forking() -> int:
     from app.ml.training import import_training_modules
 
     import_training_modules()
+    for module in also:
+        importlib.import_module(module)
     if nvml_before is None:
         os.environ.pop(NVML_CHECK, None)
     else:

@@ -1,15 +1,19 @@
 """Setting up a process that runs super-gradients: its environment and its device.
 
-Both rules live here once, for the training process and the inference process alike. This module's
-top level imports only the standard library (the worker and the API import it to start those
-processes); torch and super-gradients are imported inside `setup_device` only.
+Both rules live here once, for the training process and the inference process alike, and so does
+`remember_arch_params`, which `setup_device` applies to every such process. This module's top level
+imports only the standard library (the worker and the API import it to start those processes);
+torch and super-gradients are imported inside `setup_device` and `remember_arch_params` only.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # SG's console output in a child's log: warnings by default; an operator's CONSOLE_LOG_LEVEL wins.
@@ -98,6 +102,7 @@ def setup_device(requested: str, world_size: int = 1) -> str:
     from super_gradients import setup_device as sg_setup_device
     from super_gradients.common.data_types.enum.multi_gpu_mode import MultiGPUMode
 
+    remember_arch_params()
     device = choose_device(requested, cuda_available=torch.cuda.is_available())
     if world_size > 1:
         from app.ml.distributed import join
@@ -106,6 +111,43 @@ def setup_device(requested: str, world_size: int = 1) -> str:
         return device
     sg_setup_device(device=device, multi_gpu=MultiGPUMode.OFF, num_gpus=1 if device == "cuda" else 0)
     return device
+
+
+def remember_arch_params(preload: Iterable[str] = ()) -> None:
+    """Make super-gradients compose each model's architecture parameters once per process, and
+    compose `preload`'s (model names: "yolo_nas_s") now. Idempotent.
+
+    Every `models.get("yolo_nas_s")` has SG compose `arch_params/yolo_nas_s_arch_params.yaml` with
+    Hydra (`arch_params_factory.get_arch_params` calls `cfg_utils.load_arch_params`): 0.1-0.2 s of
+    YAML parsing and config composition on these CPUs, each time, in every training's start and every
+    model load for inference or export. The files belong to the installed package and do not change
+    while a process runs, so the composed config is kept per file and each call gets a deep copy of
+    it (SG's `get_arch_params` then instantiates and updates its copy as before). A fork server that
+    preloads before forking hands the composed configs to every child.
+    """
+    from super_gradients.training.models import arch_params_factory
+
+    load = arch_params_factory.load_arch_params
+    if not isinstance(load, _RememberedArchParams):
+        load = _RememberedArchParams(load)
+        arch_params_factory.load_arch_params = load  # the name get_arch_params looks up at each call
+    for model in preload:
+        load(config_name=f"{model}_arch_params")
+
+
+class _RememberedArchParams:
+    """`cfg_utils.load_arch_params` with its composed configs kept (see `remember_arch_params`)."""
+
+    def __init__(self, load: Any) -> None:
+        self._composed = functools.cache(load)
+        self._load = load
+
+    def __call__(
+        self, config_name: str, recipes_dir_path: str | None = None, overrides: list[str] | None = None
+    ) -> Any:
+        if overrides:  # a list (not a key); SG's own factory never passes any
+            return self._load(config_name=config_name, recipes_dir_path=recipes_dir_path, overrides=overrides)
+        return copy.deepcopy(self._composed(config_name=config_name, recipes_dir_path=recipes_dir_path))
 
 
 def move_sg_logs(log_dir: Path) -> None:

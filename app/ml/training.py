@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from app.ml.layout import BEST_CHECKPOINT, EXPERIMENT_NAME, is_temp_file, run_dirs
 from app.ml.params import TrainingConfig, TrainingSpec
-from app.ml.sg_setup import prepare_this_process, setup_device
+from app.ml.sg_setup import prepare_this_process, remember_arch_params, setup_device
 from app.ml.types import (
     CHECKPOINTS_DIR,
     SG_LOG_DIR,
+    ModelName,
     Reporter,
     SplitFiles,
     TrainingResult,
@@ -389,7 +390,8 @@ def _load_model(config: TrainingConfig) -> Any:
 
 def import_training_modules() -> None:
     """Import what `run_training` uses (torch, super-gradients and this package's training modules),
-    for a process that waits for its job (`worker.forkserver`); SG's environment must be set already
+    for a process that waits for its job (`worker.forkserver`), and every model's architecture
+    parameters composed (`remember_arch_params`); SG's environment must be set already
     (`app.ml.sg_setup.child_environment`). Touches no device."""
     from super_gradients import Trainer  # noqa: F401
     from super_gradients.training import models  # noqa: F401
@@ -406,6 +408,9 @@ def import_training_modules() -> None:
     from torch.utils.data import DataLoader  # noqa: F401
 
     from app.ml import callbacks, checkpoints, sg_logger  # noqa: F401
+
+    # Composing a model's architecture parameters is the slowest step of building it (YAML and Hydra).
+    remember_arch_params(preload=get_args(ModelName))
 
 
 def prewarm(device: str) -> str:

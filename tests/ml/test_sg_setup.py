@@ -3,6 +3,7 @@ model's device (`app.ml.inference.build_pipeline`). Fast: no training."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,3 +158,63 @@ def test_inference_process_refuses_cuda_without_cuda(tmp_path: Path) -> None:
     finally:
         server.close()
     assert "cannot serve" in (tmp_path / "inference.log").read_text()
+
+
+# Run in a fresh interpreter: super-gradients' import has side effects, and this pytest process may
+# have imported it (and remembered its architecture parameters) already.
+_REMEMBERED_ARCH_PARAMS = """
+import json, sys
+from pathlib import Path
+from app.ml.sg_setup import prepare_this_process, remember_arch_params
+prepare_this_process(Path(sys.argv[1]))
+import torch
+from super_gradients.common.environment import cfg_utils
+from super_gradients.training import models
+from super_gradients.training.models import arch_params_factory
+
+def build():
+    torch.manual_seed(0)
+    return models.get("yolo_nas_s", num_classes=3, pretrained_weights=None).state_dict()
+
+composed = []
+compose = cfg_utils.load_recipe
+cfg_utils.load_recipe = lambda *a, **k: composed.append(k["config_name"]) or compose(*a, **k)
+before = build()
+expected = arch_params_factory.get_arch_params("yolo_nas_m_arch_params")
+remember_arch_params(preload=["yolo_nas_s", "yolo_nas_m"])
+remember_arch_params(preload=["yolo_nas_s"])
+preloaded = list(composed)
+after = build()
+got = arch_params_factory.load_arch_params(config_name="yolo_nas_m_arch_params")
+got.heads.NDFLHeads.num_classes = 7  # a caller's changes stay in its copy
+again = arch_params_factory.load_arch_params(config_name="yolo_nas_m_arch_params")
+print(json.dumps({
+    "composed": composed,
+    "preloaded": preloaded,
+    "same_model": list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before),
+    "equal": arch_params_factory.get_arch_params("yolo_nas_m_arch_params") == expected,
+    "again_classes": again.heads.NDFLHeads.num_classes,
+}))
+"""
+
+
+def test_architecture_parameters_are_composed_once_per_process(tmp_path: Path) -> None:
+    """After `remember_arch_params`, building a model composes nothing (Hydra's YAML was the slowest
+    step of a warm job start), and builds the very same model as before."""
+    done = subprocess.run(
+        [sys.executable, "-c", _REMEMBERED_ARCH_PARAMS, str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    s, m = "arch_params/yolo_nas_s_arch_params", "arch_params/yolo_nas_m_arch_params"
+    # Composed without the cache for the first build and the first `m`, then once each by the preload
+    # (the second call is a no-op); never again afterwards.
+    assert result["preloaded"] == [s, m, s, m]
+    assert result["composed"] == result["preloaded"]
+    assert result["same_model"] is True
+    assert result["equal"] is True
+    assert result["again_classes"] == 80
