@@ -7,7 +7,10 @@ device, none of which may leak into the rest of the test session.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +104,20 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float = 600) -> An
         exc, tb = message[1], message[2]
         raise exc from RuntimeError(f"in child process:\n{tb}")
     return message[1]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_fresh(script: str, *args: str, timeout: float = 300) -> Any:
+    """Run `script` in a fresh interpreter (from the repository root, `args` as its argv) and return
+    the JSON of its last line. For what super-gradients' import or its patches would change here:
+    this pytest process may have imported it already."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def make_dataset(

@@ -3,16 +3,12 @@ a forked child has nothing left to import or compose once it is given its job.""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.ml.conftest import run_fresh
 from worker.runner import TRAIN_PROCESS_MODULE
 
-ROOT = Path(__file__).resolve().parents[2]
-
-# A fresh interpreter, as a fork server is: this pytest process may have imported any of it already.
+# A fresh interpreter, as a fork server is.
 _BEFORE_FORKING = """
 import json, sys
 from pathlib import Path
@@ -39,15 +35,7 @@ print(json.dumps({
 
 
 def test_the_fork_server_imports_what_its_children_run_and_composes_every_model(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _BEFORE_FORKING, str(tmp_path / "logs"), TRAIN_PROCESS_MODULE],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_fresh(_BEFORE_FORKING, str(tmp_path / "logs"), TRAIN_PROCESS_MODULE)
     assert result["imported"] is True
     # Every model a job may name builds without composing its YAML again (each took 0.1-0.2 s).
     assert result["composed"] == []

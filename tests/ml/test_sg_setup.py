@@ -3,7 +3,6 @@ model's device (`app.ml.inference.build_pipeline`). Fast: no training."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,8 +20,7 @@ from app.ml.sg_setup import (
     prepare_this_process,
     sg_environment,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.ml.conftest import run_fresh
 
 
 def test_cuda_without_cuda_is_an_error_that_says_so() -> None:
@@ -201,15 +199,7 @@ print(json.dumps({
 def test_architecture_parameters_are_composed_once_per_process(tmp_path: Path) -> None:
     """After `remember_arch_params`, building a model composes nothing (Hydra's YAML was the slowest
     step of a warm job start), and builds the very same model as before."""
-    done = subprocess.run(
-        [sys.executable, "-c", _REMEMBERED_ARCH_PARAMS, str(tmp_path / "logs")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_fresh(_REMEMBERED_ARCH_PARAMS, str(tmp_path / "logs"))
     s, m = "arch_params/yolo_nas_s_arch_params", "arch_params/yolo_nas_m_arch_params"
     # Composed without the cache for the first build and the first `m`, then once each by the preload
     # (the second call is a no-op); never again afterwards.
