@@ -17,8 +17,15 @@ logger = logging.getLogger(__name__)
 
 def create_celery() -> Celery:
     """A worker app configured from settings: late acks, prefetch of one, one training at a time."""
+    settings = get_settings()
     app = Celery("sgjobs-worker", include=["worker.tasks"])
-    app.conf.update(celery_config(get_settings()))
+    app.conf.update(celery_config(settings))
+    if settings.broker_url.startswith("sqla+"):
+        # kombu hands every SQLAlchemy transport option to create_engine, which refuses a
+        # polling_interval; the transport's own default (1 s) is the one place left to set it.
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = settings.broker_poll_seconds
     return app
 
 
