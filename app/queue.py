@@ -35,6 +35,12 @@ def worker_queues(settings: Settings) -> list[str]:
     return [queue_for(settings, settings.worker_queue, n) for n in sizes]
 
 
+def is_embedded_broker(broker_url: str) -> bool:
+    """Whether `broker_url` names the embedded broker (SQLite through kombu's SQLAlchemy transport),
+    which a worker polls (`Settings.broker_poll_seconds`); Redis pushes."""
+    return broker_url.startswith("sqla+")
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Shared by the API's producer and the worker's app, so both agree on queue and transport."""
     config: dict[str, Any] = {
@@ -55,7 +61,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "broker_transport_options": {},
     }
-    if settings.broker_url.startswith("sqla+"):
+    if is_embedded_broker(settings.broker_url):
         # Options here go to create_engine: wait on SQLite's lock rather than fail when the API and
         # the worker touch the broker file at the same moment.
         config["broker_transport_options"] = {"connect_args": {"timeout": 30}}

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from app.queue import celery_config
+from app.queue import celery_config, is_embedded_broker
 from app.settings import get_settings
 from worker.state import STATE
 
@@ -20,7 +20,7 @@ def create_celery() -> Celery:
     settings = get_settings()
     app = Celery("sgjobs-worker", include=["worker.tasks"])
     app.conf.update(celery_config(settings))
-    if settings.broker_url.startswith("sqla+"):
+    if is_embedded_broker(settings.broker_url):
         # kombu hands every SQLAlchemy transport option to create_engine, which refuses a
         # polling_interval; the transport's own default (1 s) is the one place left to set it.
         from kombu.transport import sqlalchemy as sqla_transport
