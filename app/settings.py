@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     broker_visibility_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
     # The embedded (SQLite) broker has no way to push a message: a worker asks it for one this often
     # while idle, and a job posted in between waits for the next ask (kombu's default, 1 s, was most of
-    # the time from POST to claim on a warm worker). Each ask is one indexed read of a small file.
+    # the time from POST to claim on a warm worker). Each empty ask costs the worker about 1.5-2 ms of
+    # CPU (measured): 0.25 s is about 0.6% of a core while idle, 0.1 s about 2%. None while it trains.
     broker_poll_seconds: float = Field(
         default=0.25, gt=0, le=10, description="How often an idle worker polls the SQLite broker."
     )
