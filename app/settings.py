@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     training_fork_server: bool = Field(
         default=True, description="Fork each attempt's training process from a process that imported SG once."
     )
+    # glibc's malloc in training processes keeps freed memory for the next batch instead of handing
+    # it back to the kernel (`app.ml.sg_setup.TRAINING_MALLOC`): 8-12% faster on the CPU.
+    training_malloc_tuning: bool = Field(
+        default=True, description="Tune glibc's malloc for training processes (operator's MALLOC_* win)."
+    )
     # The supervising worker renews its job's lease this often, and at least three times per lease
     # (`heartbeat_interval`); the training process renews it too, with every write it makes, but it
     # writes nothing while it loads the dataset and builds the model.

@@ -268,7 +268,7 @@ def _service_run(settings: Any, dataset: Any, size: Any, name: str, timeout: flo
     from app.db import session_scope
     from app.jobs import files
     from app.jobs.models import Job, Metric
-    from app.ml.sg_setup import child_environment
+    from app.ml.sg_setup import training_environment
     from app.process import die_with_parent
     from bench.harness import job_spec, throughput
     from tests.support import insert_job
@@ -276,12 +276,8 @@ def _service_run(settings: Any, dataset: Any, size: Any, name: str, timeout: flo
     job_id = insert_job(settings, dataset.relative, spec=job_spec(dataset, size, name), status="running")
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True, exist_ok=True)
-    extra = {
-        **settings.as_env(),
-        "SGJOBS_DEVICE": size.device,
-        "SGJOBS_DATALOADER_WORKERS": str(settings.dataloader_workers),
-    }
-    env = child_environment(files.sg_log_dir(job_dir), extra=extra)
+    extra = {"SGJOBS_DEVICE": size.device, "SGJOBS_DATALOADER_WORKERS": str(settings.dataloader_workers)}
+    env = training_environment(settings, files.sg_log_dir(job_dir), extra=extra)
     log_file = job_dir / "bench-console.log"
     started = time.monotonic()
     with open(log_file, "wb") as log:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from app.ml.distributed import free_port, rank_environment
 from app.ml.params import TrainingConfig
-from app.ml.sg_setup import child_environment
+from app.ml.sg_setup import training_environment
 from app.ml.types import MetricPoint, TrainingCancelled
 from app.process import die_with_parent
 from app.settings import Settings
@@ -161,12 +161,10 @@ def helper_ranks(
     procs: dict[int, subprocess.Popen[bytes]] = {}
     try:
         for rank in range(1, config.world_size):
-            env = child_environment(
+            env = training_environment(
+                settings,
                 log_dir / f"rank{rank}",
-                extra={
-                    **settings.as_env(),
-                    **rank_environment(rank=rank, world_size=config.world_size, port=port),
-                },
+                extra=rank_environment(rank=rank, world_size=config.world_size, port=port),
             )
             procs[rank] = subprocess.Popen(
                 [*HELPER_COMMAND, str(config_file)],

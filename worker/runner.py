@@ -26,7 +26,7 @@ from typing import Protocol, TypeVar
 from app.db import session_scope
 from app.jobs import dispatch, files, lifecycle
 from app.jobs.models import FINISHED_STATUSES, JobStatus
-from app.ml.sg_setup import child_environment
+from app.ml.sg_setup import training_environment
 from app.process import die_with_parent
 from app.settings import Settings
 from worker.outcome import LEASE_LOST, record_outcome
@@ -141,7 +141,7 @@ def run_training_process(
     on from this attempt (nothing is recorded then).
     """
     job_dir.mkdir(parents=True, exist_ok=True)
-    env = child_environment(files.sg_log_dir(job_dir), extra=settings.as_env())
+    env = training_environment(settings, files.sg_log_dir(job_dir))
     proc: TrainingProcess
     forked = standby.take(settings, env, job_id=job_id, attempt=attempt) if standby is not None else None
     if forked is not None:

@@ -2,7 +2,7 @@
 
 Importing torch and super-gradients and setting up the device take seconds, most of a job's wait
 between its claim and its first batch. Each worker keeps one fork server (`worker.forkserver`): a
-process started with the environment a training process gets (`app.ml.sg_setup.child_environment`),
+process started with the environment a training process gets (`app.ml.sg_setup.training_environment`),
 logging into a folder of its own under `STANDBY_DIR`, that imports all of that once. It forks one
 child ahead of the next attempt, which sets up the device and waits; a claimed attempt is handed to
 that child (`StandbySlot.take`), which moves its output and super-gradients' logs into the job
@@ -48,7 +48,7 @@ from typing import Any
 
 import app
 import worker
-from app.ml.sg_setup import child_environment
+from app.ml.sg_setup import training_environment
 from app.process import die_with_parent
 from app.settings import Settings
 
@@ -282,7 +282,7 @@ def start_standby(settings: Settings) -> Standby:
     root.mkdir(parents=True, exist_ok=True)
     _remove_orphans(root)
     directory = Path(tempfile.mkdtemp(prefix=f"{_host()}@{os.getpid()}-", dir=root))
-    env = child_environment(directory / STANDBY_SG_LOGS, extra=settings.as_env())
+    env = training_environment(settings, directory / STANDBY_SG_LOGS)
     key = environment_key(env)
     # Datagrams: one message per send, pidfds alongside.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -13,7 +13,10 @@ import functools
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 # SG's console output in a child's log: warnings by default; an operator's CONSOLE_LOG_LEVEL wins.
@@ -24,6 +27,15 @@ DEFAULT_CONSOLE_LEVEL = "WARNING"
 # so a child never inherits it, whatever the operator's environment says (torch refuses both together).
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 UNSAFE_LOAD_VARIABLES: tuple[str, ...] = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",)
+# glibc's malloc, left to its defaults, gives every freed block over its adaptive mmap threshold (at
+# most 32 MiB) back to the kernel and trims the heap's free top, so the next batch's tensors, of the
+# same sizes, fault the same memory back in page by page: 80,000 faults a second and a tenth of a
+# 2-core training's time in the kernel, measured here. A training process keeps freed memory for the
+# next batch instead: nothing mmap'd, the heap's top given back only past 256 MiB free (64 MiB was
+# slower at 256 px, 1 GiB no faster). 8-12% more images/s on the CPU at 64 and 256 px, about 5% more
+# peak memory (BENCHMARKS.md, "Training and glibc's malloc"). Not for the inference process, whose
+# evicted models' memory must go back.
+TRAINING_MALLOC: dict[str, str] = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def sg_environment(log_dir: Path, *, console_level: str = DEFAULT_CONSOLE_LEVEL) -> dict[str, str]:
@@ -60,6 +72,20 @@ def child_environment(
     inherited = os.environ if parent is None else parent
     env = {k: v for k, v in inherited.items() if k not in UNSAFE_LOAD_VARIABLES}
     return {**env, **(extra or {}), **sg_environment(log_dir, console_level=console_level)}
+
+
+def training_environment(
+    settings: Settings, log_dir: Path, *, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The whole environment of a process that trains (one started for an attempt, the fork server
+    whose children train, a helper rank): `child_environment` with the settings' variables and
+    `extra`, and glibc's malloc tuned for training (`TRAINING_MALLOC`) while
+    `settings.training_malloc_tuning` is on; a variable of it that the operator set keeps its value."""
+    env = child_environment(log_dir, extra={**settings.as_env(), **(extra or {})})
+    if settings.training_malloc_tuning:
+        for name, value in TRAINING_MALLOC.items():
+            env.setdefault(name, value)
+    return env
 
 
 def prepare_this_process(log_dir: Path) -> None:

@@ -14,12 +14,15 @@ import pytest
 
 from app.ml.sg_setup import (
     FORCE_WEIGHTS_ONLY,
+    TRAINING_MALLOC,
     UNSAFE_LOAD_VARIABLES,
     child_environment,
     choose_device,
     prepare_this_process,
     sg_environment,
+    training_environment,
 )
+from app.settings import Settings
 from tests.ml.conftest import run_fresh
 
 
@@ -98,6 +101,59 @@ def test_the_child_environment_defaults_to_this_process(
     env = child_environment(tmp_path, console_level="ERROR")
     assert not set(UNSAFE_LOAD_VARIABLES) & set(env)
     assert env[FORCE_WEIGHTS_ONLY] == "1" and env["SGJOBS_SOMETHING"] == "kept"
+
+
+def test_a_training_process_gets_malloc_tuned_unless_the_operator_said_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in TRAINING_MALLOC:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(home=tmp_path / "home")
+    env = training_environment(settings, tmp_path / "logs", extra={"SGJOBS_DEVICE": "cpu"})
+    assert {name: env[name] for name in TRAINING_MALLOC} == TRAINING_MALLOC
+    assert env["SGJOBS_HOME"] == str(settings.home) and env["SGJOBS_DEVICE"] == "cpu"
+    assert env[FORCE_WEIGHTS_ONLY] == "1"
+    # The inference process keeps glibc's defaults: its evicted models' memory must go back.
+    assert not set(TRAINING_MALLOC) & set(child_environment(tmp_path / "logs"))
+    # An operator's own value stays; the setting turns the tuning off.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert training_environment(settings, tmp_path / "logs")["MALLOC_TRIM_THRESHOLD_"] == "131072"
+    off = settings.model_copy(update={"training_malloc_tuning": False})
+    assert training_environment(off, tmp_path / "logs")["MALLOC_TRIM_THRESHOLD_"] == "131072"
+    assert "MALLOC_MMAP_MAX_" not in training_environment(off, tmp_path / "logs")
+
+
+# Allocates and frees a 48 MiB buffer ten times (over glibc's largest adaptive mmap threshold, as a
+# big batch's activations are) and prints the page faults that took, after a first round.
+_REALLOCATE = """
+import resource
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = bytearray(48 << 20)
+del block
+before = faults()
+for _ in range(10):
+    block = bytearray(48 << 20)
+    del block
+print(faults() - before)
+"""
+
+
+def _reallocation_faults(env: dict[str, str]) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _REALLOCATE], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    return int(done.stdout)
+
+
+def test_tuned_malloc_keeps_freed_memory_for_the_next_batch(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home")
+    defaults = {k: v for k, v in os.environ.items() if k not in TRAINING_MALLOC}
+    tuned = training_environment(settings, tmp_path / "logs")
+    # glibc's defaults map and unmap the buffer each time: every page faults back in (12,288 a round).
+    assert _reallocation_faults(defaults) > 10 * 10_000
+    # Tuned, the heap keeps the memory: the rounds reuse pages that are already there.
+    assert _reallocation_faults({**defaults, **{k: tuned[k] for k in TRAINING_MALLOC}}) < 1_000
 
 
 def test_prepare_this_process_forces_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

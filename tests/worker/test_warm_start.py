@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from app.jobs import files
-from app.ml.sg_setup import child_environment
+from app.ml.sg_setup import training_environment
 from app.settings import Settings
 from app.testing import Backend
 from tests.conftest import started_service
@@ -186,7 +186,7 @@ def test_a_fork_server_started_with_another_environment_is_discarded(tmp_path: P
     try:
         # What a training process for the attempt would get now: a setting changed since.
         changed = settings.model_copy(update={"jobs_dir": tmp_path / "elsewhere"})
-        env = child_environment(tmp_path / "job" / "logs", extra=changed.as_env())
+        env = training_environment(changed, tmp_path / "job" / "logs")
         forked = slot.take(changed, env, job_id="j", attempt=1)
         assert spare.proc.poll() is not None and not spare.directory.exists()
         # The attempt went to a new fork server, started with the attempt's environment.
@@ -194,10 +194,7 @@ def test_a_fork_server_started_with_another_environment_is_discarded(tmp_path: P
         # With neither a fork server nor a spare, there is none to take an attempt.
         plain = changed.model_copy(update={"training_spare": False, "training_fork_server": False})
         slot.close()
-        assert (
-            slot.take(plain, child_environment(tmp_path / "l", extra=plain.as_env()), job_id="j", attempt=1)
-            is None
-        )
+        assert slot.take(plain, training_environment(plain, tmp_path / "l"), job_id="j", attempt=1) is None
     finally:
         slot.close()
         spare.discard()
@@ -240,7 +237,7 @@ def test_without_forking_the_fork_server_is_a_spare_that_trains_one_attempt_itse
             assert spare.proc.poll() is None and time.monotonic() < deadline, spare.proc.returncode
             time.sleep(0.2)
         assert psutil.Process(spare.proc.pid).children() == []  # it forked nothing
-        env = child_environment(tmp_path / "job" / "logs", extra=settings.as_env())
+        env = training_environment(settings, tmp_path / "job" / "logs")
         trained = slot.take(settings, env, job_id="no-such-job", attempt=1)
         assert trained is not None
         assert trained.wait(timeout=120) == 0
