@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         default=True, description="Fork each attempt's training process from a process that imported SG once."
     )
     # glibc's malloc in training processes keeps freed memory for the next batch instead of handing
-    # it back to the kernel (`app.ml.sg_setup.TRAINING_MALLOC`): 8-12% faster on the CPU.
+    # it back to the kernel: what and why, measured, at `app.ml.sg_setup.TRAINING_MALLOC`.
     training_malloc_tuning: bool = Field(
         default=True, description="Tune glibc's malloc for training processes (operator's MALLOC_* win)."
     )
