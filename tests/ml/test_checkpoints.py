@@ -4,13 +4,16 @@ later file."""
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+import app.failpoints
 from app.ml.checkpoints import CheckpointPublisher, load_checkpoint
 from app.ml.layout import is_temp_file
 from app.ml.types import LeaseLost
@@ -155,3 +158,49 @@ def test_close_raises_a_failure_not_raised_yet(tmp_path: Path) -> None:
     with pytest.raises(LeaseLost, match="average_model.pth not replaced"):
         publisher.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(params=["by name", "through the failpoint's writer"])
+def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Both ways `_write_temporary` saves: by file name, or through a Python writer while the
+    `checkpoint_write` failpoint is armed (here for another job, so it never fires)."""
+    if request.param != "by name":
+        point = {"checkpoint_write": {"action": "crash", "job_name": "some other job"}}
+        monkeypatch.setenv(app.failpoints.ENV_VAR, json.dumps(point))
+    app.failpoints.reset()
+    yield request.param
+    monkeypatch.delenv(app.failpoints.ENV_VAR, raising=False)
+    app.failpoints.reset()
+
+
+def test_checkpoints_carry_no_zip_checksums_and_load(
+    tmp_path: Path, request: pytest.FixtureRequest, write_path: str
+) -> None:
+    publisher = _publisher(request)
+    path = tmp_path / "ckpt_latest.pth"
+    publisher.save(_state(3.0), path, holds_lease=Lease())
+    publisher.wait()
+    with zipfile.ZipFile(path) as archive:
+        assert {info.CRC for info in archive.infolist()} == {0}
+    # A torch that checked the checksums on load would refuse this file: this is where it would show.
+    assert _value(path) == 3.0
+    # torch's process-wide default is back for every other torch.save.
+    assert torch.serialization.get_crc32_options() is True
+
+
+def test_torch_load_does_not_check_zip_checksums(tmp_path: Path) -> None:
+    """Why the checkpoints carry none: with them, a data byte changed on disk still loads silently."""
+    path = tmp_path / "with_checksums.pth"
+    torch.save({"w": torch.zeros(4096)}, path)
+    with zipfile.ZipFile(path) as archive:
+        data = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+        assert data.CRC != 0 and data.compress_type == zipfile.ZIP_STORED
+    raw = bytearray(path.read_bytes())
+    # The record's data starts after its local header (30 bytes, the name, the extra field).
+    header = data.header_offset
+    name_len = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28 : header + 30], "little")
+    start = header + 30 + name_len + extra_len
+    raw[start + 8] = 0x41
+    path.write_bytes(bytes(raw))
+    assert int((load_checkpoint(path)["w"] != 0).sum()) == 1
